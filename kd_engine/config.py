@@ -1,0 +1,327 @@
+"""One typed configuration: dataclasses, loadable from YAML/JSON, overridable on the command line.
+
+Keys are flat (``--learning_rate 1e-4``) except nested dataclasses, which use dots (``--student.layers 6``).
+A method's own options (its ``Options`` dataclass) live in the same flat namespace (``--temperature 2``).
+Unknown keys are errors that name the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+
+@dataclass
+class StudentConfig:
+    """Which student to train: an existing model, or one built from the teacher."""
+
+    name_or_path: Optional[str] = None  # existing student (path or hub id); None = build from the teacher
+    layers: Optional[int] = None  # depth of a student built from the teacher (encoder / decoder-only stack)
+    decoder_layers: Optional[int] = None  # decoder depth for encoder-decoder teachers
+    hidden: Optional[int] = None  # width; a different width forces random init
+    heads: Optional[int] = None
+    intermediate: Optional[int] = None  # feed-forward size; defaults to 4 x hidden when hidden changes
+    init: str = "teacher_layers"  # "teacher_layers" (copy alternating teacher layers) or "random"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "kd"
+    # models
+    teacher: Optional[str] = None
+    student: StudentConfig = field(default_factory=StudentConfig)
+    tokenizer: Optional[str] = None  # default: the student's, else the teacher's
+    trust_remote_code: bool = False
+    teacher_dtype: str = "auto"  # auto (student's training dtype) | fp32 | bf16 | fp16
+    # data
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
+    max_length: int = 128
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    eval_split: float = 0.0  # fraction of the training file held out for evaluation when no eval_file
+    group_by_length: bool = True
+    # run
+    output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
+    resume: bool = False
+    deepspeed: Optional[str] = None  # DeepSpeed JSON (ds_configs/zero*.json); default ds_configs/zero0.json
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "linear"  # linear | constant | cosine
+    warmup_steps: int = 0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 0  # 0: save only at the end
+    save_total_limit: int = 2
+    eval_steps: int = 0  # 0: evaluate only at the end
+    report_to: str = "tensorboard"  # tensorboard | none
+    export: bool = True  # write the final student as a Hugging Face folder to output_dir/final
+    disable_tqdm: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# field introspection
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def flat_fields(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Map every settable key (dotted for nested dataclasses) to its type."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(flat_fields(tp, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = tp
+    return out
+
+
+def _convert(key: str, tp: Any, value: Any) -> Any:
+    base, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and optional and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base) or (str,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v != ""]
+            return [_convert(key, item, v) for v in value]
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"config key '{key}' expects {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def _set(obj: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, last, value)
+
+
+def _flatten_mapping(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten_mapping(v, prefix + str(k) + "."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def unknown_key_error(key: str, known: list[str], where: str = "") -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# file + command line
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {exc}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return _flatten_mapping(data)
+
+
+# flags the launchers add that are not ours to configure
+_LAUNCHER_KEYS = {"local_rank", "local-rank"}
+
+
+def parse_argv(argv: list[str], bool_keys: set[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` / bare ``--flag`` for booleans -> {key: raw string}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument '{tok}' (options look like --key value)")
+        key, eq, val = tok[2:].partition("=")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if key in bool_keys and (nxt is None or nxt.startswith("--")):
+                val = "true"
+            elif nxt is None or (nxt.startswith("--") and key not in _LAUNCHER_KEYS):
+                raise ConfigError(f"option --{key} needs a value")
+            else:
+                val = nxt
+                i += 1
+        if key in _LAUNCHER_KEYS:
+            i += 1
+            continue
+        out[key] = val
+        i += 1
+    return out
+
+
+@dataclass
+class ParsedConfig:
+    train: TrainConfig
+    method_options: Any  # the method's Options dataclass instance
+    method_cls: type
+
+
+def build_config(argv: list[str]) -> ParsedConfig:
+    """Parse ``argv`` (without the program name) into the train config and the chosen method's options."""
+    from .methods import get_method, method_names
+
+    train_keys = flat_fields(TrainConfig)
+    # first pass: find --config and --method without knowing the method's options yet
+    all_bool = {k for k, t in train_keys.items() if _unwrap_optional(t)[0] is bool}
+    for name in method_names():
+        opts_cls = get_method(name).Options
+        all_bool |= {k for k, t in flat_fields(opts_cls).items() if _unwrap_optional(t)[0] is bool}
+    cli = parse_argv(argv, all_bool)
+    values: dict[str, Any] = {}
+    if "config" in cli:
+        values.update(load_config_file(cli.pop("config")))
+    values.update(cli)
+    # "--student PATH" is shorthand for --student.name_or_path PATH
+    if "student" in values:
+        values["student.name_or_path"] = values.pop("student")
+
+    method_name = str(values.get("method", TrainConfig.method))
+    method_cls = get_method(method_name)
+    opt_keys = flat_fields(method_cls.Options)
+    clash = set(opt_keys) & set(train_keys)
+    if clash:  # a plugin bug, not a user error
+        raise RuntimeError(f"method '{method_name}' options shadow engine keys: {sorted(clash)}")
+
+    train = TrainConfig()
+    opts = method_cls.Options()
+    for key, raw in values.items():
+        if key in train_keys:
+            _set(train, key, _convert(key, train_keys[key], raw))
+        elif key in opt_keys:
+            _set(opts, key, _convert(key, opt_keys[key], raw))
+        else:
+            raise unknown_key_error(key, sorted(train_keys) + sorted(opt_keys) + ["config"],
+                                    f" for method '{method_name}'")
+    validate_train_config(train)
+    if hasattr(opts, "validate"):
+        opts.validate()
+    return ParsedConfig(train=train, method_options=opts, method_cls=method_cls)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got '{value}'")
+
+
+def validate_train_config(c: TrainConfig) -> None:
+    _check_choice("teacher_dtype", c.teacher_dtype, ("auto", "fp32", "bf16", "fp16"))
+    _check_choice("lr_scheduler_type", c.lr_scheduler_type, ("linear", "constant", "cosine"))
+    _check_choice("report_to", c.report_to, ("tensorboard", "none"))
+    _check_choice("student.init", c.student.init, ("teacher_layers", "random"))
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_length", "save_total_limit", "logging_steps"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"{key} must be >= 1; got {getattr(c, key)}")
+    if not 0.0 <= c.eval_split < 1.0:
+        raise ConfigError(f"eval_split must be in [0, 1); got {c.eval_split}")
+    if c.max_steps <= 0 and c.num_train_epochs <= 0:
+        raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+    if c.resume and c.overwrite_output_dir:
+        raise ConfigError("resume and overwrite_output_dir exclude each other: pick one")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def help_text(method_name: Optional[str] = None) -> str:
+    """The --help text: engine options, then the options of one method (or all of them)."""
+    from .methods import get_method, method_names
+
+    lines = ["usage: train.py --method NAME [--config FILE.yaml] [--key value ...]", "",
+             "methods: " + ", ".join(method_names()), "", "engine options:"]
+
+    def describe(cls: type, prefix: str = "") -> None:
+        inst = cls()
+        for key, tp in flat_fields(cls).items():
+            obj = inst
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            base, _ = _unwrap_optional(tp)
+            lines.append(f"  --{prefix}{key:<34} {getattr(base, '__name__', str(base)):<6} default: {obj!r}")
+
+    describe(TrainConfig)
+    names = [method_name] if method_name else method_names()
+    for name in names:
+        m = get_method(name)
+        doc = (m.__doc__ or "").strip().splitlines()
+        lines += ["", f"method '{name}' options: {doc[0] if doc else ''}"]
+        if dataclasses.fields(m.Options):
+            describe(m.Options)
+        else:
+            lines.append("  (none)")
+    return "\n".join(lines)
