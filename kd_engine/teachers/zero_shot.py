@@ -1,0 +1,463 @@
+"""Zero-shot teachers: turn N unlabeled texts and K class names into an N x K matrix of soft labels.
+
+Two teachers (methods.md §5):
+
+- ``NLITeacher``: a cross-encoder NLI model scores the N*K pairs (premise = text, hypothesis =
+  ``template.format(class)``). Single-label: softmax over the K entailment logits / temperature (rows sum to 1).
+  Multi-label: per-class softmax over (contradiction, entailment) / temperature, keeping P(entail) (each in [0, 1]).
+- ``EmbeddingTeacher``: a bi-encoder (e.g. all-MiniLM-L6-v2): mean-pooled, L2-normalised embeddings of the text
+  and of each templated class description; softmax(cosine / temperature) over the K classes.
+
+Both tokenize each text once and the K hypotheses once, sort the work by token length, pad each batch only to
+its own longest row, run under ``torch.inference_mode`` with the model in ``eval()``, and return the rows in the
+caller's order. ``label_corpus`` (``kd_engine.teachers.labeling``) adds sharding across ranks and the disk cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..errors import KDError
+from .labeling import label_corpus  # noqa: F401  (re-exported: the labeling entry point)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "This example is {}."
+# Default sharpening of the embedding teacher: cosines of a sentence encoder span a narrow range (AG News with
+# all-MiniLM-L6-v2: the best and second-best class typically differ by a few hundredths), so softmax(cos / 1)
+# is almost uniform. 0.05 (= the 20x scale sentence-transformers trains these models with) gives peaked but not
+# one-hot targets; see benchmarks/embedding_teacher_accuracy.py for the measured accuracy / NLL per value.
+EMBEDDING_TEMPERATURE = 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def check_template(template: str) -> str:
+    """The hypothesis template must contain ``{}`` exactly once (and no other format fields)."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise KDError(f"hypothesis template {template!r} must contain '{{}}' exactly once, e.g. "
+                      f"'This text is about {{}}.'")
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError) as e:
+        raise KDError(f"hypothesis template {template!r} has stray braces besides '{{}}': {e}") from None
+    return template
+
+
+def check_class_names(names: Sequence[str], source: str = "class names") -> list[str]:
+    """Strip, then refuse empty names, duplicates and fewer than 2 classes."""
+    names = [str(n).strip() for n in names]
+    if any(not n for n in names):
+        raise KDError(f"{source}: empty class name")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise KDError(f"{source}: duplicate class name '{n}' (entries {seen[n] + 1} and {i + 1})")
+        seen[n] = i
+    if len(names) < 2:
+        raise KDError(f"{source}: need at least 2 classes, got {len(names)}")
+    return names
+
+
+def load_class_names(path: str) -> list[str]:
+    """One class name per line; blank lines are ignored. KDError for a missing/empty file, duplicates, < 2."""
+    if not os.path.isfile(path):
+        raise KDError(f"class names file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise KDError(f"class names file {path} is empty")
+    return check_class_names(names, source=f"class names file {path}")
+
+
+def read_texts(path: str) -> tuple[list[str], int]:
+    """Unlabeled texts, one per line. Blank lines are skipped and counted: returns (texts, n_blank).
+
+    KDError when the file is missing or holds no text at all.
+    """
+    if not os.path.isfile(path):
+        raise KDError(f"data file not found: {path}")
+    texts: list[str] = []
+    blank = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                texts.append(line)
+            else:
+                blank += 1
+    if not texts:
+        raise KDError(f"data file {path} has no text ({blank} blank lines)")
+    if blank:
+        logger.warning("%s: skipped %d blank lines", path, blank)
+    return texts, blank
+
+
+def resolve_nli_ids(config: Any) -> tuple[int, Optional[int]]:
+    """(entailment id, contradiction id) from the model's ``label2id``, case-insensitive prefix match.
+
+    Entailment: the label starting with "entail". Contradiction: the label starting with "contradict"; for a
+    2-way model (e.g. entailment / not_entailment) the other label; otherwise None (only multi-label needs it).
+    Unlike the reference script (which falls back to id -1 and assumes contradiction at 0 or last), a model
+    without an entailment label is an error.
+    """
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    if not any(k.lower().startswith("entail") for k in label2id):
+        # some checkpoints fill only id2label
+        id2label = getattr(config, "id2label", None) or {}
+        label2id = {str(v): int(k) for k, v in id2label.items()} or label2id
+
+    def find(prefix: str) -> Optional[int]:
+        hits = sorted(v for k, v in label2id.items() if k.lower().startswith(prefix))
+        return hits[0] if hits else None
+
+    entail = find("entail")
+    if entail is None:
+        raise KDError(f"the teacher is not an NLI model with an entailment label: label2id = {label2id}; set "
+                      f"config.label2id to name its classes (e.g. contradiction / neutral / entailment)")
+    contr = find("contradict")
+    if contr is None and len(set(label2id.values())) == 2:
+        contr = next(v for v in label2id.values() if v != entail)
+    return entail, contr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _model_config(model: Any) -> Any:
+    cfg = getattr(model, "config", None)
+    if cfg is None and hasattr(model, "module"):  # DeepSpeed engines wrap the HF model
+        cfg = getattr(model.module, "config", None)
+    if cfg is None:
+        raise KDError("the teacher model has no .config (expected a Hugging Face model)")
+    return cfg
+
+
+def _hf_module(model: Any) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+def _device(model: Any) -> torch.device:
+    for p in _hf_module(model).parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A cheap content fingerprint of the weights: per tensor its name, shape, sum and first values.
+
+    One pass over the parameters (a fraction of a second for a few hundred MB); changes whenever any tensor is
+    retrained, re-initialised or swapped, without hashing every byte.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in _hf_module(model).state_dict().items():
+            t = t.detach()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            if t.numel():
+                flat = t.reshape(-1)
+                h.update(f"{float(flat.double().sum()):.9e}:{float(flat.double().abs().sum()):.9e}".encode())
+                h.update(flat[:8].double().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _default_max_length(tokenizer: Any, config: Any) -> int:
+    m = getattr(tokenizer, "model_max_length", None) or 512
+    if m > 100_000:  # "unset" sentinel
+        m = 512
+    pos = getattr(config, "max_position_embeddings", None)
+    return int(min(m, pos) if pos else m)
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[torch.Tensor]:
+    """Index batches of ``batch_size`` rows, longest first, so each batch pads to nearly its own length.
+
+    Stable sort: equal lengths keep their input order (deterministic).
+    """
+    if batch_size < 1:
+        raise KDError(f"batch size must be >= 1, got {batch_size}")
+    order = torch.argsort(torch.as_tensor(list(lengths), dtype=torch.long), descending=True, stable=True)
+    return list(torch.split(order, batch_size))
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic padding of token id lists to the batch's longest: (ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):  # building the tensor from ragged Python lists
+        if not s:
+            continue
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pid = tokenizer.pad_token_id
+    if pid is None:
+        pid = tokenizer.eos_token_id
+    if pid is None:
+        raise KDError("the tokenizer has neither a pad nor an eos token; cannot pad batches")
+    return int(pid)
+
+
+class PairTemplate:
+    """The tokenizer's own pair layout (special tokens, segment ids), read once from one probe encoding.
+
+    ``tokenizer(premise, hypothesis)`` = prefix + premise + middle + hypothesis + suffix, where prefix / middle /
+    suffix are special tokens ([CLS] / [SEP] / [SEP] for BERT, <s> / </s></s> / </s> for RoBERTa). Knowing them,
+    pairs are assembled from the premise's and hypothesis' ids without tokenizing any pair again. ``verify``
+    checks the layout against a second real encoding; callers fall back to plain pair tokenization if it fails.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.use_types = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+        a, b = "premise words here", "hypothesis words"
+        pa = tokenizer(a, add_special_tokens=False)["input_ids"]
+        hb = tokenizer(b, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(a, b)
+        ids = list(enc["input_ids"])
+        types = list(enc.get("token_type_ids") or [0] * len(ids))
+        i = _find(ids, pa, 0)
+        j = _find(ids, hb, i + len(pa)) if i >= 0 else -1
+        if i < 0 or j < 0:
+            raise ValueError("cannot locate the premise / hypothesis inside the tokenizer's pair encoding")
+        self.prefix, self.middle, self.suffix = ids[:i], ids[i + len(pa):j], ids[j + len(hb):]
+        self.t_prefix, self.t_middle, self.t_suffix = types[:i], types[i + len(pa):j], types[j + len(hb):]
+        self.t_premise, self.t_hyp = types[i], types[j]
+        self.n_special = len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    def build(self, premise: list[int], hyp: list[int]) -> tuple[list[int], list[int]]:
+        ids = self.prefix + premise + self.middle + hyp + self.suffix
+        types = (self.t_prefix + [self.t_premise] * len(premise) + self.t_middle + [self.t_hyp] * len(hyp)
+                 + self.t_suffix)
+        return ids, types
+
+    def verify(self) -> bool:
+        a, b = "Another, longer premise: 12 tests!", "A second hypothesis?"
+        pa = self.tok(a, add_special_tokens=False)["input_ids"]
+        hb = self.tok(b, add_special_tokens=False)["input_ids"]
+        ref = self.tok(a, b)
+        ids, types = self.build(pa, hb)
+        ok = ids == list(ref["input_ids"])
+        if self.use_types and "token_type_ids" in ref:
+            ok = ok and types == list(ref["token_type_ids"])
+        return ok
+
+
+def _find(seq: list[int], sub: list[int], start: int) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    return -1
+
+
+def _truncate(ids: list[int], keep: int, side: str) -> list[int]:
+    if len(ids) <= keep:
+        return ids
+    return ids[len(ids) - keep:] if side == "left" else ids[:keep]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# teachers
+
+
+class NLITeacher:
+    """Zero-shot labels from an NLI cross-encoder (``AutoModelForSequenceClassification`` with an entailment
+    label). ``teacher(texts, batch_size)`` returns a float32 tensor N x K (rows in the order of ``texts``);
+    ``batch_size`` counts (text, class) pairs, like the reference script's ``teacher_batch_size`` and the
+    zero-shot pipeline's ``batch_size``.
+    """
+
+    kind = "nli"
+
+    def __init__(self, model: Any, tokenizer: Any, template: str, class_names: Sequence[str],
+                 multi_label: bool = False, temperature: float = 1.0, max_length: Optional[int] = None,
+                 name: Optional[str] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = check_template(template)
+        self.class_names = check_class_names(class_names)
+        self.multi_label = bool(multi_label)
+        if not temperature > 0:
+            raise KDError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        config = _model_config(model)
+        self.entail_id, self.contr_id = resolve_nli_ids(config)
+        if self.multi_label and self.contr_id is None:
+            raise KDError(f"multi-label needs a contradiction label in the teacher's label2id: {config.label2id}")
+        self.max_length = int(max_length or _default_max_length(tokenizer, config))
+        self.name = name or getattr(config, "_name_or_path", "") or type(_hf_module(model)).__name__
+        self.pad_id = _pad_id(tokenizer)
+        self.calls = 0  # number of __call__s (tests count teacher work)
+        try:
+            self.pair = PairTemplate(tokenizer)
+            if not self.pair.verify():
+                raise ValueError("assembled pair differs from the tokenizer's own encoding")
+        except ValueError as e:
+            logger.warning("NLI teacher: %s; tokenizing every pair instead (slower)", e)
+            self.pair = None
+        self.hypotheses = [self.template.format(c) for c in self.class_names]
+        self.hyp_ids = tokenizer(self.hypotheses, add_special_tokens=False)["input_ids"]  # K, once
+        if self.pair is not None:
+            longest = max(len(h) for h in self.hyp_ids) + self.pair.n_special
+            if longest >= self.max_length:
+                raise KDError(f"a hypothesis is {longest} tokens with special tokens; max_length "
+                              f"{self.max_length} leaves no room for the text")
+
+    def cache_key(self) -> dict:
+        return {"teacher_kind": self.kind, "teacher": self.name, "weights": weights_fingerprint(self.model),
+                "template": self.template, "class_names": self.class_names, "multi_label": self.multi_label,
+                "temperature": self.temperature, "max_length": self.max_length}
+
+    def encode_pairs(self, texts: Sequence[str]) -> tuple[list[list[int]], Optional[list[list[int]]]]:
+        """Token ids (and segment ids) of the N*K pairs, text-major (pair n*K + k), premise truncated only."""
+        tok = self.tokenizer
+        K = len(self.class_names)
+        if self.pair is None:
+            pairs = [(t, h) for t in texts for h in self.hypotheses]
+            enc = tok([p for p, _ in pairs], [h for _, h in pairs], truncation="only_first",
+                      max_length=self.max_length)
+            return enc["input_ids"], enc.get("token_type_ids")
+        premises = tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]  # once per text
+        side = getattr(tok, "truncation_side", "right")
+        ids: list[list[int]] = []
+        types: list[list[int]] = []
+        for p in premises:
+            for k in range(K):
+                h = self.hyp_ids[k]
+                i, t = self.pair.build(_truncate(p, self.max_length - self.pair.n_special - len(h), side), h)
+                ids.append(i)
+                types.append(t)
+        return ids, (types if self.pair.use_types else None)
+
+    @torch.inference_mode()
+    def logits(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Raw NLI logits, float32, N x K x num_labels."""
+        ids, types = self.encode_pairs(texts)
+        K = len(self.class_names)
+        model = self.model
+        module = _hf_module(model)
+        was_training = module.training
+        module.eval()
+        device = _device(model)
+        side = getattr(self.tokenizer, "padding_side", "right")
+        out: Optional[torch.Tensor] = None
+        try:
+            for idx in sorted_batches([len(x) for x in ids], batch_size):
+                rows = idx.tolist()
+                input_ids, mask = pad_batch([ids[r] for r in rows], self.pad_id, side)
+                inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+                if types is not None:
+                    inputs["token_type_ids"] = pad_batch([types[r] for r in rows], 0, side)[0].to(device)
+                logits = model(**inputs).logits.float()
+                if out is None:
+                    out = torch.empty(len(ids), logits.shape[-1], dtype=torch.float32)
+                out[idx] = logits.cpu()
+        finally:
+            module.train(was_training)
+        assert out is not None
+        return out.view(len(texts), K, -1)
+
+    def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """N x K x C logits -> N x K soft labels (methods.md §5 step 4), float32."""
+        logits = logits.float()
+        if self.multi_label:
+            two = logits[..., [self.contr_id, self.entail_id]] / self.temperature  # N x K x 2
+            return torch.softmax(two, dim=-1)[..., 1]
+        return torch.softmax(logits[..., self.entail_id] / self.temperature, dim=1)
+
+    def __call__(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        self.calls += 1
+        if len(texts) == 0:
+            return torch.empty(0, len(self.class_names))
+        return self.probs_from_logits(self.logits(texts, batch_size))
+
+
+class EmbeddingTeacher:
+    """Zero-shot labels from a bi-encoder (``AutoModel``, e.g. all-MiniLM-L6-v2): softmax over the K classes of
+    cos(mean-pooled text embedding, mean-pooled ``template.format(class)`` embedding) / temperature.
+    ``batch_size`` counts texts. Returns float32 N x K; rows sum to 1.
+    """
+
+    kind = "embedding"
+
+    def __init__(self, model: Any, tokenizer: Any, template: str, class_names: Sequence[str],
+                 temperature: float = EMBEDDING_TEMPERATURE, max_length: Optional[int] = None,
+                 name: Optional[str] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = check_template(template)
+        self.class_names = check_class_names(class_names)
+        if not temperature > 0:
+            raise KDError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.multi_label = False
+        config = _model_config(model)
+        self.max_length = int(max_length or _default_max_length(tokenizer, config))
+        self.name = name or getattr(config, "_name_or_path", "") or type(_hf_module(model)).__name__
+        self.pad_id = _pad_id(tokenizer)
+        self.calls = 0
+        self._class_emb: Optional[torch.Tensor] = None
+
+    def cache_key(self) -> dict:
+        return {"teacher_kind": self.kind, "teacher": self.name, "weights": weights_fingerprint(self.model),
+                "template": self.template, "class_names": self.class_names, "multi_label": False,
+                "temperature": self.temperature, "max_length": self.max_length}
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised mean-pooled embeddings, float32, N x hidden, in input order."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, verbose=False)["input_ids"]
+        module = _hf_module(self.model)
+        was_training = module.training
+        module.eval()
+        device = _device(self.model)
+        side = getattr(self.tokenizer, "padding_side", "right")
+        out: Optional[torch.Tensor] = None
+        try:
+            for idx in sorted_batches([len(x) for x in ids], batch_size):
+                input_ids, mask = pad_batch([ids[r] for r in idx.tolist()], self.pad_id, side)
+                inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+                if "token_type_ids" in getattr(self.tokenizer, "model_input_names", []):
+                    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+                hidden = self.model(**inputs).last_hidden_state.float()  # B x T x H
+                m = inputs["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # empty rows stay 0, no NaN
+                emb = torch.nn.functional.normalize(pooled, dim=-1)
+                if out is None:
+                    out = torch.empty(len(ids), emb.shape[-1], dtype=torch.float32)
+                out[idx] = emb.cpu()
+        finally:
+            module.train(was_training)
+        assert out is not None
+        return out
+
+    def class_embeddings(self) -> torch.Tensor:
+        if self._class_emb is None:
+            self._class_emb = self.embed([self.template.format(c) for c in self.class_names])
+        return self._class_emb
+
+    def cosine(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        return self.embed(texts, batch_size) @ self.class_embeddings().T  # N x K
+
+    def __call__(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        self.calls += 1
+        if len(texts) == 0:
+            return torch.empty(0, len(self.class_names))
+        return torch.softmax(self.cosine(texts, batch_size) / self.temperature, dim=-1)
+
+
+def describe(teacher: Any) -> str:
+    return json.dumps({k: v for k, v in teacher.cache_key().items() if k != "weights"})
