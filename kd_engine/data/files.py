@@ -59,6 +59,16 @@ def _first_bad_json_line(path: str) -> Optional[str]:
     return None
 
 
+def _count_nonblank_lines(path: str, limit: int) -> int:
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            n += bool(line.strip())
+            if n >= limit:
+                break
+    return n
+
+
 def _load_local(path: str, ext: str, column_names: Optional[Sequence[str]]):
     import datasets
 
@@ -107,6 +117,9 @@ def load_table(path: str, *, split: str = "train", column_names: Optional[Sequen
     try:
         ds = _load_local(path, ext, column_names)
     except Exception as e:  # datasets wraps parser errors in DatasetGenerationError
+        header_lines = 1 if ext in CSV_EXTS and column_names is None else 0
+        if _count_nonblank_lines(path, header_lines + 1) <= header_lines:
+            raise KDError(f"data file '{path}' has no rows (only blank lines or a header?)") from None
         detail = _first_bad_json_line(path) if ext in JSON_EXTS else None
         cause = e.__cause__ or e
         raise KDError(f"could not parse data file '{path}': {detail or f'{type(cause).__name__}: {cause}'}") from None

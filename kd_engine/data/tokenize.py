@@ -25,6 +25,19 @@ def _is_blank(x: Any) -> bool:
     return x is None or (isinstance(x, str) and not x.strip())
 
 
+def _has_blank(ds, column: str) -> bool:
+    """Whether ``column`` has a None or whitespace-only value (vectorised in Arrow; iterating is slow)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = ds.with_format("arrow")[column]
+    if arr.null_count:
+        return True
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        raise KDError(f"text column '{column}' holds {arr.type} values, not text")
+    return bool(pc.any(pc.equal(pc.utf8_trim_whitespace(arr), "")).as_py())
+
+
 def _label_map(values: list, label2id: Optional[dict], column: str) -> dict:
     """Map every distinct raw label value to an int id; KDError naming the first unknown one."""
     lowered = {str(k).strip().lower(): int(v) for k, v in (label2id or {}).items()}
@@ -101,15 +114,15 @@ def tokenize_dataset(
     # drop rows without text
     text_cols = [c for c in (text_column, text_pair_column) if c is not None]
     n_before = len(ds)
-    if any(_is_blank(x) for c in text_cols for x in ds[c]):
+    if any(_has_blank(ds, c) for c in text_cols):
         ds = ds.filter(
             lambda b: [not any(_is_blank(b[c][i]) for c in text_cols) for i in range(len(b[text_cols[0]]))],
             batched=True,
             new_fingerprint=hashlib.sha256(f"{ds._fingerprint}-dropblank-{text_cols}".encode()).hexdigest()[:32],
         )
         dropped = n_before - len(ds)
-        logger.warning("%s: dropped %d of %d row(s) with an empty '%s' text", where, dropped, n_before,
-                       "'/'".join(text_cols))
+        logger.warning("%s: dropped %d of %d row(s) with an empty text in column(s) %s", where, dropped, n_before,
+                       ", ".join(text_cols))
     if len(ds) == 0:
         raise KDError(f"{where}: no rows left after dropping empty texts in column(s) {', '.join(text_cols)}")
 

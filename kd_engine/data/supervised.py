@@ -1,0 +1,96 @@
+"""Build the DataBundle of supervised methods (kd, sft) from the engine config: files -> tokens -> batches.
+
+Tasks: ``classification`` (text [+ pair] -> label), ``causal_lm`` (plain text, or prompt in ``text_column`` +
+response in ``target_column`` with the loss on the response only) and ``seq2seq_lm`` (source ``text_column`` ->
+target ``target_column``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Optional
+
+from ..errors import KDError
+from ..methods.base import DataBundle
+from .collate import PadCollator
+from .files import load_table, require_columns
+from .tokenize import tokenize_dataset
+
+logger = logging.getLogger(__name__)
+
+
+def _cache_dir() -> str:
+    from ..models.loading import cache_root
+
+    return os.path.join(cache_root(), "tokenized")
+
+
+def _limit(ds, n: Optional[int]):
+    return ds.select(range(min(n, len(ds)))) if n is not None and n < len(ds) else ds
+
+
+def _pair_encode(ds, tokenizer, cfg, task: str, name: str):
+    """Prompt/response (causal LM: loss on the response) or source/target (seq2seq) tokenization."""
+    src, tgt, max_len = cfg.text_column, cfg.target_column, cfg.max_length
+    require_columns(ds, [src, tgt], name)
+    key = hashlib.sha256(repr((ds._fingerprint, tokenizer.name_or_path, len(tokenizer), src, tgt, max_len,
+                               task)).encode()).hexdigest()[:32]
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        out = {"input_ids": [], "attention_mask": [], "labels": [], "length": []}
+        if task == "seq2seq_lm":
+            enc = tokenizer(batch[src], truncation=True, max_length=max_len)
+            lab = tokenizer(text_target=batch[tgt], truncation=True, max_length=max_len)["input_ids"]
+            out.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=lab,
+                       length=[len(x) for x in enc["input_ids"]])
+            return out
+        for p, r in zip(batch[src], batch[tgt]):
+            pi = tokenizer(p, add_special_tokens=True)["input_ids"]
+            ri = tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            ri = ri[:max_len]
+            pi = pi[-(max_len - len(ri)):] if len(pi) + len(ri) > max_len else pi  # keep the prompt's end
+            ids = pi + ri
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append([-100] * len(pi) + ri)
+            out["length"].append(len(ids))
+        return out
+
+    cache = os.path.join(_cache_dir(), f"pair-{key}.arrow")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, new_fingerprint=key, cache_file_name=cache,
+                  desc="tokenizing")
+
+
+def _tokenize(ds, tokenizer, cfg, task: str, label2id, name: str):
+    if task == "seq2seq_lm" and not cfg.target_column:
+        raise KDError("seq2seq data needs --target_column (the column holding the target text)")
+    if task == "seq2seq_lm" or (task == "causal_lm" and cfg.target_column):
+        return _pair_encode(ds, tokenizer, cfg, task, name)
+    return tokenize_dataset(ds, tokenizer, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
+                            label_column=cfg.label_column if task == "classification" else None, label2id=label2id,
+                            max_length=cfg.max_length, task="causal_lm" if task == "causal_lm" else "classification",
+                            cache_dir=_cache_dir(), name=name)
+
+
+def build_supervised_data(cfg, tokenizer, task: str, label2id: Optional[dict] = None) -> DataBundle:
+    if not cfg.train_file:
+        raise KDError("no training data: pass --train_file PATH (txt, jsonl, json, csv, tsv or a hub dataset id)")
+    if task == "classification" and not cfg.label_column:
+        raise KDError("classification needs --label_column (the column holding the labels)")
+    train_raw = load_table(cfg.train_file)
+    eval_raw = load_table(cfg.eval_file, split="validation") if cfg.eval_file else None
+    if eval_raw is None and cfg.eval_split > 0:
+        parts = train_raw.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
+        train_raw, eval_raw = parts["train"], parts["test"]
+    train_raw = _limit(train_raw, cfg.max_train_samples)
+    train = _tokenize(train_raw, tokenizer, cfg, task, label2id, cfg.train_file)
+    ev = None
+    if eval_raw is not None:
+        ev = _tokenize(_limit(eval_raw, cfg.max_eval_samples), tokenizer, cfg, task, label2id,
+                       cfg.eval_file or f"{cfg.train_file} (held-out {cfg.eval_split:.0%})")
+    collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
+    return DataBundle(train=train, eval=ev, collate_fn=collate, train_lengths=list(train["length"]),
+                      info={"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0})
