@@ -46,6 +46,7 @@ class TrainConfig:
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = None
+    target_column: Optional[str] = None  # response (causal LM, loss on it only) or target text (seq2seq)
     max_length: int = 128
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None

@@ -1,0 +1,156 @@
+"""DeepSpeed JSON handling: load, fill "auto" values from our config, check batch sizes, derive the teacher's."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from typing import Any
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs",
+                                 "zero0.json")
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                          f"column {exc.colno}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    return cfg
+
+
+def _is_auto(v: Any) -> bool:
+    return v is None or v == "auto"
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0) or 0)
+
+
+def training_dtype(ds: dict) -> str:
+    if ds.get("bf16", {}).get("enabled") in (True, "true"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled") in (True, "true"):
+        return "fp16"
+    return "fp32"
+
+
+def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, on_cpu: bool) -> dict:
+    """A complete DeepSpeed config: "auto" filled from ``cfg``, explicit batch values adopted into ``cfg``.
+
+    Batch sizes must satisfy train_batch_size = micro x accumulation x world size; anything else is an error.
+    """
+    ds = copy.deepcopy(ds)
+    path = cfg.deepspeed or DEFAULT_DS_CONFIG
+    micro, accum, total = (ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps"),
+                           ds.get("train_batch_size"))
+    if not _is_auto(micro):
+        cfg.per_device_train_batch_size = int(micro)
+    if not _is_auto(accum):
+        cfg.gradient_accumulation_steps = int(accum)
+    expected = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    if not _is_auto(total) and int(total) != expected:
+        if _is_auto(accum) and int(total) % (cfg.per_device_train_batch_size * world_size) == 0:
+            cfg.gradient_accumulation_steps = int(total) // (cfg.per_device_train_batch_size * world_size)
+        else:
+            raise ConfigError(
+                f"inconsistent batch sizes in {path}: train_batch_size={total} but micro batch "
+                f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps} x world size "
+                f"{world_size} = {expected}")
+    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["train_batch_size"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+
+    if _is_auto(ds.get("gradient_clipping")):
+        ds["gradient_clipping"] = cfg.max_grad_norm
+    if on_cpu and ds.get("fp16", {}).get("enabled") in (True, "true", "auto"):
+        raise ConfigError(f"{path} enables fp16, which DeepSpeed does not support on CPU: use bf16 or fp32")
+    for key in ("bf16", "fp16"):
+        if ds.get(key, {}).get("enabled") == "auto":
+            ds[key]["enabled"] = False
+
+    opt = ds.get("optimizer")
+    if opt is None:
+        opt = ds["optimizer"] = {"type": "AdamW", "params": {}}
+    params = opt.setdefault("params", {})
+    defaults = {"lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_epsilon,
+                "weight_decay": cfg.weight_decay}
+    for k, v in defaults.items():
+        if _is_auto(params.get(k)):
+            params[k] = v
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    if on_cpu and opt.get("type", "").lower() in ("adam", "adamw") and not offload:
+        # FusedAdam needs a compiled op; torch's AdamW is the right choice on CPU (see deepspeed-on-cpu.md)
+        params.setdefault("torch_adam", True)
+
+    sched = ds.get("scheduler")
+    if sched is not None:  # the JSON's own scheduler; without one the trainer builds ours (client_lr_scheduler)
+        warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+        sp = sched.setdefault("params", {})
+        for k, v in (("total_num_steps", total_steps), ("warmup_num_steps", warmup), ("warmup_max_lr", params["lr"])):
+            if k in sp and _is_auto(sp[k]):
+                sp[k] = v
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    if cfg.report_to == "tensorboard":
+        ds["tensorboard"] = {"enabled": True, "output_path": os.path.join(cfg.output_dir, "tensorboard"),
+                             "job_name": "train"}
+    _reject_leftover_auto(ds, path)
+    return ds
+
+
+def client_lr_scheduler(ds: dict, cfg, total_steps: int):
+    """When the JSON names no scheduler: a callable DeepSpeed calls with its optimizer (linear/constant/cosine with
+    warmup, as in transformers); DeepSpeed checkpoints and restores it like its own."""
+    if ds.get("scheduler") is not None:
+        return None
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type)
+    return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                           num_training_steps=total_steps)
+
+
+def _reject_leftover_auto(node: Any, path: str, where: str = "") -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _reject_leftover_auto(v, path, f"{where}.{k}" if where else k)
+    elif node == "auto":
+        raise ConfigError(f"{path}: '{where}' is \"auto\" but kd_engine has no value to fill it with")
+
+
+def teacher_ds_config(student_ds: dict, teacher_dtype: str) -> dict | None:
+    """Config for a ZeRO-3 partitioned teacher (student at stage 3), else None (replicated teacher)."""
+    if zero_stage(student_ds) != 3:
+        return None
+    zs = student_ds.get("zero_optimization", {})
+    cfg = {
+        "train_micro_batch_size_per_gpu": student_ds["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": student_ds["train_micro_batch_size_per_gpu"] * (
+            student_ds["train_batch_size"] // (student_ds["train_micro_batch_size_per_gpu"]
+                                               * student_ds["gradient_accumulation_steps"])),
+        "zero_optimization": {"stage": 3},
+        "steps_per_print": 10 ** 9,
+    }
+    for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"):
+        if key in zs:
+            cfg["zero_optimization"][key] = zs[key]
+    if zs.get("offload_param", {}).get("device") in ("cpu", "nvme"):
+        cfg["zero_optimization"]["offload_param"] = dict(zs["offload_param"])
+    if teacher_dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif teacher_dtype == "fp16":
+        cfg["fp16"] = {"enabled": True}
+    return cfg

@@ -1,0 +1,300 @@
+"""The engine: builds the student's DeepSpeed engine and the teacher's inference engine, runs a method's steps,
+logs, evaluates, checkpoints (with exact resume) and exports. It knows nothing about any particular method.
+
+Control flow, top to bottom: ``Trainer(parsed).fit()`` -> ``_setup()`` -> ``_resume()`` -> loop of
+``method.train_step(self)`` -> ``_finish()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any, Optional
+
+import torch
+
+from .. import dist
+from ..config import ParsedConfig, to_dict
+from ..data.sampler import ResumableBatchSampler, infinite_batches
+from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
+    zero_stage
+from ..errors import KDError
+from ..models.loading import check_same_vocab
+from . import checkpoint
+from .export import count_params, export_student
+from .monitor import Monitor
+from .teacher import build_teacher_engine
+
+logger = logging.getLogger("kd_engine")
+
+# fault injection for the crash/resume tests: the process kills itself (SIGKILL) when this step begins
+_CRASH_ENV = "KD_ENGINE_CRASH_AT_STEP"
+
+
+class Trainer:
+    def __init__(self, parsed: ParsedConfig):
+        self.cfg = parsed.train
+        self.opts = parsed.method_options
+        self.method = parsed.method_cls(self.cfg, self.opts)
+        self.engines: dict[str, Any] = {}  # name -> DeepSpeed engine, checkpointed together
+        self.teacher = None  # callable inference engine
+        self.teacher_model: Optional[torch.nn.Module] = None  # the underlying HF module (hooks, generation)
+        self.student = None
+        self.tokenizer = None
+        self.global_step = 0
+        self.teacher_seconds = 0.0
+        self.tokens_seen = 0
+        self.samples_seen = 0
+        self.final_metrics: dict[str, float] = {}
+
+    # ---- services offered to methods --------------------------------------------------------------------
+    @property
+    def grad_accum(self) -> int:
+        return self.cfg.gradient_accumulation_steps
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def teacher_forward(self, **inputs):
+        """The teacher's forward pass: eval mode, no gradients, timed for the teacher-ms metric."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.teacher(**inputs)
+        self.teacher_seconds += time.perf_counter() - t0
+        return out
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        idx = next(self._batch_iter)
+        batch = self.collate(self.data.train, idx)
+        if "attention_mask" in batch:
+            self.tokens_seen += int(batch["attention_mask"].sum())
+        self.samples_seen += len(idx)
+        return self.to_device(batch)
+
+    def collate(self, dataset, idx: list[int]) -> dict:
+        if hasattr(dataset, "column_names"):  # datasets.Dataset: one batched read
+            cols = dataset[idx]
+            rows = [{k: cols[k][j] for k in cols} for j in range(len(idx))]
+        else:
+            rows = [dataset[i] for i in idx]
+        return self.data.collate_fn(rows)
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def add_engine(self, name: str, model: torch.nn.Module, ds_overrides: Optional[dict] = None,
+                   optimizer=None, lr_scheduler=None):
+        """Wrap an extra trainable model (e.g. MATE-KD's generator) in its own DeepSpeed engine, checkpointed and
+        resumed with the student. ``ds_overrides`` update a copy of the student's DeepSpeed config."""
+        import copy
+
+        import deepspeed
+
+        if name in self.engines:
+            raise RuntimeError(f"engine '{name}' already exists")
+        ds = copy.deepcopy(self.ds_config)
+        ds.pop("tensorboard", None)
+        for k, v in (ds_overrides or {}).items():
+            ds[k] = v
+        if optimizer is not None:
+            ds.pop("optimizer", None)
+        if lr_scheduler is not None:
+            ds.pop("scheduler", None)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                         if p.requires_grad],
+                                          optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds)
+        self.engines[name] = engine
+        return engine
+
+    def log_scalars(self, values: dict[str, float], prefix: str = "train") -> None:
+        self.monitor.scalars(self.global_step, values, prefix)
+
+    # ---- setup ------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        import deepspeed
+        from transformers import set_seed
+
+        cfg = self.cfg
+        self.rank, self.world_size, self.local_rank = dist.init_distributed()
+        self.device = dist.device()
+        on_cpu = self.device.type == "cpu"
+        set_seed(cfg.seed)
+
+        # decide about the output folder on every rank before anything is written
+        self.run_mode = checkpoint.check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
+        dist.barrier()
+        if self.is_main and self.run_mode == "overwrite":
+            checkpoint.clear_run(cfg.output_dir)
+        if self.is_main and self.run_mode != "resume":  # first write: marks the folder as ours
+            checkpoint.write_run_marker(cfg.output_dir, {"method": self.method.name, "teacher": cfg.teacher,
+                                                         "started": time.time(), "config": to_dict(cfg)})
+        ds_raw = load_ds_config(cfg.deepspeed or DEFAULT_DS_CONFIG)
+
+        self.tokenizer = self.method.load_tokenizer(self)
+        teacher = self.method.load_teacher(self) if self.method.needs_teacher else None
+        if self.method.needs_teacher and teacher is None:
+            raise KDError(f"method '{self.method.name}' needs a teacher: pass --teacher PATH_OR_ID")
+        student = self.method.load_student(self, teacher)
+        if teacher is not None and self.method.requires_same_vocab:
+            teacher_tok = getattr(self.method, "teacher_tokenizer", None) or self.tokenizer
+            check_same_vocab(teacher_tok, self.tokenizer, teacher, student)
+        self.data = self.method.build_data(self)
+        if self.data.train is None or len(self.data.train) == 0:
+            raise KDError("the training data is empty")
+
+        self.sampler = ResumableBatchSampler(
+            len(self.data.train), cfg.per_device_train_batch_size, rank=self.rank, world_size=self.world_size,
+            seed=cfg.seed, lengths=self.data.train_lengths, group_by_length=cfg.group_by_length and
+            self.data.train_lengths is not None, drop_last=len(self.data.train) >= cfg.per_device_train_batch_size
+            * self.world_size)
+        if len(self.sampler) == 0:
+            raise KDError(f"{len(self.data.train)} training examples are fewer than one global batch")
+        steps_per_epoch = max(len(self.sampler) // cfg.gradient_accumulation_steps, 1)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+
+        self.ds_config = resolve_ds_config(ds_raw, cfg, self.world_size, self.total_steps, on_cpu)
+        self.student_dtype = training_dtype(self.ds_config)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        if not trainable:
+            raise KDError("the student has no trainable parameters (everything frozen?)")
+        self.student, *_ = deepspeed.initialize(model=student, model_parameters=trainable, config=self.ds_config,
+                                                lr_scheduler=client_lr_scheduler(self.ds_config, cfg, self.total_steps))
+        self.engines["student"] = self.student
+        if teacher is not None:
+            t_dtype = self.student_dtype if cfg.teacher_dtype == "auto" else cfg.teacher_dtype
+            self.teacher, self.teacher_model = build_teacher_engine(
+                teacher, teacher_ds_config(self.ds_config, t_dtype), t_dtype, self.device)
+        self.method.setup(self)
+        dist.barrier()
+
+    def _resume(self) -> None:
+        if self.run_mode != "resume":
+            return
+        step, path = checkpoint.latest_checkpoint(self.cfg.output_dir)
+        state = checkpoint.load(path, self.engines, self.rank)
+        self.global_step = int(state.get("global_step", step))
+        self.sampler.load_state_dict(state["sampler"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.method.load_state_dict(state.get("method", {}))
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def _save(self) -> None:
+        state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
+                 "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
+                 "method": self.method.state_dict(), "method_name": self.method.name}
+        checkpoint.save(self.cfg.output_dir, self.global_step, self.engines, state, self.rank, dist.barrier,
+                        self.cfg.save_total_limit)
+
+    # ---- evaluation -------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        if self.data.eval is None or len(self.data.eval) == 0:
+            return {}
+        n = len(self.data.eval)
+        bs = self.cfg.per_device_eval_batch_size
+        mine = list(range(self.rank, n, self.world_size))
+        sums: dict[str, tuple[float, float]] = {}
+        for model in [e.module for e in self.engines.values()]:
+            model.eval()
+        # every rank runs the same number of batches (collectives inside ZeRO-3 forwards must match)
+        n_batches = math.ceil(math.ceil(n / self.world_size) / bs)
+        for b in range(n_batches):
+            idx = mine[b * bs:(b + 1) * bs]
+            real = len(idx) > 0
+            batch = self.to_device(self.collate(self.data.eval, idx if real else [0]))
+            out = self.method.eval_step(self, batch)
+            if real:
+                for k, (s, c) in out.items():
+                    s0, c0 = sums.get(k, (0.0, 0.0))
+                    sums[k] = (s0 + float(s), c0 + float(c))
+            else:
+                for k in out:
+                    sums.setdefault(k, (0.0, 0.0))
+        for e in self.engines.values():
+            e.module.train()
+        sums = dist.all_reduce_sums(sums)
+        metrics = {k: s / c for k, (s, c) in sums.items() if c > 0}
+        if "lm_loss" in metrics:
+            metrics["perplexity"] = math.exp(min(metrics["lm_loss"], 50.0))
+        self.monitor.scalars(self.global_step, metrics, "eval")
+        if self.is_main:
+            logger.info("eval at step %d: %s", self.global_step,
+                        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    # ---- loop -------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        self._setup()
+        self._resume()
+        cfg = self.cfg
+        self._batch_iter = infinite_batches(self.sampler)
+        self.monitor = Monitor(self.student, cfg.output_dir, self.rank, self.total_steps, self.global_step,
+                               cfg.disable_tqdm)
+        if getattr(self.opts, "eval_before_training", False) and self.global_step == 0:
+            self.initial_metrics = self.evaluate()
+        crash_at = int(os.environ.get(_CRASH_ENV, "0") or 0)
+        window = {"t": time.perf_counter(), "teacher": 0.0, "tokens": self.tokens_seen,
+                  "samples": self.samples_seen, "steps": 0}
+        sums: dict[str, float] = {}
+        while self.global_step < self.total_steps:
+            if crash_at and self.global_step + 1 == crash_at:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            t_teacher0 = self.teacher_seconds
+            terms = self.method.train_step(self)
+            self.global_step += 1
+            window["teacher"] += self.teacher_seconds - t_teacher0
+            window["steps"] += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            self.monitor.progress(self.global_step, {"loss": terms.get("loss", 0.0)})
+            if self.global_step % cfg.logging_steps == 0 or self.global_step == self.total_steps:
+                self._log_window(window, sums)
+                sums = {}
+            if cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0 and self.global_step < self.total_steps:
+                self.evaluate()
+            if cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0 and self.global_step < self.total_steps:
+                self._save()
+        return self._finish()
+
+    def _log_window(self, window: dict, sums: dict) -> None:
+        now = time.perf_counter()
+        steps = max(window["steps"], 1)
+        elapsed = now - window["t"]
+        values = {k: v / steps for k, v in sums.items()}
+        lr = self.student.get_lr()
+        values["lr"] = float(lr[0]) if lr else 0.0
+        gn = self.student.get_global_grad_norm()
+        if gn is not None:
+            values["grad_norm"] = float(gn)
+        values["samples_per_s"] = (self.samples_seen - window["samples"]) * self.world_size / max(elapsed, 1e-9)
+        values["tokens_per_s"] = (self.tokens_seen - window["tokens"]) * self.world_size / max(elapsed, 1e-9)
+        values["teacher_ms"] = 1000.0 * window["teacher"] / steps
+        values["student_ms"] = 1000.0 * (elapsed - window["teacher"]) / steps
+        self.monitor.scalars(self.global_step, values, "train")
+        window.update(t=now, teacher=0.0, tokens=self.tokens_seen, samples=self.samples_seen, steps=0)
+
+    def _finish(self) -> dict[str, float]:
+        cfg = self.cfg
+        metrics = self.evaluate()
+        self._save()
+        self.final_metrics = metrics
+        if cfg.export:
+            card = {
+                "title": f"{self.method.name} student", "method": self.method.name, "teacher": cfg.teacher,
+                "student_init": cfg.student.name_or_path or f"built from the teacher ({cfg.student.init})",
+                "student_params": count_params(self.student.module), "steps": self.global_step,
+                "zero_stage": zero_stage(self.ds_config), "metrics": metrics,
+                "extra": self.method.card_info(),
+                "config": {"train": to_dict(cfg), "method": dataclasses.asdict(self.opts)},
+            }
+            if getattr(self, "initial_metrics", None):
+                card["extra"].update({f"before training: {k}": f"{v:.6g}" for k, v in self.initial_metrics.items()})
+            export_student(self.student, self.tokenizer, os.path.join(cfg.output_dir, "final"), self.rank,
+                           dist.barrier, card)
+        self.monitor.close()
+        return metrics

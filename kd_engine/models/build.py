@@ -1,0 +1,57 @@
+"""Teacher/student construction shared by the methods: task detection, loading, building a student."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from ..errors import KDError
+from .loading import load_config, load_model
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("causal_lm", "seq2seq_lm", "sequence_classification")
+
+
+def detect_task(config) -> str:
+    """The head a checkpoint was saved with: sequence classification, seq2seq LM or causal LM."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "sequence_classification"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq_lm"
+    return "causal_lm"
+
+
+def resolve_task(task: str, cfg) -> str:
+    if task != "auto":
+        if task not in TASKS:
+            raise KDError(f"task must be auto or one of {', '.join(TASKS)}; got '{task}'")
+        return task
+    src = cfg.teacher or cfg.student.name_or_path
+    if not src:
+        raise KDError("cannot tell the task without a model: pass --teacher or --student")
+    return detect_task(load_config(src, cfg.trust_remote_code))
+
+
+def load_teacher_model(cfg, task: str) -> torch.nn.Module:
+    if not cfg.teacher:
+        raise KDError("this method needs a teacher: pass --teacher PATH_OR_HUB_ID")
+    return load_model(cfg.teacher, task, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_or_build_student(cfg, teacher: Optional[torch.nn.Module], task: str, **model_kwargs) -> torch.nn.Module:
+    """``--student PATH`` loads a model; otherwise a student is built from the teacher (``--student.layers`` ...)."""
+    s = cfg.student
+    if s.name_or_path:
+        return load_model(s.name_or_path, task, trust_remote_code=cfg.trust_remote_code, **model_kwargs)
+    if teacher is None:
+        raise KDError("no student: pass --student PATH_OR_HUB_ID, or a --teacher to build one from")
+    if not any(v is not None for v in (s.layers, s.decoder_layers, s.hidden, s.heads, s.intermediate)):
+        raise KDError("no student: pass --student PATH_OR_HUB_ID, or --student.layers N to build one from the "
+                      "teacher")
+    from .student import create_student
+
+    return create_student(teacher, layers=s.layers, decoder_layers=s.decoder_layers, hidden=s.hidden,
+                          heads=s.heads, intermediate=s.intermediate, init=s.init)

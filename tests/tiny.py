@@ -1,0 +1,97 @@
+"""Tiny real models, tokenizers and data files for tests (random weights, built from configs, saved to disk)."""
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+WORDS = ("the a an cat dog bird fish runs jumps sleeps eats big small red blue green happy sad quickly slowly "
+         "and or but then house tree river city car road sun moon star good bad new old one two three").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+
+
+def sentences(n: int, seed: int = 0, min_len: int = 3, max_len: int = 14) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_len, max_len))) for _ in range(n)]
+
+
+def make_tokenizer(path: str, kind: str = "causal"):
+    """A word-level fast tokenizer over WORDS. kind='causal' adds <s>; kind='bert' adds [CLS] ... [SEP]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def vocab_size() -> int:
+    return len(SPECIALS) + len(WORDS)
+
+
+def make_llama(path: str, layers: int = 4, hidden: int = 32, seed: int = 0, tokenizer_kind: str = "causal"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size(), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, pad_token_id=0, bos_token_id=5, eos_token_id=6,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    make_tokenizer(path, tokenizer_kind)
+    return model
+
+
+def make_bert_classifier(path: str, layers: int = 4, hidden: int = 32, num_labels: int = 2, seed: int = 0,
+                         label2id=None):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    label2id = label2id or {f"LABEL_{i}": i for i in range(num_labels)}
+    cfg = BertConfig(vocab_size=vocab_size(), hidden_size=hidden, intermediate_size=hidden * 2,
+                     num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128,
+                     num_labels=num_labels, label2id=label2id, id2label={v: k for k, v in label2id.items()},
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(path)
+    make_tokenizer(path, "bert")
+    return model
+
+
+def write_lines(path: str, lines: list[str]) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def write_classification_tsv(path: str, n: int, seed: int = 0) -> str:
+    """label 1 iff the sentence contains 'happy' or 'good' (learnable)."""
+    rows = ["sentence\tlabel"]
+    for s in sentences(n, seed):
+        rows.append(f"{s}\t{int('happy' in s.split() or 'good' in s.split())}")
+    return write_lines(path, rows)
+
+
+def cpu_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
