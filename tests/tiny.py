@@ -43,14 +43,15 @@ def vocab_size() -> int:
     return len(SPECIALS) + len(WORDS)
 
 
-def make_llama(path: str, layers: int = 4, hidden: int = 32, seed: int = 0, tokenizer_kind: str = "causal"):
+def make_llama(path: str, layers: int = 4, hidden: int = 32, seed: int = 0, tokenizer_kind: str = "causal",
+               dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size(), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=128, pad_token_id=0, bos_token_id=5, eos_token_id=6,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=False, attention_dropout=dropout)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     make_tokenizer(path, tokenizer_kind)

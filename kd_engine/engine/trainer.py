@@ -21,7 +21,7 @@ from ..data.sampler import ResumableBatchSampler, infinite_batches
 from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
     zero_stage
 from ..errors import KDError
-from ..models.loading import check_same_vocab
+from ..models.loading import check_same_vocab, load_tokenizer
 from . import checkpoint
 from .export import count_params, export_student
 from .monitor import Monitor
@@ -139,8 +139,7 @@ class Trainer:
             raise KDError(f"method '{self.method.name}' needs a teacher: pass --teacher PATH_OR_ID")
         student = self.method.load_student(self, teacher)
         if teacher is not None and self.method.requires_same_vocab:
-            teacher_tok = getattr(self.method, "teacher_tokenizer", None) or self.tokenizer
-            check_same_vocab(teacher_tok, self.tokenizer, teacher, student)
+            check_same_vocab(self._teacher_tokenizer(), self.tokenizer, teacher, student)
         self.data = self.method.build_data(self)
         if self.data.train is None or len(self.data.train) == 0:
             raise KDError("the training data is empty")
@@ -169,6 +168,17 @@ class Trainer:
                 teacher, teacher_ds_config(self.ds_config, t_dtype), t_dtype, self.device)
         self.method.setup(self)
         dist.barrier()
+
+    def _teacher_tokenizer(self):
+        """The teacher's own tokenizer (to compare with the student's), or the shared one if it ships none."""
+        src = self.cfg.teacher
+        if not src or src == (self.cfg.tokenizer or self.cfg.student.name_or_path or src):
+            return self.tokenizer
+        try:
+            return load_tokenizer(src, trust_remote_code=self.cfg.trust_remote_code)
+        except (KDError, OSError, ValueError):
+            logger.warning("teacher %s ships no tokenizer: comparing logit sizes only", src)
+            return self.tokenizer
 
     def _resume(self) -> None:
         if self.run_mode != "resume":

@@ -172,9 +172,9 @@ def check_same_vocab(teacher_tok, student_tok, teacher_model=None, student_model
             "this method compares token distributions and needs one shared tokenizer")
     if teacher_model is not None and student_model is not None:
         n = len(teacher_tok)
-        vt = teacher_model.get_output_embeddings()
-        vs = student_model.get_output_embeddings()
-        for which, m, head in (("teacher", teacher_model, vt), ("student", student_model, vs)):
-            rows = head.weight.shape[0] if head is not None and hasattr(head, "weight") else m.config.vocab_size
-            if rows < n:
+        for which, m in (("teacher", teacher_model), ("student", student_model)):
+            rows = getattr(m.config.get_text_config(), "vocab_size", None)
+            if getattr(m.config, "num_labels", None) and m.get_output_embeddings() is None:
+                continue  # a classifier: no vocabulary logits
+            if rows is not None and rows < n:
                 raise KDError(f"{which} has {rows} logit rows but the tokenizer has {n} tokens")
