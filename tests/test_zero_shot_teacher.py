@@ -282,6 +282,7 @@ def _rank_main(rank, world, port, model_dir, vocab, cache, out):
 
 
 @pytest.mark.multirank
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers: 54 s on the shared 2-core machine
 def test_two_rank_labeling_equals_one_rank(tok, tmp_path):
     model = tiny_nli(tok, seed=3)
     model.save_pretrained(tmp_path / "nli")
