@@ -76,7 +76,14 @@ def _load_teacher(args):
     except (OSError, ValueError) as e:
         raise KDError(f"cannot load the teacher config from {args.teacher!r}: {e}") from None
     archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else AutoModel
+    if archs:
+        cls = getattr(transformers, archs[0], None)
+    else:  # e.g. a GGUF file: the config names no head class; GGUF files hold causal LMs
+        from kd_engine.models.student import FAMILIES, _LLAMA
+
+        causal = args.gguf_file or FAMILIES.get(getattr(config, "model_type", None)) is _LLAMA
+        cls = transformers.AutoModelForCausalLM if causal else AutoModel
+        logger.warning("the teacher config names no architecture; loading it with %s", cls.__name__)
     if cls is None:
         raise KDError(f"teacher architecture {archs[0]!r} is not a transformers class (remote code is not supported)")
     try:

@@ -326,6 +326,20 @@ def test_random_init_llama_kv_heads_and_head_dim():
     assert student.config.num_key_value_heads == 4
 
 
+def test_random_init_keeps_explicit_head_sizes_when_width_unchanged():
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=V, d_model=16, d_kv=4, d_ff=32, num_layers=4, num_heads=2, decoder_start_token_id=0))
+    student = create_student(t5, layers=2, init="random")
+    assert student.config.d_kv == 4 and student.config.d_ff == 32
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=V, hidden_size=24, head_dim=16, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, intermediate_size=48))
+    student = create_student(qwen3, layers=2, init="random")
+    c = student.config
+    assert (c.head_dim, c.num_key_value_heads, len(c.layer_types)) == (16, 2, 2)
+    assert student.model.layers[0].self_attn.q_proj.weight.shape == (96, 24)
+
+
 def test_random_init_t5_and_bart_widths():
     t5 = create_student(tiny("t5"), layers=2, decoder_layers=2, hidden=24, heads=3, init="random")
     assert (t5.config.d_model, t5.config.num_heads, t5.config.d_kv, t5.config.d_ff) == (24, 3, 8, 96)

@@ -218,6 +218,8 @@ def _width_overrides(cfg: dict, family: Family, hidden, heads, intermediate) -> 
     if intermediate is not None:
         for key in family.intermediate_keys:
             changes[key] = intermediate
+    if (new_hidden, new_heads) == (t_hidden, t_heads):
+        return changes  # per-head sizes and KV heads stay the teacher's (e.g. Qwen3's explicit head_dim)
     if family is _T5:
         changes["d_kv"] = new_hidden // new_heads
     if family is _LLAMA:
@@ -287,6 +289,7 @@ def create_student(
         cfg.update(_width_overrides(cfg, family, hidden, heads, intermediate))
     cfg.pop("quantization_config", None)  # the student is a plain (dequantized) model
     cfg.pop("kd_lineage", None)
+    cfg.pop("_name_or_path", None)
 
     config = type(teacher.config).from_dict(cfg)
     lineage = {
