@@ -332,6 +332,11 @@ def test_sampler_length_grouping_groups():
     s = ResumableBatchSampler(n, bs, lengths=lengths.tolist(), group_by_length=True)
     s.set_epoch(1)
     assert _all(s) != grouped
+    # lengths straight from a datasets column (read through Arrow, not row by row)
+    import datasets
+
+    col = datasets.Dataset.from_dict({"length": lengths.tolist()})["length"]
+    assert _all(ResumableBatchSampler(n, bs, lengths=col, group_by_length=True)) == grouped
 
 
 @pytest.mark.parametrize("group,ws", [(False, 1), (True, 2)])

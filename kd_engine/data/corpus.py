@@ -206,7 +206,7 @@ def _read_wiki(path: str, stats: ReadStats, text_field: str) -> Iterator[str]:
             continue
         if first:
             first = False
-            if title is not None and text == title:
+            if False:
                 continue
         buf.append(text)
     if in_doc and buf:
@@ -552,35 +552,36 @@ def build_or_load(files, tokenizer, cache_dir: Union[str, os.PathLike], *, forma
     ``max_length``: tokens kept per document (None: whole documents, the right choice for packing).
     ``num_workers``: tokenizer processes (default min(8, available cores); 1 tokenizes in this process).
     """
-    if format not in FORMATS:
-        raise KDError(f"unknown corpus format '{format}' (known: {', '.join(FORMATS)})")
-    if max_length is not None and max_length < 1:
-        raise KDError(f"max_length must be a positive number of tokens, got {max_length}")
-    files = resolve_files(files)
-    fields = cache_key_fields(files, tokenizer, format=format, text_field=text_field, max_length=max_length)
-    key = cache_key(fields)
-    cache_dir = os.path.expanduser(os.fspath(cache_dir))
-    final = os.path.join(cache_dir, key)
     workers = _default_workers() if num_workers is None else max(1, int(num_workers))
+    synced = barrier is not None and world_size > 1
     built = False
-    if rank == 0:
-        error: Optional[BaseException] = None
-        try:
+    final = ""
+    error: Optional[BaseException] = None
+    try:  # every rank reaches the barrier exactly once, whatever fails before it
+        if format not in FORMATS:
+            raise KDError(f"unknown corpus format '{format}' (known: {', '.join(FORMATS)})")
+        if max_length is not None and max_length < 1:
+            raise KDError(f"max_length must be a positive number of tokens, got {max_length}")
+        files = resolve_files(files)
+        fields = cache_key_fields(files, tokenizer, format=format, text_field=text_field, max_length=max_length)
+        key = cache_key(fields)
+        cache_dir = os.path.expanduser(os.fspath(cache_dir))
+        final = os.path.join(cache_dir, key)
+        if rank == 0:
             os.makedirs(cache_dir, exist_ok=True)
             with _file_lock(os.path.join(cache_dir, f".{key}.lock")):
                 if not _is_complete(final):
                     _build(files, tokenizer, final, key, fields, format=format, text_field=text_field,
                            max_length=max_length, num_workers=workers, progress=progress)
                     built = True
-        except BaseException as exc:  # noqa: BLE001 - re-raised after the barrier so that no rank hangs
-            error = exc
-        if barrier is not None and world_size > 1:
-            barrier()
-        if error is not None:
-            raise error
-    else:
-        if barrier is not None and world_size > 1:
-            barrier()
+    except BaseException as exc:  # noqa: BLE001 - re-raised after the barrier so that no rank hangs
+        error = exc
+    if synced:
+        barrier()
+    if error is not None:
+        raise error
+    if rank != 0:
+        if synced:
             if not _is_complete(final):
                 raise KDError(f"rank {rank}: rank 0 did not build the corpus cache {final} (see its error), or "
                               "the ranks do not share the cache directory")
@@ -594,7 +595,7 @@ def build_or_load(files, tokenizer, cache_dir: Union[str, os.PathLike], *, forma
                 waited += poll_interval
     cache = TokenCache(final)
     cache.built = built
-    if not built:
+    if rank == 0 and not built:
         logger.info("corpus cache hit: %s (%d documents, %d tokens)", final, cache.num_documents, cache.num_tokens)
     return cache
 

@@ -46,6 +46,8 @@ class ResumableBatchSampler:
         if group_by_length:
             if lengths is None:
                 raise KDError("group_by_length needs the examples' lengths")
+        if lengths is not None:
+            lengths = _as_int_array(lengths)
         if lengths is not None and len(lengths) != num_examples:
             raise KDError(f"got {len(lengths)} lengths for {num_examples} examples")
         self.num_examples = int(num_examples)
@@ -53,7 +55,7 @@ class ResumableBatchSampler:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.seed = int(seed)
-        self.lengths = np.asarray(lengths, dtype=np.int64) if lengths is not None else None
+        self.lengths = lengths
         self.group_by_length = bool(group_by_length)
         self.drop_last = bool(drop_last)
         self.mega_batch_mult = int(mega_batch_mult)
@@ -143,6 +145,14 @@ class ResumableBatchSampler:
             raise KDError(f"checkpoint data position {position} is outside this epoch's {len(self)} batches")
         self.epoch = int(state["epoch"])
         self.position = position
+
+
+def _as_int_array(lengths) -> np.ndarray:
+    """list / array / tensor / ``datasets`` Column (``ds["length"]``) -> int64 array. A Column is read through
+    Arrow: iterating it row by row costs about 80 us per row (5 s for 67k rows)."""
+    if hasattr(lengths, "source") and hasattr(lengths, "column_name"):
+        return lengths.source.with_format("arrow")[lengths.column_name].to_numpy().astype(np.int64, copy=False)
+    return np.asarray(lengths, dtype=np.int64)
 
 
 def infinite_batches(sampler: ResumableBatchSampler) -> Iterator[list[int]]:
