@@ -66,6 +66,13 @@ def test_jsonl_json_csv_tsv(tmp_path):
     assert ds["sentence"] == ['"it \'s a fun movie', 'the plot is dull " '] and ds["label"] == [1, 0]
 
 
+def test_utf8_bom_not_in_column_name(tmp_path):
+    p = write(tmp_path / "bom.csv", "\ufefftext,label\ngood,1\n")
+    assert load_table(p).column_names == ["text", "label"]
+    p = write(tmp_path / "bom.txt", "\ufeffgood\nbad\n")
+    assert load_table(p)["text"] == ["good", "bad"]
+
+
 def test_tsv_without_header_takes_column_names(tmp_path):
     p = write(tmp_path / "ag.tsv", "wall street falls\tBusiness\nteam wins\tSports\n")
     ds = load_table(p, column_names=["text", "label"])
@@ -112,6 +119,9 @@ def test_non_utf8_names_file_and_line(tmp_path):
 def test_bad_json_line_named(tmp_path):
     p = write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": "broken"\n')
     with pytest.raises(KDError, match=r"could not parse data file '.*bad\.jsonl': line 2"):
+        load_table(p)
+    p = write(tmp_path / "bad.json", '[\n {"text": "ok"},\n {"text": }\n]\n')
+    with pytest.raises(KDError, match=r"could not parse data file '.*bad\.json': line 3, column 11"):
         load_table(p)
 
 

@@ -206,7 +206,7 @@ def _read_wiki(path: str, stats: ReadStats, text_field: str) -> Iterator[str]:
             continue
         if first:
             first = False
-            if False:
+            if title is not None and text == title:
                 continue
         buf.append(text)
     if in_doc and buf:
@@ -432,7 +432,7 @@ def _file_lock(path: str):
 
 
 def _is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
+    return os.path.isdir(path)
 
 
 def _default_workers() -> int:

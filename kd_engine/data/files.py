@@ -46,7 +46,15 @@ def _check_utf8(path: str) -> None:
 
 
 def _first_bad_json_line(path: str) -> Optional[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):  # one JSON document (a list of records)
+            try:
+                json.load(f)
+            except json.JSONDecodeError as e:
+                return f"line {e.lineno}, column {e.colno}: {e.msg}"
+            return None
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -69,14 +77,20 @@ def _count_nonblank_lines(path: str, limit: int) -> int:
     return n
 
 
+def _has_bom(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == b"\xef\xbb\xbf"
+
+
 def _load_local(path: str, ext: str, column_names: Optional[Sequence[str]]):
     import datasets
 
+    encoding = "utf-8-sig" if _has_bom(path) else "utf-8"  # a BOM must not end up in the first column name
     if ext in TEXT_EXTS:
-        return datasets.load_dataset("text", data_files=path, split="train")
+        return datasets.load_dataset("text", data_files=path, split="train", encoding=encoding)
     if ext in JSON_EXTS:
         return datasets.load_dataset("json", data_files=path, split="train")
-    kwargs = dict(keep_default_na=False)  # "NA", "null", "None" in a text column stay text
+    kwargs = dict(keep_default_na=False, encoding=encoding)  # "NA", "null", "None" in a text column stay text
     if ext == ".tsv":
         kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE style: quotes are plain characters
     if column_names is not None:
