@@ -145,7 +145,8 @@ def tokenize_dataset(
         kwargs = dict(truncation=True, max_length=max_length, padding=False)
         if task == "causal_lm":
             kwargs["return_token_type_ids"] = False
-        enc = tokenizer(batch[text_column], pair, **kwargs) if pair is not None else tokenizer(batch[text_column], **kwargs)
+        texts = batch[text_column]
+        enc = tokenizer(texts, pair, **kwargs) if pair is not None else tokenizer(texts, **kwargs)
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if task == "classification" and "token_type_ids" in enc:
             out["token_type_ids"] = enc["token_type_ids"]
