@@ -419,6 +419,14 @@ def test_rank0_failure_reaches_the_other_ranks(tmp_path, tok):
         [str(f)], tok, tmp_path / "cache", num_workers=1, progress=False, rank=r, world_size=2, barrier=barrier))
     assert "no usable text" in str(errors[0])
     assert isinstance(errors[1], KDError) and "rank 0 did not build" in str(errors[1])
+    # a rank failing before the barrier (here: a file only rank 0 sees) does not leave rank 0 hanging either
+    good, _ = _corpus(tmp_path)
+    barrier = threading.Barrier(2, timeout=60).wait
+    results, errors = _run_ranks(lambda r: C.build_or_load(
+        [str(good) if r == 0 else str(tmp_path / "only_on_rank0.txt")], tok, tmp_path / "cache", num_workers=1,
+        progress=False, rank=r, world_size=2, barrier=barrier))
+    assert 0 not in errors, errors
+    assert results[0].built and "not found" in str(errors[1])
     with pytest.raises(KDError, match="waited"):
         C.build_or_load([str(f)], tok, tmp_path / "cache", rank=1, world_size=2, wait_timeout=0.1,
                         poll_interval=0.05)

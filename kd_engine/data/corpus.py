@@ -432,7 +432,7 @@ def _file_lock(path: str):
 
 
 def _is_complete(path: str) -> bool:
-    return os.path.isdir(path)
+    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
 
 
 def _default_workers() -> int:
