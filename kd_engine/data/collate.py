@@ -17,8 +17,9 @@ class PadCollator:
     ``pad_to_multiple_of``, on ``padding_side``: keys ending in ``input_ids`` with ``pad_token_id``, keys
     ending in ``labels`` with ``label_pad_id`` (-100), everything else (``attention_mask``,
     ``token_type_ids``, ...) with 0. Float lists of equal length K (``soft_labels``, or soft ``labels``) become
-    ``FloatTensor[B, K]`` (float per-token lists of different lengths are padded like int ones). Int / float / bool scalars become ``LongTensor[B]`` / ``FloatTensor[B]`` /
-    ``BoolTensor[B]``. Strings, None and ``length`` are dropped.
+    ``FloatTensor[B, K]`` (float per-token lists of different lengths are padded like int ones). Int / float /
+    bool scalars become ``LongTensor[B]`` / ``FloatTensor[B]`` / ``BoolTensor[B]``. Strings, None and ``length``
+    are dropped.
     """
 
     def __init__(self, pad_token_id: int, *, label_pad_id: int = -100, pad_to_multiple_of: Optional[int] = None,
