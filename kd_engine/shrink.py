@@ -75,6 +75,9 @@ def _load_teacher(args):
         config = AutoConfig.from_pretrained(name, **kw)
     except (OSError, ValueError) as e:
         raise KDError(f"cannot load the teacher config from {args.teacher!r}: {e}") from None
+    from kd_engine.models.student import check_request
+
+    check_request(config, args.layers, args.decoder_layers)  # before the (possibly long) weight load
     archs = getattr(config, "architectures", None) or []
     if archs:
         cls = getattr(transformers, archs[0], None)

@@ -453,6 +453,12 @@ def test_cli_overwrite_and_errors_in_process(teacher_dir, tmp_path, capsys):
         assert shrink_main(args + ["--output_dir", str(tmp_path / f"bad{i}")]) == 2, args
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("error:") and match in last, (args, last)
+    gpt2_dir = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2)
+                                 ).save_pretrained(gpt2_dir)
+    assert shrink_main(["--teacher", str(gpt2_dir), "--layers", "1", "--output_dir", str(tmp_path / "g")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unsupported architecture 'gpt2'" in last and "bert" in last and "llama" in last
     assert shrink_main(["--teacher", str(teacher_dir), "--output_dir", str(teacher_dir), "--overwrite"]) == 2
     assert "teacher's folder" in capsys.readouterr().err
 

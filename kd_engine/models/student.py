@@ -197,6 +197,22 @@ def _resolve_depths(teacher, family, stacks, layers, decoder_layers) -> dict[str
     return out
 
 
+def check_request(config, layers: int | None = None, decoder_layers: int | None = None) -> None:
+    """Cheap checks on a teacher *config* (before loading weights): family supported, depths not too large."""
+    family = family_of(config)
+    cfg = config.to_dict()
+    if len(family.stacks) == 1:
+        if decoder_layers is not None:
+            raise KDError("decoder_layers applies to encoder-decoder models; this teacher has one stack: use layers")
+        pairs = [(family.stacks[0], layers)]
+    else:
+        pairs = list(zip(family.stacks, (layers, decoder_layers)))
+    for stack, n in pairs:
+        n_teacher = cfg.get(stack.depth_key)
+        if n is not None and isinstance(n_teacher, int) and n > n_teacher:
+            raise KDError(f"the student cannot have more {stack.name} layers ({n}) than the teacher ({n_teacher})")
+
+
 def _width_overrides(cfg: dict, family: Family, hidden, heads, intermediate) -> dict:
     """Config keys to change for a new width; validates divisibility."""
     for label, value in (("hidden", hidden), ("heads", heads), ("intermediate", intermediate)):
