@@ -219,12 +219,15 @@ def _tiny(kind: str, seed: int = 0, hidden: int = 32, layers: int = 3):
     elif kind == "llama":  # grouped-query attention: 4 query heads share 2 KV heads
         cfg = tf.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=48, **common)
+    elif kind == "qwen3":  # per-head q/k RMSNorm before the rotary embedding
+        cfg = tf.Qwen3Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, head_dim=hidden // 4,
+                             num_key_value_heads=2, intermediate_size=48, **common)
     else:
         raise ValueError(kind)
     return tf.AutoModel.from_config(cfg, attn_implementation="eager").eval()
 
 
-KINDS = ["bert", "roberta", "xlm-roberta", "distilbert", "llama"]
+KINDS = ["bert", "roberta", "xlm-roberta", "distilbert", "llama", "qwen3"]
 
 
 def _batch(seed=0, B=3, n=7, lengths=(7, 4, 5), left=False):
@@ -279,8 +282,9 @@ def test_qk_relation_with_one_relation_head_per_attention_head_is_the_attention(
             torch.testing.assert_close(rel[real], out.attentions[layer][real], rtol=1e-5, atol=1e-6)
 
 
-def test_llama_adapter_reproduces_attention_with_rope_and_repeated_kv_heads():
-    model = _tiny("llama")
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_llama_adapter_reproduces_attention_with_rope_and_repeated_kv_heads(kind):
+    model = _tiny(kind)
     ad = get_adapter(model)
     assert (ad.num_heads, ad.num_kv_heads, ad.hidden_size) == (4, 2, 32)
     ids, mask = _batch(seed=4, left=True)
@@ -359,3 +363,73 @@ def test_layer_out_of_range_and_unsupported_architecture():
     gpt2 = tf.GPT2Model(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16))
     with pytest.raises(KDError, match="does not support architecture 'gpt2'.*bert, distilbert, llama"):
         get_adapter(gpt2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a ZeRO-3 DeepSpeed engine's .module (real DeepSpeed, one CPU process, parameters really partitioned)
+_ZERO3_SCRIPT = r"""
+import copy, json, sys, torch, deepspeed, transformers as tf
+sys.path.insert(0, sys.argv[1])
+from kd_engine.models.qkv import _is_zero3, get_adapter
+from kd_engine.losses.minilm import minilm_v2_loss
+torch.manual_seed(0)
+cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+student = tf.BertModel(cfg)
+ref = copy.deepcopy(student).eval()
+teacher = tf.BertModel(cfg).eval()
+ds = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1,
+      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+engine, *_ = deepspeed.initialize(model=student, optimizer=torch.optim.AdamW(student.parameters(), lr=1e-2), config=ds)
+engine.eval()  # dropout off, to compare with the plain copy
+ids = torch.randint(2, 64, (3, 7)); mask = torch.ones(3, 7, dtype=torch.long); mask[1, 4:] = 0
+ad = get_adapter(engine)  # the engine itself is unwrapped to .module
+res = {"zero3": _is_zero3(engine.module), "numel0": engine.module.encoder.layer[1].attention.self.query.weight.numel()}
+with torch.no_grad():
+    tq = get_adapter(teacher).qkv(teacher, ids, mask, -1)
+    want = get_adapter(ref).qkv(ref, ids, mask, -1)
+diffs = []
+for _ in range(2):  # twice: no state left behind by the first call
+    got = ad.qkv(engine.module, ids, mask, -1)
+    diffs += [float((a - b).abs().max()) for a, b in zip(got, want)]
+res["max_diff"] = max(diffs)
+loss, _ = minilm_v2_loss(tq, got, mask, num_relation_heads=8, chunk_size=2)
+engine.backward(loss)
+ref_loss, _ = minilm_v2_loss(tq, get_adapter(ref).qkv(ref, ids, mask, -1), mask, num_relation_heads=8)
+ref_loss.backward()
+from deepspeed.utils import safe_get_full_grad
+res["loss_diff"] = abs(loss.item() - ref_loss.item())
+names = ["encoder.layer.1.attention.self.query.weight", "encoder.layer.0.output.dense.weight", "embeddings.word_embeddings.weight"]
+res["grad_diff"] = max(float((safe_get_full_grad(engine.module.get_parameter(n)) - ref.get_parameter(n).grad).abs().max())
+                       for n in names)
+res["grad_norm"] = float(ref.get_parameter(names[0]).grad.norm())
+engine.step()
+with deepspeed.zero.GatheredParameters([engine.module.encoder.layer[1].attention.self.query.weight]):
+    res["moved"] = float((engine.module.encoder.layer[1].attention.self.query.weight
+                          - ref.encoder.layer[1].attention.self.query.weight).abs().max())
+print("RESULT " + json.dumps(res))
+"""
+
+
+@pytest.mark.slow  # real DeepSpeed in a child process: ~20 s CPU, 1+ min wall on a busy 2-core machine
+def test_qkv_on_zero3_engine_module(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    script = tmp_path / "zero3.py"
+    script.write_text(_ZERO3_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), root], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    res = __import__("json").loads(lines[-1][len("RESULT "):])
+    assert res["zero3"] and res["numel0"] == 0  # parameters are really partitioned outside forward
+    assert res["max_diff"] < 1e-5  # same Q/K/V as the plain model
+    assert res["loss_diff"] < 1e-6 and res["grad_diff"] < 1e-6 < res["grad_norm"]  # same loss and gradients
+    assert res["moved"] > 0  # the relation loss trained the student through the engine

@@ -11,15 +11,18 @@ Architectures (``model.config.model_type``):
 
 - BERT family (``bert``, ``roberta``, ``xlm-roberta``): ``encoder.layer[i].attention.self.{query,key,value}``.
 - DistilBERT (``distilbert``): ``transformer.layer[i].attention.{q_lin,k_lin,v_lin}``.
-- Llama style, pre-RMSNorm decoders (``llama``, ``mistral``, ``qwen2``): ``layers[i].self_attn.{q,k,v}_proj``.
-  Q and K are returned **after** the rotary embedding, i.e. the vectors whose dot products are the model's
+- Llama style, pre-RMSNorm decoders (``llama``, ``mistral``, ``qwen2``, ``qwen3``):
+  ``layers[i].self_attn.{q,k,v}_proj``. Q and K are returned **after** the per-head ``q_norm``/``k_norm``
+  (Qwen3) and the rotary embedding, i.e. the vectors whose dot products are the model's
   attention scores (RoPE is relative, so relations stay invariant to left padding). With grouped-query
   attention the K/V heads are repeated to the full head count in the model's own order (query head h uses
   KV head ``h // (heads / kv_heads)``, as ``repeat_kv`` does), so Q, K and V all have width
   ``heads * head_dim`` and re-split into the same relation heads.
 
 Works on a plain HF model (any head: the base model is run) and on a DeepSpeed engine's ``.module``, ZeRO-3
-included (then the whole model is run, so that ZeRO's own forward hooks gather and release the parameters).
+included (then the whole model is run, so that ZeRO's own forward hooks gather and release the parameters,
+and Q/K/V get a zero-weighted tie to the model outputs so that ZeRO-3's backward hooks fire: see
+``_tie_to_outputs``).
 Outside ZeRO-3 and gradient checkpointing the forward stops right after the requested layer's V projection.
 """
 from __future__ import annotations
@@ -55,6 +58,7 @@ FAMILIES = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _LLAMA,  # + per-head q_norm / k_norm before the rotary embedding
 }
 
 
@@ -79,6 +83,26 @@ def _checkpointing(model: nn.Module) -> bool:
     if flag is None:
         flag = getattr(model, "is_gradient_checkpointing", False)
     return bool(flag)
+
+
+def _tie_to_outputs(qkv, out):
+    """Make Q/K/V depend (with weight 0) on the model's outputs.
+
+    ZeRO-3 gathers a module's parameters for backward when the gradient reaches the module's *outputs* and
+    releases them when it leaves through its inputs. A loss on Q/K/V alone sends gradient into the inputs of
+    the enclosing layer / encoder without ever passing their outputs, and DeepSpeed 0.19.8 then fails with
+    "active_backward_submodules is empty during backward pass" (measured). A zero-weighted term on every
+    output that requires grad makes every module's backward hooks fire in order; gradients are unchanged.
+    """
+    tensors = out.to_tuple() if hasattr(out, "to_tuple") else (out if isinstance(out, (tuple, list)) else (out,))
+    zero = None
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
+            term = t.sum() * 0.0
+            zero = term if zero is None else zero + term
+    if zero is None:
+        return qkv
+    return tuple(x + zero.to(x.dtype) for x in qkv)
 
 
 class QKVAdapter:
@@ -148,8 +172,9 @@ class QKVAdapter:
         if self.family.rope:
             handles.append(attn.register_forward_pre_hook(keep_rope, with_kwargs=True))
         runner = model if zero3 else model.base_model
+        out = None
         try:
-            runner(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+            out = runner(input_ids=input_ids, attention_mask=attention_mask, **inputs)
         except _Stop:
             pass
         finally:
@@ -160,6 +185,8 @@ class QKVAdapter:
         q, k, v = got["q"], got["k"], got["v"]
         if self.family.rope:
             q, k, v = self._rope_and_repeat(attn, q, k, v, got.get("rope"))
+        if zero3 and torch.is_grad_enabled():
+            q, k, v = _tie_to_outputs((q, k, v), out)
         return q, k, v
 
     def _rope_and_repeat(self, attn, q, k, v, rope):
@@ -170,6 +197,8 @@ class QKVAdapter:
         qh = q.view(b, n, self.num_heads, self.head_dim)
         kh = k.view(b, n, self.num_kv_heads, self.head_dim)
         vh = v.view(b, n, self.num_kv_heads, self.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's features
+            qh, kh = attn.q_norm(qh), attn.k_norm(kh)
         # the model's own rotary function, applied in (B, n, heads, head_dim) layout
         apply_rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
         qh, kh = apply_rotary(qh, kh, cos, sin, unsqueeze_dim=2)
