@@ -1,0 +1,325 @@
+"""Zero-shot classifier distillation (methods.md §5): a zero-shot teacher labels unlabeled text once, a small
+K-way classifier learns its soft labels.
+
+    python launch/train.py --method zero_shot --data_file unlabeled.txt --class_names_file classes.txt \\
+        --teacher <NLI model | bi-encoder> --hypothesis_template "This text is about {}." \\
+        --student.layers 2 --output_dir out/
+
+1. ``build_data``: the teacher (``NLITeacher`` for a model with an entailment label, ``EmbeddingTeacher`` for a
+   plain encoder; ``--teacher_type`` forces one) labels the corpus with ``label_corpus``: sharded over the ranks,
+   cached under ``--label_cache_dir`` (default: one folder per labeling key under the kd_engine cache), resumed
+   after an interruption, reused by later runs with other students. The teacher is then freed: training needs
+   only the labels (``needs_teacher = False``: the engine builds no teacher engine).
+2. Student: ``--student PATH`` (a new K-way head is put on it), or a student built from the teacher's encoder
+   (``--student.layers N``, teacher layers copied), with ``id2label`` / ``label2id`` = the class names, so the
+   exported folder works as ``pipeline("text-classification", model=out/final, top_k=None)``.
+3. Loss: soft cross-entropy on the teacher's distribution (``--zs_loss soft_ce``, the reference) or
+   ``kl`` (same gradient, reads 0 at a perfect match). Multi-label: binary cross-entropy on each P(entail)
+   (the reference applies the softmax cross-entropy to unnormalised targets there); the student is exported
+   with ``problem_type = multi_label_classification`` (sigmoid scores in the pipeline).
+4. Evaluation: agreement with the teacher (argmax), and accuracy when ``--eval_file`` has a ``--label_column``
+   (labels = class names, indices, or names listed in ``--eval_label_names_file`` in class order, e.g. AG News'
+   classes.txt). Without an eval file: ``--eval_split`` of the corpus, else the first 1000 training texts
+   (the reference's "agreement on the training set").
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, KDError
+from ..losses.kd import soft_cross_entropy_rows
+from ..teachers.labeling import all_gather_objects, default_cache_dir, label_corpus, labeling_key
+from ..teachers.zero_shot import (DEFAULT_TEMPLATE, EMBEDDING_TEMPERATURE, EmbeddingTeacher, NLITeacher,
+                                  check_template, load_class_names, read_texts, resolve_nli_ids)
+from .base import DataBundle, Method, register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ZeroShotOptions:
+    data_file: Optional[str] = None  # unlabeled texts: .txt one per line, or a table read with --text_column
+    class_names_file: Optional[str] = None  # one class name per line
+    hypothesis_template: str = DEFAULT_TEMPLATE
+    multi_label: bool = False
+    temperature: Optional[float] = None  # teacher sharpening; default 1.0 (NLI), 0.05 (embedding teacher)
+    teacher_type: str = "auto"  # auto | nli | embedding
+    teacher_batch_size: int = 32  # (text, class) pairs per NLI forward; texts per embedding forward
+    label_cache_dir: Optional[str] = None  # folder of this labeling; default <kd_engine cache>/zero_shot/<key>
+    zs_loss: str = "soft_ce"  # soft_ce | kl
+    eval_label_names_file: Optional[str] = None  # eval labels in class order (e.g. AG News classes.txt)
+
+    def validate(self) -> None:
+        check_template(self.hypothesis_template)
+        if self.teacher_type not in ("auto", "nli", "embedding"):
+            raise ConfigError(f"teacher_type must be auto, nli or embedding; got {self.teacher_type!r}")
+        if self.zs_loss not in ("soft_ce", "kl"):
+            raise ConfigError(f"zs_loss must be soft_ce or kl; got {self.zs_loss!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0; got {self.temperature}")
+        if self.teacher_batch_size < 1:
+            raise ConfigError(f"teacher_batch_size must be >= 1; got {self.teacher_batch_size}")
+
+
+def soft_label_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str, multi_label: bool) -> torch.Tensor:
+    """Student loss against teacher probabilities (fp32). Single-label: soft CE or KL(p || q); multi-label: BCE."""
+    logits, targets = logits.float(), targets.float()
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    ce = soft_cross_entropy_rows(logits, targets)
+    if kind == "kl":
+        ent = -torch.where(targets > 0, targets * targets.clamp_min(1e-30).log(), torch.zeros_like(targets))
+        return ce - ent.sum(-1).mean()
+    return ce
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, columns: dict):
+        self.columns = columns
+        self.n = len(next(iter(columns.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+@register("zero_shot")
+class ZeroShot(Method):
+    """Zero-shot teacher labels -> K-way student classifier."""
+
+    Options = ZeroShotOptions
+    needs_teacher = False  # the teacher labels the corpus in build_data and is freed before training
+    requires_same_vocab = False
+
+    def __init__(self, cfg, opts):
+        super().__init__(cfg, opts)
+        self.class_names: list[str] = []
+        self._teacher = None  # (model, tokenizer) while labeling
+        self.info: dict = {}
+
+    # ---- teacher ------------------------------------------------------------------------------------------
+    def _classes(self) -> list[str]:
+        if not self.class_names:
+            if not self.opts.class_names_file:
+                raise KDError("zero_shot needs --class_names_file (one class name per line)")
+            self.class_names = load_class_names(self.opts.class_names_file)
+        return self.class_names
+
+    def _teacher_kind(self, config) -> str:
+        if self.opts.teacher_type != "auto":
+            return self.opts.teacher_type
+        try:
+            resolve_nli_ids(config)
+            return "nli"
+        except KDError:
+            archs = getattr(config, "architectures", None) or []
+            if any(a.endswith("ForSequenceClassification") for a in archs):
+                raise
+            return "embedding"
+
+    def _load_teacher(self, ctx):
+        if self._teacher is None:
+            from ..models.loading import load_config, load_model, load_tokenizer
+
+            if not self.cfg.teacher:
+                raise KDError("zero_shot needs --teacher (an NLI model or a sentence encoder; path or hub id)")
+            config = load_config(self.cfg.teacher, trust_remote_code=self.cfg.trust_remote_code)
+            kind = self._teacher_kind(config)
+            task = "sequence_classification" if kind == "nli" else "encoder"
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.teacher_dtype, torch.float32)
+            model = load_model(self.cfg.teacher, task, dtype=dtype, trust_remote_code=self.cfg.trust_remote_code)
+            model.to(ctx.device).eval().requires_grad_(False)
+            tok = load_tokenizer(self.cfg.teacher, trust_remote_code=self.cfg.trust_remote_code)
+            self._teacher = (kind, model, tok)
+        return self._teacher
+
+    def _zero_shot_teacher(self, ctx):
+        kind, model, tok = self._load_teacher(ctx)
+        o = self.opts
+        if kind == "nli":
+            return NLITeacher(model, tok, o.hypothesis_template, self._classes(), multi_label=o.multi_label,
+                              temperature=o.temperature or 1.0, name=self.cfg.teacher)
+        if o.multi_label:
+            raise KDError("--multi_label needs an NLI teacher (the embedding teacher gives one distribution)")
+        return EmbeddingTeacher(model, tok, o.hypothesis_template, self._classes(),
+                                temperature=o.temperature or EMBEDDING_TEMPERATURE, name=self.cfg.teacher)
+
+    def _label(self, ctx, teacher, texts: list[str], what: str) -> torch.Tensor:
+        key = labeling_key(teacher, texts)
+        root = self.opts.label_cache_dir
+        if root is None:
+            from ..models.loading import cache_root
+
+            cache = default_cache_dir(os.path.join(cache_root(), "zero_shot"), key)
+        else:
+            cache = root if what == "train" else os.path.join(root, what)
+        t0 = time.perf_counter()
+        labels = label_corpus(teacher, texts, batch_size=self.opts.teacher_batch_size, cache_dir=cache,
+                              rank=ctx.rank, world_size=ctx.world_size,
+                              gather=all_gather_objects if ctx.world_size > 1 else None)
+        secs = time.perf_counter() - t0
+        self.info[f"{what}_label_cache"] = cache
+        self.info[f"{what}_labeling_seconds"] = round(secs, 2)
+        if ctx.is_main:
+            logger.info("zero-shot labels for %d %s texts in %.1f s (teacher calls: %d; cache %s)", len(texts),
+                        what, secs, teacher.calls, cache)
+        return labels
+
+    # ---- student ------------------------------------------------------------------------------------------
+    def load_student(self, ctx, teacher):
+        from transformers import AutoModelForSequenceClassification
+
+        names = self._classes()
+        head = dict(num_labels=len(names), id2label=dict(enumerate(names)),
+                    label2id={n: i for i, n in enumerate(names)},
+                    problem_type="multi_label_classification" if self.opts.multi_label
+                    else "single_label_classification")
+        s = self.cfg.student
+        if s.name_or_path:
+            from ..models.loading import load_model
+
+            return load_model(s.name_or_path, "sequence_classification", ignore_mismatched_sizes=True,
+                              trust_remote_code=self.cfg.trust_remote_code, **head)
+        if s.layers is None:
+            raise KDError("no student: pass --student PATH_OR_HUB_ID or --student.layers N (built from the teacher)")
+        from ..models.student import create_student
+
+        _, t_model, _ = self._load_teacher(ctx)
+        base = create_student(t_model.base_model, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                              intermediate=s.intermediate, init=s.init)
+        config = base.config
+        for k, v in head.items():
+            setattr(config, k, v)
+        student = AutoModelForSequenceClassification.from_config(config)
+        result = student.base_model.load_state_dict(base.state_dict(), strict=False)
+        if result.unexpected_keys or any(not k.startswith("pooler") for k in result.missing_keys):
+            raise KDError(f"cannot put the teacher's encoder under a classification head: missing "
+                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return student.float()
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    def _read(self, path: str) -> tuple[list[str], int]:
+        if path.endswith((".txt", ".raw")):
+            return read_texts(path)
+        from ..data.files import load_table, require_columns
+
+        ds = load_table(path)
+        require_columns(ds, [self.cfg.text_column], path)
+        col = ds[self.cfg.text_column]
+        texts = [t for t in col if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise KDError(f"data file {path} has no text in column '{self.cfg.text_column}'")
+        return texts, len(col) - len(texts)
+
+    def _eval_labels(self, values: list) -> list[int]:
+        names = self._classes()
+        order = load_class_names(self.opts.eval_label_names_file) if self.opts.eval_label_names_file else names
+        if len(order) != len(names):
+            raise KDError(f"--eval_label_names_file lists {len(order)} labels for {len(names)} classes")
+        out = []
+        for v in values:
+            s = str(v).strip()
+            if s in order:
+                out.append(order.index(s))
+            elif s.lstrip("-").isdigit() and 0 <= int(s) < len(names):
+                out.append(int(s))
+            else:
+                raise KDError(f"eval label {s!r} is neither a class name ({', '.join(order)}) nor a class index")
+        return out
+
+    def _rows(self, ctx, texts: list[str], soft: torch.Tensor, labels: Optional[list[int]] = None) -> _Rows:
+        enc = ctx.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)
+        cols = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "soft_labels": soft.tolist()}
+        if "token_type_ids" in enc:
+            cols["token_type_ids"] = enc["token_type_ids"]
+        if labels is not None:
+            cols["labels"] = labels
+        return _Rows(cols)
+
+    def build_data(self, ctx) -> DataBundle:
+        from ..data.collate import PadCollator
+
+        cfg = self.cfg
+        path = self.opts.data_file or cfg.train_file
+        if not path:
+            raise KDError("zero_shot needs --data_file (unlabeled texts, one per line)")
+        texts, blank = self._read(path)
+        if cfg.max_train_samples:
+            texts = texts[:cfg.max_train_samples]
+        eval_texts, eval_labels = None, None
+        if cfg.eval_file:
+            if cfg.label_column:
+                from ..data.files import load_table, require_columns
+
+                ds = load_table(cfg.eval_file, split="validation")
+                require_columns(ds, [cfg.text_column, cfg.label_column], cfg.eval_file)
+                eval_texts, eval_labels = list(ds[cfg.text_column]), self._eval_labels(list(ds[cfg.label_column]))
+            else:
+                eval_texts, _ = self._read(cfg.eval_file)
+        elif cfg.eval_split > 0:
+            n_eval = max(1, int(len(texts) * cfg.eval_split))
+            g = torch.Generator().manual_seed(cfg.seed)
+            perm = torch.randperm(len(texts), generator=g).tolist()
+            eval_texts = [texts[i] for i in perm[:n_eval]]
+            texts = [texts[i] for i in sorted(perm[n_eval:])]
+        if eval_texts is not None and cfg.max_eval_samples:
+            eval_texts = eval_texts[:cfg.max_eval_samples]
+            eval_labels = eval_labels[:cfg.max_eval_samples] if eval_labels else None
+
+        teacher = self._zero_shot_teacher(ctx)
+        soft = self._label(ctx, teacher, texts, "train")
+        train = self._rows(ctx, texts, soft)
+        if eval_texts is not None:
+            ev = self._rows(ctx, eval_texts, self._label(ctx, teacher, eval_texts, "eval"), eval_labels)
+        else:  # the reference's metric: agreement on (part of) the training set
+            k = min(len(texts), 1000)
+            ev = self._rows(ctx, texts[:k], soft[:k])
+        self.info.update(train_texts=len(texts), blank_lines_skipped=blank, teacher_type=teacher.kind,
+                         teacher_temperature=teacher.temperature, eval_texts=len(ev))
+        self._teacher = None  # free the teacher: training needs only its labels
+        del teacher
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        lengths = [len(x) for x in train.columns["input_ids"]]
+        collate = PadCollator(ctx.tokenizer.pad_token_id, padding_side="right")
+        return DataBundle(train=train, eval=ev, collate_fn=collate, train_lengths=lengths, info=dict(self.info))
+
+    # ---- training -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _inputs(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def compute_loss(self, ctx, batch):
+        logits = ctx.student(**self._inputs(batch)).logits
+        return {self.opts.zs_loss if not self.opts.multi_label else "bce":
+                soft_label_loss(logits, batch["soft_labels"], self.opts.zs_loss, self.opts.multi_label)}
+
+    @torch.no_grad()
+    def eval_step(self, ctx, batch):
+        logits = ctx.student(**self._inputs(batch)).logits.float()
+        t = batch["soft_labels"].float()
+        n = float(logits.shape[0])
+        loss = soft_label_loss(logits, t, self.opts.zs_loss, self.opts.multi_label)
+        pred, t_pred = logits.argmax(-1), t.argmax(-1)
+        out = {"distill_loss": (float(loss) * n, n), "teacher_agreement": (float((pred == t_pred).sum()), n)}
+        if "labels" in batch:
+            y = batch["labels"]
+            out["accuracy"] = (float((pred == y).sum()), n)
+            out["teacher_accuracy"] = (float((t_pred == y).sum()), n)
+        return out
+
+    def card_info(self):
+        return {"class_names": ", ".join(self.class_names), "hypothesis_template": self.opts.hypothesis_template,
+                "multi_label": self.opts.multi_label, "loss": self.opts.zs_loss, **self.info}
