@@ -144,6 +144,38 @@ def test_pair_assembly_equals_tokenizer_pair_encoding(tok, max_length):
     assert (truncated > 0) == (max_length is not None)  # the truncating case really truncates premises
 
 
+def roberta_style_tokenizer(path):
+    """A fast tokenizer with RoBERTa's pair layout <s> A </s></s> B </s> (two tokens between the segments)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_input_names=["input_ids", "attention_mask"])
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.mark.parametrize("truncation_side", ["right", "left"])
+def test_pair_assembly_roberta_layout(tok, tmp_path, truncation_side):
+    rtok = roberta_style_tokenizer(str(tmp_path / "rtok"))
+    rtok.truncation_side = truncation_side
+    model = tiny_nli(tok)  # ids only need to be < vocab size; the layout is what is tested
+    teacher = NLITeacher(model, rtok, TEMPLATE, CLASSES, max_length=13)
+    assert teacher.pair is not None and len(teacher.pair.middle) == 2
+    ids, types = teacher.encode_pairs(TEXTS)
+    assert types is None  # this tokenizer has no token_type_ids
+    for n, t in enumerate(TEXTS):
+        for k, c in enumerate(CLASSES):
+            ref = rtok(t, TEMPLATE.format(c), truncation="only_first", max_length=13)["input_ids"]
+            assert ids[n * len(CLASSES) + k] == ref, (t, c)
+
+
 @pytest.mark.parametrize("label2id", [CNE, ENC], ids=["c-n-e", "e-n-c"])
 def test_single_label_probs_match_hand_computation(tok, label2id):
     model = tiny_nli(tok, label2id)
