@@ -92,5 +92,5 @@ def build_supervised_data(cfg, tokenizer, task: str, label2id: Optional[dict] = 
         ev = _tokenize(_limit(eval_raw, cfg.max_eval_samples), tokenizer, cfg, task, label2id,
                        cfg.eval_file or f"{cfg.train_file} (held-out {cfg.eval_split:.0%})")
     collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
-    return DataBundle(train=train, eval=ev, collate_fn=collate, train_lengths=list(train["length"]),
+    return DataBundle(train=train, eval=ev, collate_fn=collate, train_lengths=train.with_format("arrow")["length"].to_pylist(),
                       info={"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0})

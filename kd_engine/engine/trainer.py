@@ -140,7 +140,11 @@ class Trainer:
         student = self.method.load_student(self, teacher)
         if teacher is not None and self.method.requires_same_vocab:
             check_same_vocab(self._teacher_tokenizer(), self.tokenizer, teacher, student)
+        if not self.is_main:  # rank 0 tokenizes and caches first, the others then read its cache
+            dist.barrier()
         self.data = self.method.build_data(self)
+        if self.is_main:
+            dist.barrier()
         if self.data.train is None or len(self.data.train) == 0:
             raise KDError("the training data is empty")
 
@@ -168,6 +172,13 @@ class Trainer:
                 teacher, teacher_ds_config(self.ds_config, t_dtype), t_dtype, self.device)
         self.method.setup(self)
         dist.barrier()
+        if self.is_main:
+            logger.info("method %s | world size %d | ZeRO stage %d | %s | student %s params | teacher %s | "
+                        "%d examples | %d steps of %d samples", self.method.name, self.world_size,
+                        zero_stage(self.ds_config), self.student_dtype, f"{count_params(self.student.module):,}",
+                        "none" if teacher is None else f"{count_params(self.teacher_model):,} params"
+                        + (" (ZeRO-3 partitioned)" if zero_stage(self.ds_config) == 3 else " (replica)"),
+                        len(self.data.train), self.total_steps, self.ds_config["train_batch_size"])
 
     def _teacher_tokenizer(self):
         """The teacher's own tokenizer (to compare with the student's), or the shared one if it ships none."""
