@@ -7,7 +7,7 @@ K-way classifier learns its soft labels.
 
 1. ``build_data``: the teacher (``NLITeacher`` for a model with an entailment label, ``EmbeddingTeacher`` for a
    plain encoder; ``--teacher_type`` forces one) labels the corpus with ``label_corpus``: sharded over the ranks,
-   cached under ``--label_cache_dir`` (default: one folder per labeling key under the kd_engine cache), resumed
+   cached under ``--label_cache_dir`` (one sub-folder per labeling key; default: the kd_engine cache), resumed
    after an interruption, reused by later runs with other students. The teacher is then freed: training needs
    only the labels (``needs_teacher = False``: the engine builds no teacher engine).
 2. Student: ``--student PATH`` (a new K-way head is put on it), or a student built from the teacher's encoder
@@ -53,7 +53,8 @@ class ZeroShotOptions:
     temperature: Optional[float] = None  # teacher sharpening; default 1.0 (NLI), 0.05 (embedding teacher)
     teacher_type: str = "auto"  # auto | nli | embedding
     teacher_batch_size: int = 32  # (text, class) pairs per NLI forward; texts per embedding forward
-    label_cache_dir: Optional[str] = None  # folder of this labeling; default <kd_engine cache>/zero_shot/<key>
+    label_cache_dir: Optional[str] = None  # root of the label caches (one sub-folder per labeling key);
+    # default <kd_engine cache>/zero_shot
     zs_loss: str = "soft_ce"  # soft_ce | kl
     eval_label_names_file: Optional[str] = None  # eval labels in class order (e.g. AG News classes.txt)
 
@@ -155,21 +156,20 @@ class ZeroShot(Method):
                                 temperature=o.temperature or EMBEDDING_TEMPERATURE, name=self.cfg.teacher)
 
     def _label(self, ctx, teacher, texts: list[str], what: str) -> torch.Tensor:
-        key = labeling_key(teacher, texts)
         root = self.opts.label_cache_dir
         if root is None:
             from ..models.loading import cache_root
 
-            cache = default_cache_dir(os.path.join(cache_root(), "zero_shot"), key)
-        else:
-            cache = root if what == "train" else os.path.join(root, what)
-        t0 = time.perf_counter()
+            root = os.path.join(cache_root(), "zero_shot")
+        cache = default_cache_dir(root, labeling_key(teacher, texts))  # one folder per key; key checked inside
+        t0, calls0 = time.perf_counter(), teacher.calls
         labels = label_corpus(teacher, texts, batch_size=self.opts.teacher_batch_size, cache_dir=cache,
                               rank=ctx.rank, world_size=ctx.world_size,
                               gather=all_gather_objects if ctx.world_size > 1 else None)
         secs = time.perf_counter() - t0
         self.info[f"{what}_label_cache"] = cache
         self.info[f"{what}_labeling_seconds"] = round(secs, 2)
+        self.info[f"{what}_teacher_calls"] = teacher.calls - calls0  # 0: every label came from the cache
         if ctx.is_main:
             logger.info("zero-shot labels for %d %s texts in %.1f s (teacher calls: %d; cache %s)", len(texts),
                         what, secs, teacher.calls, cache)
