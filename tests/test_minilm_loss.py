@@ -366,7 +366,7 @@ def test_layer_out_of_range_and_unsupported_architecture():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# a ZeRO-3 DeepSpeed engine's .module (real DeepSpeed, one CPU process, parameters really partitioned)
+# a ZeRO-3 DeepSpeed engine and its .module, and a ZeRO-2 engine (real DeepSpeed, one CPU process)
 _ZERO3_SCRIPT = r"""
 import copy, json, sys, torch, deepspeed, transformers as tf
 sys.path.insert(0, sys.argv[1])
@@ -376,6 +376,7 @@ torch.manual_seed(0)
 cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 student = tf.BertModel(cfg)
 ref = copy.deepcopy(student).eval()
+student2 = copy.deepcopy(student)
 teacher = tf.BertModel(cfg).eval()
 ds = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1,
       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -391,6 +392,8 @@ diffs = []
 for _ in range(2):  # twice: no state left behind by the first call
     got = ad.qkv(engine.module, ids, mask, -1)
     diffs += [float((a - b).abs().max()) for a, b in zip(got, want)]
+got = ad.qkv(engine, ids, mask, -1)  # through the engine's own forward
+diffs += [float((a - b).abs().max()) for a, b in zip(got, want)]
 res["max_diff"] = max(diffs)
 loss, _ = minilm_v2_loss(tq, got, mask, num_relation_heads=8, chunk_size=2)
 engine.backward(loss)
@@ -403,6 +406,14 @@ res["grad_diff"] = max(float((safe_get_full_grad(engine.module.get_parameter(n))
                        for n in names)
 res["grad_norm"] = float(ref.get_parameter(names[0]).grad.norm())
 engine.step()
+# ZeRO-2 through the engine's forward: same gradients as the plain model
+ds2 = dict(ds, zero_optimization={"stage": 2})
+engine2, *_ = deepspeed.initialize(model=student2, optimizer=torch.optim.AdamW(student2.parameters(), lr=1e-2), config=ds2)
+engine2.eval()
+loss2, _ = minilm_v2_loss(tq, get_adapter(engine2).qkv(engine2, ids, mask, -1), mask, num_relation_heads=8)
+engine2.backward(loss2)
+res["grad_diff2"] = max(float((safe_get_full_grad(engine2.module.get_parameter(n)) - ref.get_parameter(n).grad).abs().max())
+                        for n in names)
 with deepspeed.zero.GatheredParameters([engine.module.encoder.layer[1].attention.self.query.weight]):
     res["moved"] = float((engine.module.encoder.layer[1].attention.self.query.weight
                           - ref.encoder.layer[1].attention.self.query.weight).abs().max())
@@ -432,4 +443,5 @@ def test_qkv_on_zero3_engine_module(tmp_path):
     assert res["zero3"] and res["numel0"] == 0  # parameters are really partitioned outside forward
     assert res["max_diff"] < 1e-5  # same Q/K/V as the plain model
     assert res["loss_diff"] < 1e-6 and res["grad_diff"] < 1e-6 < res["grad_norm"]  # same loss and gradients
+    assert res["grad_diff2"] < 1e-6  # and through a ZeRO-2 engine's own forward
     assert res["moved"] > 0  # the relation loss trained the student through the engine

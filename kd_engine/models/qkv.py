@@ -19,8 +19,9 @@ Architectures (``model.config.model_type``):
   KV head ``h // (heads / kv_heads)``, as ``repeat_kv`` does), so Q, K and V all have width
   ``heads * head_dim`` and re-split into the same relation heads.
 
-Works on a plain HF model (any head: the base model is run) and on a DeepSpeed engine's ``.module``, ZeRO-3
-included (then the whole model is run, so that ZeRO's own forward hooks gather and release the parameters,
+Works on a plain HF model (any head: only the base model is run), on a DeepSpeed engine (its own forward is
+run, whole model) and on an engine's ``.module``, ZeRO-3 included (then the whole model is run from its root,
+so that ZeRO's own forward hooks gather and release the parameters,
 and Q/K/V get a zero-weighted tie to the model outputs so that ZeRO-3's backward hooks fire: see
 ``_tie_to_outputs``).
 Outside ZeRO-3 and gradient checkpointing the forward stops right after the requested layer's V projection.
@@ -66,11 +67,14 @@ class _Stop(Exception):
     """Raised from a hook to end the forward pass once Q, K and V are captured."""
 
 
+def _is_engine(model: nn.Module) -> bool:
+    return type(model).__name__ in ("DeepSpeedEngine", "InferenceEngine", "PipelineEngine") and hasattr(
+        model, "module")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The HF model inside a DeepSpeed engine (or the model itself)."""
-    if type(model).__name__ in ("DeepSpeedEngine", "InferenceEngine", "PipelineEngine") and hasattr(model, "module"):
-        return model.module
-    return model
+    return model.module if _is_engine(model) else model
 
 
 def _is_zero3(model: nn.Module) -> bool:
@@ -144,14 +148,17 @@ class QKVAdapter:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K, V ``(B, n, hidden_size)`` of ``layer`` (0-based, negative from the end) for this batch.
 
+        ``model``: the HF model, a DeepSpeed engine, or an engine's ``.module``.
+
         Extra keyword ``inputs`` (e.g. ``token_type_ids``) are passed to the model. Gradients flow as usual, so
         call it under ``torch.no_grad()`` for a teacher.
         """
+        engine = model if _is_engine(model) else None
         model = unwrap(model)
         idx = self.layer_index(layer)
         attn = self.family.attention(self.family.layers(model.base_model)[idx])
         zero3 = _is_zero3(model)
-        stop_early = not zero3 and not _checkpointing(model)
+        stop_early = engine is None and not zero3 and not _checkpointing(model)
         got: dict[str, object] = {}
 
         def keep(name):
@@ -171,7 +178,8 @@ class QKVAdapter:
         handles = [getattr(attn, p).register_forward_hook(keep(n)) for n, p in zip("qkv", self.family.proj)]
         if self.family.rope:
             handles.append(attn.register_forward_pre_hook(keep_rope, with_kwargs=True))
-        runner = model if zero3 else model.base_model
+        # an engine runs its own forward; a ZeRO-3 module runs from its root (where ZeRO's hooks start)
+        runner = engine if engine is not None else (model if zero3 else model.base_model)
         out = None
         try:
             out = runner(input_ids=input_ids, attention_mask=attention_mask, **inputs)
