@@ -411,6 +411,16 @@ def test_other_ranks_wait_for_rank0_with_barrier_and_by_polling(tmp_path, tok):
         assert results[1].tokens.tolist() == results[0].tokens.tolist()
 
 
+def test_concurrent_builders_of_one_key_build_once(tmp_path, tok, monkeypatch):
+    f, _ = _corpus(tmp_path)
+    monkeypatch.setattr(C, "CHUNK_DOCS", 2)  # a longer build, so that the two really overlap
+    results, errors = _run_ranks(lambda r: C.build_or_load([str(f)], tok, tmp_path / "cache", num_workers=1,
+                                                           progress=False))  # two independent "rank 0" jobs
+    assert not errors
+    assert sorted(c.built for c in results.values()) == [False, True]
+    assert results[0].path == results[1].path
+
+
 def test_rank0_failure_reaches_the_other_ranks(tmp_path, tok):
     f = tmp_path / "blank.txt"
     f.write_text("\n\n")
