@@ -378,6 +378,7 @@ def tokenizer_identity(tokenizer) -> dict:
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "definition_sha256": hashlib.sha256(definition.encode()).hexdigest(),
+        "truncation_side": getattr(tokenizer, "truncation_side", "right"),
         "special": special_ids(tokenizer),
     }
 
