@@ -57,6 +57,7 @@ class ZeroShotOptions:
     # default <kd_engine cache>/zero_shot
     zs_loss: str = "soft_ce"  # soft_ce | kl
     eval_label_names_file: Optional[str] = None  # eval labels in class order (e.g. AG News classes.txt)
+    data_columns: Optional[str] = None  # column names of header-less csv/tsv data and eval files ("text,label")
 
     def validate(self) -> None:
         check_template(self.hypothesis_template)
@@ -172,7 +173,7 @@ class ZeroShot(Method):
         self.info[f"{what}_teacher_calls"] = teacher.calls - calls0  # 0: every label came from the cache
         if ctx.is_main:
             logger.info("zero-shot labels for %d %s texts in %.1f s (teacher calls: %d; cache %s)", len(texts),
-                        what, secs, teacher.calls, cache)
+                        what, secs, teacher.calls - calls0, cache)
         return labels
 
     # ---- student ------------------------------------------------------------------------------------------
@@ -213,13 +214,18 @@ class ZeroShot(Method):
             return read_texts(path)
         from ..data.files import load_table, require_columns
 
-        ds = load_table(path)
+        ds = load_table(path, column_names=self._columns(path))
         require_columns(ds, [self.cfg.text_column], path)
         col = ds[self.cfg.text_column]
         texts = [t for t in col if isinstance(t, str) and t.strip()]
         if not texts:
             raise KDError(f"data file {path} has no text in column '{self.cfg.text_column}'")
         return texts, len(col) - len(texts)
+
+    def _columns(self, path: str) -> Optional[list[str]]:
+        if not self.opts.data_columns or not path.lower().endswith((".csv", ".tsv")):
+            return None
+        return [c.strip() for c in self.opts.data_columns.split(",")]
 
     def _eval_labels(self, values: list) -> list[int]:
         names = self._classes()
@@ -262,7 +268,7 @@ class ZeroShot(Method):
             if cfg.label_column:
                 from ..data.files import load_table, require_columns
 
-                ds = load_table(cfg.eval_file, split="validation")
+                ds = load_table(cfg.eval_file, split="validation", column_names=self._columns(cfg.eval_file))
                 require_columns(ds, [cfg.text_column, cfg.label_column], cfg.eval_file)
                 eval_texts, eval_labels = list(ds[cfg.text_column]), self._eval_labels(list(ds[cfg.label_column]))
             else:
