@@ -1,0 +1,163 @@
+"""MiniLMv2 (Wang et al. 2021): distil self-attention relations (Q-Q, K-K, V-V) on a raw-text corpus.
+
+methods.md §2: teacher layer L (default: the last layer), student last layer; Q/K/V of each re-split into
+``relation_heads`` relation heads; KL(teacher relation || student relation) per row, averaged over real tokens.
+The loss is the only training signal (no MLM). Teacher and student are encoders loaded with ``AutoModel``;
+the student is built from the teacher (``--student.layers 6 --student.hidden 384``: random init when the width
+changes) or loaded (``--student PATH``). The corpus (``--train_file``: text / jsonl / WikiExtractor files,
+directories or globs) is tokenized once into a memory-mapped cache and served one truncated document per example
+(``max_length``, dynamic padding, as the reference code) or as packed blocks (``--pack_blocks true``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..data.collate import PadCollator
+from ..data.corpus import FORMATS, DocumentBlocks, PackedBlocks, build_or_load
+from ..errors import ConfigError, KDError
+from ..losses.minilm import minilm_v2_loss
+from ..models.build import load_or_build_student, load_teacher_model
+from ..models.qkv import get_adapter
+from .base import DataBundle, Method, register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MiniLMv2Options:
+    relation_heads: int = 48  # A_r: must divide the Q/K/V width of teacher and student (48 base, 64 large)
+    teacher_layer: Optional[int] = None  # 1-based as in the paper (12 = last of BERT-base); None = last layer
+    qq_weight: float = 1.0
+    kk_weight: float = 1.0
+    vv_weight: float = 1.0
+    relation_chunk_size: str = "auto"  # (batch x relation head) pairs per chunk: an integer, "auto" or "none"
+    corpus_format: str = "auto"  # auto | lines | paragraphs | jsonl | wiki
+    corpus_cache_dir: Optional[str] = None  # default ~/.cache/kd_engine/corpus (shared by runs and ranks)
+    pack_blocks: bool = False  # fixed max_length blocks of the token stream instead of one document each
+    tokenize_workers: Optional[int] = None  # tokenizer processes for the first build (default: cores, up to 8)
+
+    def validate(self) -> None:
+        if self.relation_heads < 1:
+            raise ConfigError(f"relation_heads must be >= 1; got {self.relation_heads}")
+        if self.teacher_layer is not None and self.teacher_layer < 1:
+            raise ConfigError(f"teacher_layer is 1-based (1 = first layer); got {self.teacher_layer}")
+        weights = (self.qq_weight, self.kk_weight, self.vv_weight)
+        if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+            raise ConfigError(f"qq_weight, kk_weight, vv_weight must be >= 0 and not all 0; got {weights}")
+        self.chunk_size()
+        if self.corpus_format not in FORMATS:
+            raise ConfigError(f"corpus_format must be one of {', '.join(FORMATS)}; got '{self.corpus_format}'")
+
+    def chunk_size(self):
+        v = str(self.relation_chunk_size).strip().lower()
+        if v in ("auto", "none"):
+            return None if v == "none" else "auto"
+        if not v.isdigit() or int(v) < 1:
+            raise ConfigError(f"relation_chunk_size must be a positive integer, 'auto' or 'none'; "
+                              f"got '{self.relation_chunk_size}'")
+        return int(v)
+
+
+@register("minilmv2")
+class MiniLMv2(Method):
+    """Self-attention relation distillation into a smaller encoder."""
+
+    Options = MiniLMv2Options
+
+    def load_teacher(self, ctx):
+        return load_teacher_model(self.cfg, "encoder")
+
+    def load_student(self, ctx, teacher):
+        student = load_or_build_student(self.cfg, teacher, "encoder")
+        # fail before any data work: architecture, layer and relation heads must fit both models
+        t_ad, s_ad = get_adapter(teacher), get_adapter(student)
+        self._teacher_index(t_ad)
+        for who, ad in (("teacher", t_ad), ("student", s_ad)):
+            if ad.hidden_size % self.opts.relation_heads:
+                raise KDError(f"relation_heads={self.opts.relation_heads} does not divide the {who}'s Q/K/V width "
+                              f"{ad.hidden_size} (teacher {t_ad.hidden_size}, student {s_ad.hidden_size}); "
+                              "pick a common divisor, e.g. 48 for 768/384")
+        return student
+
+    def _teacher_index(self, adapter) -> int:
+        L = self.opts.teacher_layer
+        if L is None:
+            if adapter.num_layers > 12:
+                logger.warning("teacher has %d layers and --teacher_layer is not set: using the last one; "
+                               "MiniLMv2 uses an upper-middle layer for large teachers (e.g. 21 of 24)",
+                               adapter.num_layers)
+            return adapter.num_layers - 1
+        if not 1 <= L <= adapter.num_layers:
+            raise KDError(f"teacher_layer {L} is out of range: the teacher has {adapter.num_layers} layers "
+                          f"(1..{adapter.num_layers})")
+        return L - 1
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    def _blocks(self, ctx, files):
+        o = self.opts
+        cache_dir = o.corpus_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "kd_engine", "corpus")
+        # the trainer runs build_data on rank 0 first, then on the other ranks: they find the cache complete
+        cache = build_or_load(files, ctx.tokenizer, cache_dir, format=o.corpus_format, text_field=self.cfg.text_column,
+                              max_length=None if o.pack_blocks else self.cfg.max_length,
+                              num_workers=o.tokenize_workers, rank=ctx.rank, world_size=ctx.world_size,
+                              progress=ctx.is_main)
+        if o.pack_blocks:
+            return PackedBlocks(cache, self.cfg.max_length), None
+        ds = DocumentBlocks(cache, self.cfg.max_length)
+        return ds, ds.lengths
+
+    def build_data(self, ctx) -> DataBundle:
+        cfg = self.cfg
+        if not cfg.train_file:
+            raise KDError("minilmv2 needs a corpus: pass --train_file FILE|DIR|GLOB (text, jsonl or WikiExtractor)")
+        train, lengths = self._blocks(ctx, cfg.train_file)
+        evaluation = None
+        if cfg.eval_file:
+            evaluation, _ = self._blocks(ctx, cfg.eval_file)
+        elif cfg.eval_split > 0:  # the last examples of the corpus, deterministic
+            n_eval = max(1, int(len(train) * cfg.eval_split))
+            keep = len(train) - n_eval
+            evaluation = torch.utils.data.Subset(train, range(keep, len(train)))
+            train = torch.utils.data.Subset(train, range(keep))
+            lengths = lengths[:keep] if lengths is not None else None
+        if cfg.max_train_samples and cfg.max_train_samples < len(train):
+            train = torch.utils.data.Subset(train, range(cfg.max_train_samples))
+            lengths = lengths[: cfg.max_train_samples] if lengths is not None else None
+        if evaluation is not None and cfg.max_eval_samples and cfg.max_eval_samples < len(evaluation):
+            evaluation = torch.utils.data.Subset(evaluation, range(cfg.max_eval_samples))
+        pad = ctx.tokenizer.pad_token_id
+        if pad is None:
+            raise KDError("the tokenizer has no pad token")
+        return DataBundle(train=train, eval=evaluation, collate_fn=PadCollator(pad), train_lengths=lengths,
+                          info={"train_examples": len(train)})
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def setup(self, ctx) -> None:
+        self.t_adapter = get_adapter(ctx.teacher_model)
+        self.s_adapter = get_adapter(ctx.student.module)
+        self.t_layer = self._teacher_index(self.t_adapter)
+        self.weights = (self.opts.qq_weight, self.opts.kk_weight, self.opts.vv_weight)
+        self.chunk = self.opts.chunk_size()
+
+    def compute_loss(self, ctx, batch):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        extra = {k: batch[k] for k in ("token_type_ids",) if k in batch}
+        t0 = time.perf_counter()
+        with torch.no_grad():  # the teacher module directly: its forward stops after the chosen layer's V
+            t_qkv = self.t_adapter.qkv(ctx.teacher_model, ids, mask, self.t_layer, **extra)
+        ctx.teacher_seconds += time.perf_counter() - t0
+        s_qkv = self.s_adapter.qkv(ctx.student, ids, mask, -1, **extra)  # the student engine's own forward
+        _, terms = minilm_v2_loss(t_qkv, s_qkv, mask, self.opts.relation_heads, self.weights, self.chunk)
+        w = dict(zip(("qq", "kk", "vv"), self.weights))
+        return {f"rel_{k}": w[k] * v for k, v in terms.items()}
+
+    def card_info(self):
+        return {"relation_heads": self.opts.relation_heads,
+                "teacher_layer": self.t_layer + 1 if hasattr(self, "t_layer") else self.opts.teacher_layer,
+                "relation_weights": {"qq": self.opts.qq_weight, "kk": self.opts.kk_weight, "vv": self.opts.vv_weight}}
