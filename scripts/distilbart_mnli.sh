@@ -24,7 +24,7 @@ MNLI_EVAL=${MNLI_EVAL:-../shared/data/mnli/dev_matched.jsonl}
 TEXT_COLUMN=${TEXT_COLUMN:-premise}
 PAIR_COLUMN=${PAIR_COLUMN:-hypothesis}
 LABEL_COLUMN=${LABEL_COLUMN:-label_text}
-OUT=${OUT:-runs/distilbart-mnli-12-${DECODER_LAYERS}}
+OUT=${OUT:-runs/distilbart-mnli-12-${DECODER_LAYERS}}    # ${OUT}/student_init: shrunk student, ${OUT}/train: run
 STUDENT_DIR=${STUDENT_DIR:-${OUT}/student_init}
 NUM_GPUS=${NUM_GPUS:-1}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
@@ -62,5 +62,5 @@ deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" launch/train.py \
   --warmup_steps 500 \
   --freeze_encoder true \
   --freeze_embeds true \
-  --output_dir "$OUT" \
+  --output_dir "${OUT}/train" \
   "$@"

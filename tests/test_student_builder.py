@@ -281,6 +281,15 @@ def test_student_saves_and_reloads_with_auto_class_and_lineage(kind, tmp_path):
     assert torch.equal(logits(reloaded, kind), logits(student, kind))
 
 
+def test_bf16_teacher_gives_bf16_copy_and_generation_config():
+    teacher = tiny("bart_lm").to(torch.bfloat16)
+    teacher.generation_config.num_beams = 3
+    student = create_student(teacher, decoder_layers=2)
+    assert student.dtype == torch.bfloat16
+    assert torch.equal(student.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[6].fc1.weight)
+    assert student.generation_config.num_beams == 3
+
+
 def test_student_of_a_student_records_new_lineage():
     teacher = tiny("bert_cls")
     s1 = create_student(teacher, layers=6)

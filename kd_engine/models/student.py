@@ -10,6 +10,7 @@ families works; the student is built with the teacher's own class.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -322,6 +323,8 @@ def create_student(
     student = type(teacher)(config)
     student.to(dtype=teacher.dtype)
 
+    if getattr(teacher, "generation_config", None) is not None and hasattr(student, "generation_config"):
+        student.generation_config = copy.deepcopy(teacher.generation_config)  # beams, forced BOS, eos ids ...
     if init == "teacher_layers":
         _copy_weights(teacher, student, stacks, selected)
     student.to(device=teacher.device)
