@@ -60,11 +60,17 @@ def response_logits(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    module=None,
 ) -> torch.Tensor:
-    """Logits ``[B, T, V']`` with row t predicting ``response_ids[:, t]`` (dtype of the model; cast later)."""
+    """Logits ``[B, T, V']`` with row t predicting ``response_ids[:, t]`` (dtype of the model; cast later).
+
+    ``model`` is what gets called (an HF model, a DeepSpeed engine, a timed no-grad teacher wrapper); ``module``
+    is the underlying HF model whose config and forward signature are read (default: ``model``).
+    """
+    module = model if module is None else module
     T = response_ids.shape[1]
-    if is_encoder_decoder(model):
-        dec_ids, dec_mask = decoder_inputs(response_ids, response_mask, decoder_start_token_id(model))
+    if is_encoder_decoder(module):
+        dec_ids, dec_mask = decoder_inputs(response_ids, response_mask, decoder_start_token_id(module))
         out = model(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
@@ -75,6 +81,6 @@ def response_logits(
         return out.logits
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
-    kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(module) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False, **kwargs)
     return out.logits[:, -(T + 1) : -1]

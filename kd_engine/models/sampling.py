@@ -148,7 +148,6 @@ class _CausalState:
         B = tokens.shape[0]
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)
         self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], dim=1)
-        self.ids = torch.cat([self.ids, tokens.unsqueeze(1)], dim=1)
         if self.use_cache:
             out = self.model(
                 input_ids=tokens.unsqueeze(1),
@@ -160,6 +159,7 @@ class _CausalState:
             )
             self.cache = out.past_key_values
         else:
+            self.ids = torch.cat([self.ids, tokens.unsqueeze(1)], dim=1)
             out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=False, **self.keep)
         return out.logits[:, -1]
 
@@ -222,6 +222,18 @@ class Rollout:
         return self.response_mask.sum(-1)
 
 
+def _all_finished(finished: torch.Tensor, synced_ranks: bool) -> bool:
+    done = finished.all()
+    if synced_ranks:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = done.to(torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            done = flag[0] > 0
+    return bool(done)
+
+
 @contextlib.contextmanager
 def _eval_mode(*models):
     states = [(m, m.training) for m in models if m is not None]
@@ -265,11 +277,14 @@ def mixed_sample(
     generator: Optional[torch.Generator] = None,
     vocab_size: Optional[int] = None,
     use_cache: bool = True,
+    synced_ranks: bool = False,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` response tokens per prompt from the teacher-mixed distribution.
 
     ``teacher`` may be None only for alpha = 0 (then ``teacher_logprobs`` is None). ``vocab_size`` drops padded
-    logit rows (they are never sampled). Stops early once every row has produced an EOS.
+    logit rows (they are never sampled). Stops early once every row has produced an EOS; with
+    ``synced_ranks`` only once every row on EVERY data-parallel rank has (ZeRO-3 forwards are collectives, so all
+    ranks must run the same number of steps).
     """
     if max_new_tokens < 1:
         raise KDError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -320,7 +335,7 @@ def mixed_sample(
             if out.inf_mask is not None:
                 infs.append(out.inf_mask)
             finished = finished | (alive & torch.isin(tok, eos))
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or _all_finished(finished, synced_ranks):
                 break
             s_logits = s_state.step(tok)
             t_logits = t_state.step(tok) if t_state is not None else None
