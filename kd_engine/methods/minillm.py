@@ -1,0 +1,308 @@
+"""MiniLLM (Gu et al., ICLR 2024): reverse-KL distillation of a generative student by policy gradient.
+
+Every round the student samples responses to ``num_rollouts`` prompts per rank with teacher-mixed sampling
+(``kd_engine.models.sampling.mixed_sample``: KV-cached lockstep decoding, mixture in probability space with
+``teacher_mixed_alpha``), the rewards ``r_t = log p - log q`` go into a buffer, and the buffer is reused for
+``ppo_epochs`` passes of minibatches (``per_device_train_batch_size``). Each optimizer step sums, per
+micro-batch, the PPO-clipped policy loss ``pg`` (importance weight inside the ratio), the single-step exact
+per-token reverse KL ``reg`` and, with ``--pt_file``, the pretraining loss ``pt`` (LM mixed with forward KD,
+``kd_ratio``) on a separate corpus batch. Equations and which parts follow the paper vs the reference code:
+``kd_engine/losses/minillm.py`` and methods.md §3.
+
+Data: ``--train_file`` rows with the prompt in ``--text_column``; prompts longer than ``max_prompt_length``
+tokens are truncated from the LEFT (the instruction's end is kept) and counted. ``--pt_file`` is plain text
+(causal students). Logged per step: pg, reg, pt (and lm / kd parts), reward (length-normalised return of the
+rollouts), response_len, rev_kl (k3 estimate on a pure-student sample of the first chunk of each round),
+ratio, clipfrac.
+
+Resume: checkpoints carry the round counter and the pretraining-batch position; a resumed run starts a fresh
+rollout round (the buffer itself is not checkpointed).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..data.collate import PadCollator
+from ..data.rollout_buffer import RolloutBuffer
+from ..errors import ConfigError, KDError
+from ..losses import minillm as L
+from ..models.build import load_or_build_student, load_teacher_model, resolve_task
+from ..models.response_logits import response_logits
+from ..models.sampling import mixed_sample
+from .base import DataBundle, Method, register
+
+
+@dataclass
+class MiniLLMOptions:
+    task: str = "auto"  # auto | causal_lm | seq2seq_lm
+    teacher_mixed_alpha: float = 0.2
+    ppo_epochs: int = 4
+    num_rollouts: int = 64  # prompts per rollout round on each rank (reference: 256 over 16 GPUs)
+    max_prompt_length: int = 256
+    max_new_tokens: int = 256
+    gen_temperature: float = 1.0
+    gen_top_k: int = 0
+    gen_top_p: float = 1.0
+    gamma: float = 0.95
+    cliprange: float = 0.2
+    reward_scaling: float = 0.5
+    cliprange_reward: float = 100.0
+    length_norm: bool = True
+    whiten_advantages: bool = True
+    single_step_reg: bool = True
+    pt_file: Optional[str] = None  # pretraining corpus (plain text); None: no pt term
+    pt_text_column: str = "text"
+    pt_max_length: int = 512
+    kd_ratio: float = 0.5
+    lm_coef: float = 1.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.teacher_mixed_alpha <= 1.0:
+            raise ConfigError(f"teacher_mixed_alpha must be in [0, 1]; got {self.teacher_mixed_alpha}")
+        for k in ("ppo_epochs", "num_rollouts", "max_prompt_length", "max_new_tokens", "pt_max_length"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1; got {getattr(self, k)}")
+        if self.reward_scaling <= 0 or self.cliprange <= 0 or self.gen_temperature <= 0:
+            raise ConfigError("reward_scaling, cliprange and gen_temperature must be > 0")
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            raise ConfigError(f"kd_ratio must be in [0, 1]; got {self.kd_ratio}")
+        if not 0.0 < self.gen_top_p <= 1.0 or self.gen_top_k < 0:
+            raise ConfigError("gen_top_p must be in (0, 1] and gen_top_k >= 0")
+
+
+@register("minillm")
+class MiniLLM(Method):
+    """Reverse-KL policy-gradient distillation with teacher-mixed sampling (MiniLLM)."""
+
+    Options = MiniLLMOptions
+
+    def __init__(self, cfg, opts):
+        super().__init__(cfg, opts)
+        self.task = None
+        self.round = 0
+        self.mb_pos = 0
+        self.mb_per_round = 0
+        self.round_stats: dict[str, float] = {}
+        self.pt = None
+        self.pt_state = None
+
+    # ---- building -----------------------------------------------------------------------------------------
+    def _task(self) -> str:
+        if self.task is None:
+            self.task = resolve_task(self.opts.task, self.cfg)
+            if self.task not in ("causal_lm", "seq2seq_lm"):
+                raise ConfigError(f"minillm needs a generative model (causal_lm or seq2seq_lm), got {self.task}")
+        return self.task
+
+    def load_tokenizer(self, ctx):
+        tok = super().load_tokenizer(ctx)
+        if tok.pad_token_id is None:
+            if tok.eos_token_id is None:
+                raise KDError("the tokenizer has neither a pad nor an EOS token")
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def load_teacher(self, ctx):
+        return load_teacher_model(self.cfg, self._task())
+
+    def load_student(self, ctx, teacher):
+        student = load_or_build_student(self.cfg, teacher, self._task())
+        if teacher is not None and bool(getattr(teacher.config, "is_encoder_decoder", False)) != bool(
+                getattr(student.config, "is_encoder_decoder", False)):
+            raise KDError("teacher and student must both be encoder-decoder or both causal LMs")
+        self.vocab_size = len(ctx.tokenizer)
+        return student
+
+    def _prompt_dataset(self, path: str, ctx, split: str):
+        from ..data.files import load_table, require_columns
+
+        ds = load_table(path, split=split)
+        require_columns(ds, [self.cfg.text_column], path)
+        tok, limit = ctx.tokenizer, self.opts.max_prompt_length
+        texts = [t for t in ds[self.cfg.text_column] if t is not None and str(t).strip()]
+        if not texts:
+            raise KDError(f"{path}: no non-empty prompts in column '{self.cfg.text_column}'")
+        ids = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        truncated = sum(len(x) > limit for x in ids)
+        rows = [{"input_ids": x[-limit:], "attention_mask": [1] * min(len(x), limit)} for x in ids]
+        return rows, truncated
+
+    def build_data(self, ctx) -> DataBundle:
+        if not self.cfg.train_file:
+            raise KDError("minillm needs prompts: pass --train_file (one prompt per row in --text_column)")
+        train, n_trunc = self._prompt_dataset(self.cfg.train_file, ctx, "train")
+        ev, ev_trunc = (self._prompt_dataset(self.cfg.eval_file, ctx, "validation") if self.cfg.eval_file
+                        else (None, 0))
+        if n_trunc or ev_trunc:
+            import logging
+
+            logging.getLogger("kd_engine").warning(
+                "minillm: %d training and %d eval prompts longer than max_prompt_length=%d were truncated from the "
+                "left", n_trunc, ev_trunc, self.opts.max_prompt_length)
+        side = "right" if self._task() == "seq2seq_lm" else "left"
+        if self.opts.pt_file:
+            self._build_pt(ctx)
+        return DataBundle(train=train, eval=ev, collate_fn=PadCollator(ctx.tokenizer.pad_token_id, padding_side=side),
+                          train_lengths=[len(r["input_ids"]) for r in train],
+                          info={"prompts": len(train), "truncated_prompts": n_trunc})
+
+    def _build_pt(self, ctx) -> None:
+        from ..data.files import load_table
+        from ..data.tokenize import tokenize_dataset
+
+        if self._task() != "causal_lm":
+            raise ConfigError("--pt_file is implemented for causal-LM students only (seq2seq: not yet)")
+        raw = load_table(self.opts.pt_file)
+        self.pt = tokenize_dataset(raw, ctx.tokenizer, text_column=self.opts.pt_text_column,
+                                   max_length=self.opts.pt_max_length, task="causal_lm", name=self.opts.pt_file)
+        self.pt_collate = PadCollator(ctx.tokenizer.pad_token_id, padding_side="right")
+
+    def setup(self, ctx) -> None:
+        from ..data.sampler import ResumableBatchSampler, infinite_batches
+
+        self.buffer = RolloutBuffer(ctx.tokenizer.pad_token_id,
+                                    "right" if self._task() == "seq2seq_lm" else "left")
+        if self.pt is not None:
+            self.pt_sampler = ResumableBatchSampler(len(self.pt), self.cfg.per_device_train_batch_size,
+                                                    rank=ctx.rank, world_size=ctx.world_size, seed=self.cfg.seed,
+                                                    drop_last=len(self.pt) >= self.cfg.per_device_train_batch_size
+                                                    * ctx.world_size)
+            if self.pt_state is not None:
+                self.pt_sampler.load_state_dict(self.pt_state)
+            self.pt_iter = infinite_batches(self.pt_sampler)
+
+    # ---- rollouts -----------------------------------------------------------------------------------------
+    def _sample(self, ctx, batch, alpha: float, generator) -> object:
+        o = self.opts
+        return mixed_sample(
+            ctx.student.module, ctx.teacher_model, batch["input_ids"], batch["attention_mask"],
+            max_new_tokens=o.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
+            pad_token_id=ctx.tokenizer.pad_token_id, alpha=alpha, temperature=o.gen_temperature, top_k=o.gen_top_k,
+            top_p=o.gen_top_p, generator=generator, vocab_size=self.vocab_size, synced_ranks=ctx.world_size > 1)
+
+    def _collect(self, ctx) -> None:
+        o = self.opts
+        self.buffer.clear()
+        self.round += 1
+        gen = torch.Generator(device=ctx.device).manual_seed(self.cfg.seed * 7919 + ctx.rank * 104729 + self.round)
+        rewards_sum, lens, n_seq, rev_kl = 0.0, 0.0, 0, None
+        while len(self.buffer) < o.num_rollouts:
+            batch = ctx.next_batch()
+            r = self._sample(ctx, batch, o.teacher_mixed_alpha, gen)
+            rew = L.compute_rewards(r.teacher_logprobs, r.student_logprobs, r.response_mask, o.reward_scaling,
+                                    o.cliprange_reward)
+            self.buffer.add(r, rew)
+            m = r.response_mask.float()
+            disc = L.long_term_advantages(rew, m, gamma=o.gamma, length_norm=False, whiten=False)[:, 0]
+            rewards_sum += float((disc / m.sum(-1).clamp_min(1.0) if o.length_norm else disc).sum())
+            lens += float(m.sum())
+            n_seq += m.shape[0]
+            if rev_kl is None:  # reference: a separate pure-student sample for the reverse-KL estimate
+                s = r if o.teacher_mixed_alpha == 0 else self._sample(ctx, batch, 0.0, gen)
+                rev_kl = float(L.k3_reverse_kl(s.student_logprobs, s.teacher_logprobs, s.response_mask,
+                                               length_norm=o.length_norm))
+        bs = self.cfg.per_device_train_batch_size
+        self.per_epoch = math.ceil(len(self.buffer) / bs)
+        self.mb_per_round = o.ppo_epochs * self.per_epoch
+        self.mb_pos = 0
+        self.round_stats = {"reward": rewards_sum / max(n_seq, 1), "response_len": lens / max(n_seq, 1),
+                            "rev_kl": rev_kl or 0.0}
+
+    def _next_minibatch(self, ctx) -> dict:
+        if self.mb_pos >= self.mb_per_round or len(self.buffer) == 0:
+            self._collect(ctx)
+        epoch, slot = divmod(self.mb_pos, self.per_epoch)
+        order = self.buffer.epoch_order(epoch, self.cfg.seed + self.round)
+        bs = self.cfg.per_device_train_batch_size
+        self.mb_pos += 1
+        return self.buffer.collate(order[slot * bs:(slot + 1) * bs], ctx.device)
+
+    # ---- losses -------------------------------------------------------------------------------------------
+    def _teacher_call(self, ctx):
+        return lambda **kw: ctx.teacher_forward(**kw)
+
+    def _ppo_terms(self, ctx, mb):
+        o = self.opts
+        args = (mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
+        inf = mb.get("inf_mask")
+        m = mb["response_mask"]
+        s_logits = response_logits(ctx.student, *args, module=ctx.student.module).float() / o.gen_temperature
+        lq = L.token_logprobs(s_logits, mb["response_ids"], m, self.vocab_size, inf)
+        adv = L.long_term_advantages(mb["rewards"], m, gamma=o.gamma, length_norm=o.length_norm,
+                                     whiten=o.whiten_advantages)
+        pg, stats = L.ppo_policy_loss(lq, mb["student_logprobs"], adv, mb["weights"], m, o.cliprange)
+        terms = {"pg": pg}
+        if o.single_step_reg:
+            with torch.no_grad():
+                t_logits = response_logits(self._teacher_call(ctx), *args, module=ctx.teacher_model).float()
+            terms["reg"] = L.single_step_reverse_kl(s_logits, t_logits / o.gen_temperature, m, self.vocab_size, inf)
+        return terms, stats
+
+    def _pt_terms(self, ctx):
+        from ..losses.kd import shift_for_causal_lm
+
+        batch = ctx.to_device(self.pt_collate([self.pt[i] for i in next(self.pt_iter)]))
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        s, labels = shift_for_causal_lm(ctx.student(**inputs).logits, batch["labels"])
+        t = None
+        if self.opts.kd_ratio > 0:
+            t, _ = shift_for_causal_lm(ctx.teacher_forward(**inputs).logits, batch["labels"])
+        out = L.pretrain_loss(s, labels, t, self.opts.kd_ratio, self.vocab_size)
+        return {"pt": self.opts.lm_coef * out["pt"]}, {"pt_lm": out["lm"], "pt_kd": out["kd"]}
+
+    def train_step(self, ctx) -> dict[str, float]:
+        totals: dict[str, float] = {}
+
+        def add(k, v):
+            totals[k] = totals.get(k, 0.0) + float(v) / ctx.grad_accum
+
+        for _ in range(ctx.grad_accum):
+            mb = self._next_minibatch(ctx)
+            terms, stats = self._ppo_terms(ctx, mb)
+            if self.pt is not None:
+                pt_terms, pt_stats = self._pt_terms(ctx)
+                terms.update(pt_terms)
+                stats.update(pt_stats)
+            loss = sum(terms.values())
+            ctx.student.backward(loss)
+            ctx.student.step()
+            for k, v in {**terms, **stats}.items():
+                add(k, v.detach())
+            add("loss", loss.detach())
+        totals.update(self.round_stats)
+        return totals
+
+    def compute_loss(self, ctx, batch):  # not used: train_step is overridden
+        raise NotImplementedError("minillm trains through train_step (rollouts + PPO epochs)")
+
+    @torch.no_grad()
+    def eval_step(self, ctx, batch):
+        """Pure-student samples on held-out prompts: k3 reverse-KL estimate and response length."""
+        gen = torch.Generator(device=ctx.device).manual_seed(self.cfg.seed + ctx.rank)
+        r = self._sample(ctx, batch, 0.0, gen)
+        n = float(r.response_mask.shape[0])
+        rev = L.k3_reverse_kl(r.student_logprobs, r.teacher_logprobs, r.response_mask, length_norm=True)
+        return {"rev_kl": (float(rev) * n, n), "response_len": (float(r.response_mask.sum()), n)}
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"round": self.round}
+        if self.pt is not None:
+            state["pt_sampler"] = self.pt_sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = int(state.get("round", 0))
+        self.pt_state = state.get("pt_sampler")
+        if self.pt_state is not None and getattr(self, "pt_sampler", None) is not None:
+            self.pt_sampler.load_state_dict(self.pt_state)
+        self.mb_pos, self.mb_per_round = 0, 0  # a resumed run starts a fresh rollout round
+
+    def card_info(self):
+        o = self.opts
+        return {"task": self._task(), "teacher_mixed_alpha": o.teacher_mixed_alpha, "ppo_epochs": o.ppo_epochs,
+                "num_rollouts": o.num_rollouts, "kd_ratio": o.kd_ratio if o.pt_file else None}
