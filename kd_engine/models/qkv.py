@@ -20,11 +20,11 @@ Architectures (``model.config.model_type``):
   ``heads * head_dim`` and re-split into the same relation heads.
 
 Works on a plain HF model (any head: only the base model is run), on a DeepSpeed engine (its own forward is
-run, whole model) and on an engine's ``.module``, ZeRO-3 included (then the whole model is run from its root,
-so that ZeRO's own forward hooks gather and release the parameters,
-and Q/K/V get a zero-weighted tie to the model outputs so that ZeRO-3's backward hooks fire: see
-``_tie_to_outputs``).
-Outside ZeRO-3 and gradient checkpointing the forward stops right after the requested layer's V projection.
+run, whole model) and on an engine's ``.module``, ZeRO-3 included: then the whole model is run from its root,
+so that ZeRO's own forward hooks gather and release the parameters, and Q/K/V get a zero-weighted tie to the
+model outputs so that ZeRO-3's backward hooks fire (see ``_tie_to_outputs``). For a plain model or a
+non-ZeRO-3 ``.module`` without gradient checkpointing, the forward stops right after the requested layer's V
+projection (the later layers and any head are not run).
 """
 from __future__ import annotations
 
