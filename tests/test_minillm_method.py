@@ -60,3 +60,39 @@ def test_minillm_trains_with_rollouts_ppo_and_pt(assets, tmp_path, stage):
     assert train[0]["approx_kl"] == 0.0  # first minibatch of a fresh buffer: log q_new == log q_old, ratio == w
     ev = [r for r in log if r["split"] == "eval"]
     assert ev and "rev_kl" in ev[-1]
+
+
+def _t5_teacher(d):
+    """Tiny random T5 with a SentencePiece tokenizer trained here (60 tokens; 64 logit rows like Flan-T5's padding)."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    tiny.write_lines(str(d / "spm.txt"), tiny.sentences(200, seed=5))
+    (d / "t5").mkdir()
+    spm.SentencePieceTrainer.train(input=str(d / "spm.txt"), model_prefix=str(d / "t5" / "spiece"), vocab_size=60,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    tok = T5Tokenizer.from_pretrained(str(d / "t5"), extra_ids=0)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1)
+    T5ForConditionalGeneration(cfg).save_pretrained(str(d / "t5"))
+    tok.save_pretrained(str(d / "t5"))
+    return d / "t5"
+
+
+def test_minillm_encoder_decoder_t5(assets, tmp_path):
+    teacher = _t5_teacher(tmp_path)
+    out = tmp_path / "out"
+    tr = _run(["--method", "minillm", "--teacher", str(teacher), "--student.layers", "1",
+               "--train_file", str(assets / "prompts.jsonl"), "--eval_file", str(assets / "prompts.jsonl"),
+               "--max_eval_samples", "4", "--output_dir", str(out), "--max_steps", "2",
+               "--per_device_train_batch_size", "2", "--num_rollouts", "4", "--ppo_epochs", "1",
+               "--max_new_tokens", "5", "--max_prompt_length", "8", "--learning_rate", "1e-3", "--logging_steps", "1",
+               "--disable_tqdm", "true"])
+    assert tr.global_step == 2
+    assert tr.method.vocab_size == 60 and tr.student.module.config.vocab_size == 64
+    assert tr.data.info["truncated_prompts"] > 0  # prompts longer than 8 tokens were cut from the left
+    train = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    for key in ("pg", "reg", "reward", "response_len", "rev_kl"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in train if r["split"] == "train"), key
+    assert train[0]["approx_kl"] == 0.0

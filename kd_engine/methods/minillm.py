@@ -15,6 +15,9 @@ tokens are truncated from the LEFT (the instruction's end is kept) and counted. 
 rollouts), response_len, rev_kl (k3 estimate on a pure-student sample of the first chunk of each round),
 ratio, clipfrac.
 
+Dropout is off in the student for the whole RL step (as the reference runs the policy in eval mode), so the first
+minibatch of a fresh buffer recomputes exactly the rollout's log-probs (PPO ratio == w).
+
 Resume: checkpoints carry the round counter and the pretraining-batch position; a resumed run starts a fresh
 rollout round (the buffer itself is not checkpointed).
 """
@@ -260,6 +263,18 @@ class MiniLLM(Method):
         def add(k, v):
             totals[k] = totals.get(k, 0.0) + float(v) / ctx.grad_accum
 
+        module = ctx.student.module
+        was_training = module.training
+        module.eval()  # dropout off for the whole RL step (reference: the policy runs in eval mode), so that the
+        # first minibatch of a fresh buffer recomputes exactly the rollout's log q (ratio == w)
+        try:
+            self._accumulate(ctx, add)
+        finally:
+            module.train(was_training)
+        totals.update(self.round_stats)
+        return totals
+
+    def _accumulate(self, ctx, add) -> None:
         for _ in range(ctx.grad_accum):
             mb = self._next_minibatch(ctx)
             terms, stats = self._ppo_terms(ctx, mb)
@@ -273,8 +288,6 @@ class MiniLLM(Method):
             for k, v in {**terms, **stats}.items():
                 add(k, v.detach())
             add("loss", loss.detach())
-        totals.update(self.round_stats)
-        return totals
 
     def compute_loss(self, ctx, batch):  # not used: train_step is overridden
         raise NotImplementedError("minillm trains through train_step (rollouts + PPO epochs)")
