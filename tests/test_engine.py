@@ -52,7 +52,7 @@ def _params(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, "2_bf16"])
 def test_every_zero_stage_steps_and_teacher_stays_frozen(assets, tmp_path, stage):
     import deepspeed
     from transformers import AutoModelForCausalLM
@@ -67,6 +67,9 @@ def test_every_zero_stage_steps_and_teacher_stays_frozen(assets, tmp_path, stage
     log = [json.loads(line) for line in open(tmp_path / "out" / "train_log.jsonl")]
     losses = [r["loss"] for r in log if r["split"] == "train"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(r["grad_norm"] > 0 for r in log if r["split"] == "train")
+    if stage == "2_bf16":  # bf16 student and, with teacher_dtype auto, a bf16 teacher
+        assert tr.student_dtype == "bf16" and next(tr.teacher_model.parameters()).dtype == torch.bfloat16
     # teacher: own engine, eval mode, no grads, weights unchanged; ZeRO-3 partitioned when the student is
     teacher_ref = AutoModelForCausalLM.from_pretrained(str(assets / "teacher"))
     tm = tr.teacher_model
@@ -76,7 +79,7 @@ def test_every_zero_stage_steps_and_teacher_stays_frozen(assets, tmp_path, stage
         assert all(hasattr(p, "ds_id") for p in params) and any(p.numel() == 0 for p in params)
     with deepspeed.zero.GatheredParameters(params) if stage == 3 else _nullctx():
         for (k, v), (k2, v2) in zip(tm.state_dict().items(), teacher_ref.state_dict().items()):
-            assert torch.equal(v.float(), v2.float()), k
+            assert torch.equal(v.float(), v2.to(v.dtype).float()), k
     # the student trained: exported weights differ from the teacher layers they were copied from
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "final"))
     assert exported.config.num_hidden_layers == 2
@@ -119,7 +122,8 @@ def test_export_reloads_and_card_and_tensorboard(assets, tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/kd", "train/ce", "train/lr", "train/samples_per_s", "train/tokens_per_s",
-                "train/teacher_ms", "train/student_ms", "eval/perplexity", "eval/teacher_agreement"):
+                "train/teacher_ms", "train/student_ms", "train/grad_norm", "eval/perplexity",
+                "eval/teacher_agreement"):
         assert tag in tags, (tag, tags)
     assert len(acc.Scalars("train/loss")) == 3
 

@@ -85,6 +85,20 @@ class Trainer:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def student_step(self) -> None:
+        """``student.step()``; at ZeRO-0 in fp32, where DeepSpeed keeps no gradient norm, record it first."""
+        eng = self.student
+        if eng.is_gradient_accumulation_boundary() and eng.zero_optimization_stage() == 0 \
+                and self.student_dtype == "fp32":
+            grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+        eng.step()
+
+    def grad_norm(self) -> Optional[float]:
+        gn = self.student.get_global_grad_norm()
+        return float(gn) if gn is not None else getattr(self, "_grad_norm", None)
+
     def add_engine(self, name: str, model: torch.nn.Module, ds_overrides: Optional[dict] = None,
                    optimizer=None, lr_scheduler=None):
         """Wrap an extra trainable model (e.g. MATE-KD's generator) in its own DeepSpeed engine, checkpointed and
@@ -289,9 +303,9 @@ class Trainer:
         values = {k: v / steps for k, v in sums.items()}
         lr = self.student.get_lr()
         values["lr"] = float(lr[0]) if lr else 0.0
-        gn = self.student.get_global_grad_norm()
+        gn = self.grad_norm()
         if gn is not None:
-            values["grad_norm"] = float(gn)
+            values["grad_norm"] = gn
         values["samples_per_s"] = (self.samples_seen - window["samples"]) * self.world_size / max(elapsed, 1e-9)
         values["tokens_per_s"] = (self.tokens_seen - window["tokens"]) * self.world_size / max(elapsed, 1e-9)
         values["teacher_ms"] = 1000.0 * window["teacher"] / steps

@@ -97,7 +97,7 @@ class Method:
             terms = self.compute_loss(ctx, batch)
             loss = sum(terms.values())
             ctx.student.backward(loss)
-            ctx.student.step()
+            ctx.student_step()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / ctx.grad_accum
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / ctx.grad_accum
