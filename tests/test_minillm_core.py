@@ -521,3 +521,30 @@ def test_bad_inputs_are_clear_errors():
     mask2[0] = 0
     with pytest.raises(KDError, match="empty prompt"):
         mixed_sample(s, None, ids, mask2, max_new_tokens=2, eos_token_id=2, pad_token_id=0, alpha=0.0)
+
+
+def test_rollout_buffer_roundtrip_repads_chunks_of_different_widths():
+    from kd_engine.data.rollout_buffer import RolloutBuffer
+
+    s, t = tiny_llama(16, 1), tiny_llama(24, 1, seed=1)
+    buf = RolloutBuffer(pad_token_id=0, prompt_padding_side="left")
+    rolls = []
+    for seed, P in ((0, 6), (1, 4)):
+        ids, mask = prompts(B=3, P=P, seed=seed)
+        r = mixed_sample(s, t, ids, mask, max_new_tokens=7 - P // 2, eos_token_id=[2, 7, 11], pad_token_id=0,
+                         alpha=0.2, generator=torch.Generator().manual_seed(seed))
+        rew = L.compute_rewards(r.teacher_logprobs, r.student_logprobs, r.response_mask)
+        buf.add(r, rew)
+        rolls.append((r, rew))
+    assert len(buf) == 6
+    mb = buf.collate(list(range(6)))
+    # teacher forcing on the re-padded minibatch reproduces the rollout log-probs of every sample
+    lg = response_logits(s, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
+    lq = L.token_logprobs(lg, mb["response_ids"], mb["response_mask"])
+    assert torch.allclose(lq, mb["student_logprobs"], atol=1e-5)
+    r0, rew0 = rolls[0]
+    n = r0.response_mask.shape[1]
+    assert torch.equal(mb["response_mask"][:3, :n], r0.response_mask)
+    assert torch.allclose(mb["rewards"][:3, :n], rew0) and torch.allclose(mb["weights"][:3, :n], r0.weights)
+    assert bool((mb["prompt_mask"][:, -1] == 1).all())  # left padded
+    assert buf.epoch_order(0, 1) == buf.epoch_order(0, 1) != buf.epoch_order(1, 1)

@@ -96,3 +96,30 @@ def test_minillm_encoder_decoder_t5(assets, tmp_path):
     for key in ("pg", "reg", "reward", "response_len", "rev_kl"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in train if r["split"] == "train"), key
     assert train[0]["approx_kl"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_minillm_two_ranks_zero3_torchrun(assets, tmp_path):
+    import subprocess
+    import sys
+
+    z3 = json.load(open("ds_configs/zero3.json"))
+    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    out = tmp_path / "out"
+    env = tiny.cpu_env({"KD_ENGINE_CACHE": str(tmp_path / "cache")})
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "launch/train.py",
+           "--method", "minillm", "--teacher", str(assets / "teacher"), "--student.layers", "1",
+           "--train_file", str(assets / "prompts.jsonl"), "--eval_file", str(assets / "prompts.jsonl"),
+           "--max_eval_samples", "4", "--pt_file", str(assets / "pt.txt"), "--output_dir", str(out),
+           "--max_steps", "2", "--per_device_train_batch_size", "2", "--num_rollouts", "2", "--ppo_epochs", "1",
+           "--max_new_tokens", "5", "--logging_steps", "1", "--disable_tqdm", "true", "--deepspeed",
+           str(tmp_path / "z3.json")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    train = [r for r in train if r["split"] == "train"]
+    assert len(train) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert (out / "final" / "model.safetensors").exists()
