@@ -105,7 +105,8 @@ def main() -> None:
         "generated_tokens": n_tok, "alpha": args.alpha,
         "teacher": f"Llama (SmolLM2-135M arch) {args.teacher_layers} layers, {n_params(teacher) / 1e6:.1f}M params",
         "student": f"Llama (SmolLM2-135M arch) {args.student_layers} layers, {n_params(student) / 1e6:.1f}M params",
-        "threads": args.threads, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
     }
     table = ["| variant | seconds | tokens/s |", "|---|---|---|"]
     table += [f"| {name} | {sec:.2f} | {tps:.1f} |" for name, sec, tps in rows]

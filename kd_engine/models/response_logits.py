@@ -82,5 +82,6 @@ def response_logits(
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(module) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False, **kwargs)
+    pos = position_ids_from_mask(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
     return out.logits[:, -(T + 1) : -1]

@@ -57,7 +57,8 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
         remove = x < kth
     if top_p < 1.0:
-        sorted_x, order = torch.sort(x if remove is None else x.masked_fill(remove, float("-inf")), dim=-1, descending=True)
+        pre = x if remove is None else x.masked_fill(remove, float("-inf"))
+        sorted_x, order = torch.sort(pre, dim=-1, descending=True)
         probs = F.softmax(sorted_x, dim=-1)
         before = probs.cumsum(-1) - probs  # mass strictly above this entry
         drop_sorted = before > top_p
@@ -160,7 +161,8 @@ class _CausalState:
             self.cache = out.past_key_values
         else:
             self.ids = torch.cat([self.ids, tokens.unsqueeze(1)], dim=1)
-            out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=False, **self.keep)
+            out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=False,
+                             **self.keep)
         return out.logits[:, -1]
 
 
@@ -301,7 +303,8 @@ def mixed_sample(
     if eos_token_id is None:
         eos = torch.empty(0, dtype=torch.long, device=input_ids.device)
     else:
-        eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = torch.as_tensor(eos_list, dtype=torch.long, device=input_ids.device)
 
     State = _Seq2SeqState if enc_dec else _CausalState
     B = input_ids.shape[0]
