@@ -6,6 +6,7 @@ Control flow, top to bottom: ``Trainer(parsed).fit()`` -> ``_setup()`` -> ``_res
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -122,6 +123,21 @@ class Trainer:
                                           optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds)
         self.engines[name] = engine
         return engine
+
+    @contextlib.contextmanager
+    def frozen(self, engine):
+        """The engine's model as a frozen function: gradients flow through its activations (e.g. to a generator's
+        output) but none reach its parameters, and its engine's backward hooks stay out of the other engine's
+        backward. Use it for steps that train one model through another (MATE-KD's generator step)."""
+        module = engine.module
+        flags = [(p, p.requires_grad) for p in module.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield module
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def log_scalars(self, values: dict[str, float], prefix: str = "train") -> None:
         self.monitor.scalars(self.global_step, values, prefix)

@@ -24,8 +24,9 @@ checkpointed and resumed with the student. Nothing in the engine knows about any
 What ``ctx`` offers (see ``Trainer``): ``cfg``, ``opts``, ``tokenizer``, ``student`` (DeepSpeed engine; the HF
 model is ``ctx.student.module``), ``teacher`` (callable inference engine or None), ``teacher_forward(**inputs)``
 (no_grad, eval, timed), ``next_batch()`` (the next training micro-batch, on device), ``device``, ``rank``,
-``world_size``, ``is_main``, ``grad_accum``, ``global_step``, ``add_engine(name, model, ...)``,
-``log_scalars({...})``.
+``world_size``, ``is_main``, ``grad_accum``, ``global_step``, ``student_step()`` (``student.step()`` that also records
+the gradient norm), ``add_engine(name, model, ...)``, ``frozen(engine)`` (that engine's model as a frozen function,
+for training one model through another), ``log_scalars({...})``.
 """
 from __future__ import annotations
 
