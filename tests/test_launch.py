@@ -47,11 +47,10 @@ def launch(kind, nproc, argv, cache, env_extra=None, timeout=400):
                "--master_port", port, TRAIN]
     elif kind == "deepspeed":
         cmd = [os.path.join(BIN, "deepspeed"), "--num_accelerators", str(nproc), "--master_port", port, TRAIN]
-    elif kind == "mpirun":
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    elif kind == "mpirun":  # no MASTER_ADDR/PORT: rank 0 broadcasts them with mpi4py
         cmd = ["mpirun", "-np", str(nproc), "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader",
                "--mca", "oob_tcp_if_include", "lo"]
-        for k in ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME",
+        for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME",
                   "KD_ENGINE_CACHE", "PATH", "HF_HUB_OFFLINE") + tuple(env_extra or ()):
             cmd += ["-x", k]
         cmd += [sys.executable, TRAIN]
