@@ -123,3 +123,21 @@ def test_minillm_two_ranks_zero3_torchrun(assets, tmp_path):
     train = [r for r in train if r["split"] == "train"]
     assert len(train) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_minillm_bad_inputs_are_clear_errors(assets, tmp_path):
+    from kd_engine.errors import ConfigError, KDError
+
+    with pytest.raises(ConfigError, match="teacher_mixed_alpha"):
+        build_config(["--method", "minillm", "--teacher", str(assets / "teacher"), "--teacher_mixed_alpha", "1.5"])
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"text": "  "}) + "\n" + json.dumps({"text": ""}) + "\n")
+    base = ["--method", "minillm", "--teacher", str(assets / "teacher"), "--student.layers", "1",
+            "--max_steps", "1", "--disable_tqdm", "true"]
+    with pytest.raises(KDError, match="no non-empty prompts"):
+        _run(base + ["--train_file", str(blank), "--output_dir", str(tmp_path / "o1")])
+    t5 = _t5_teacher(tmp_path)  # a seq2seq teacher with a causal student
+    with pytest.raises(KDError, match="encoder-decoder|has no seq2seq_lm head"):
+        _run(["--method", "minillm", "--teacher", str(t5), "--student.name_or_path", str(assets / "teacher"),
+              "--train_file", str(assets / "prompts.jsonl"), "--output_dir", str(tmp_path / "o2"), "--max_steps", "1",
+              "--disable_tqdm", "true"])
