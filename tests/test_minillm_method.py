@@ -23,7 +23,7 @@ def assets(tmp_path_factory):
     tiny.make_llama(str(d / "teacher"), layers=2)
     with open(d / "prompts.jsonl", "w") as f:
         for s in tiny.sentences(16, seed=3):
-            f.write(json.dumps({"text": s}) + "\n")
+            f.write(json.dumps({"text": s, "answer": s.split()[-1]}) + "\n")
     tiny.write_lines(str(d / "pt.txt"), tiny.sentences(16, seed=4))
     return d
 
@@ -49,7 +49,7 @@ def test_minillm_trains_with_rollouts_ppo_and_pt(assets, tmp_path, stage):
                "--max_eval_samples", "4", "--pt_file", str(assets / "pt.txt"), "--output_dir", str(out),
                "--max_steps", "3", "--per_device_train_batch_size", "2", "--num_rollouts", "4", "--ppo_epochs", "2",
                "--max_new_tokens", "6", "--learning_rate", "1e-3", "--logging_steps", "1", "--disable_tqdm", "true",
-               "--deepspeed", str(cfg)])
+               "--deepspeed", str(cfg), "--target_column", "answer"])
     assert tr.global_step == 3
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     train = [r for r in log if r["split"] == "train"]
@@ -60,6 +60,8 @@ def test_minillm_trains_with_rollouts_ppo_and_pt(assets, tmp_path, stage):
     assert train[0]["approx_kl"] == 0.0  # first minibatch of a fresh buffer: log q_new == log q_old, ratio == w
     ev = [r for r in log if r["split"] == "eval"]
     assert ev and "rev_kl" in ev[-1]
+    for key in ("answer_accuracy", "teacher_answer_accuracy", "teacher_agreement"):
+        assert 0.0 <= ev[-1][key] <= 1.0, key
 
 
 def _t5_teacher(d):
@@ -141,3 +143,18 @@ def test_minillm_bad_inputs_are_clear_errors(assets, tmp_path):
         _run(["--method", "minillm", "--teacher", str(t5), "--student.name_or_path", str(assets / "teacher"),
               "--train_file", str(assets / "prompts.jsonl"), "--output_dir", str(tmp_path / "o2"), "--max_steps", "1",
               "--disable_tqdm", "true"])
+
+
+def test_minillm_student_equal_to_teacher_gives_zero_terms_end_to_end(assets, tmp_path):
+    out = tmp_path / "out"
+    _run(["--method", "minillm", "--teacher", str(assets / "teacher"), "--student.layers", "2",  # full copy
+          "--train_file", str(assets / "prompts.jsonl"), "--eval_file", str(assets / "prompts.jsonl"),
+          "--max_eval_samples", "4", "--target_column", "answer", "--output_dir", str(out), "--max_steps", "2",
+          "--per_device_train_batch_size", "2", "--num_rollouts", "2", "--ppo_epochs", "1", "--max_new_tokens", "6",
+          "--learning_rate", "0", "--logging_steps", "1", "--disable_tqdm", "true"])
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    for r in [r for r in log if r["split"] == "train"]:
+        assert r["pg"] == 0.0 and abs(r["reg"]) < 1e-6 and abs(r["reward"]) < 1e-5 and abs(r["rev_kl"]) < 1e-6
+        assert abs(r["ratio"] - 1.0) < 1e-5  # w == 1 when the teacher is the student
+    ev = [r for r in log if r["split"] == "eval"][-1]
+    assert ev["teacher_agreement"] == 1.0 and abs(ev["rev_kl"]) < 1e-6

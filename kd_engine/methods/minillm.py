@@ -120,25 +120,32 @@ class MiniLLM(Method):
         self.vocab_size = len(ctx.tokenizer)
         return student
 
-    def _prompt_dataset(self, path: str, ctx, split: str):
+    def _prompt_dataset(self, path: str, ctx, split: str, with_targets: bool = False):
         from ..data.files import load_table, require_columns
 
         ds = load_table(path, split=split)
+        tgt_col = self.cfg.target_column if with_targets and self.cfg.target_column in ds.column_names else None
         require_columns(ds, [self.cfg.text_column], path)
         tok, limit = ctx.tokenizer, self.opts.max_prompt_length
-        texts = [t for t in ds[self.cfg.text_column] if t is not None and str(t).strip()]
-        if not texts:
+        keep = [i for i, t in enumerate(ds[self.cfg.text_column]) if t is not None and str(t).strip()]
+        if not keep:
             raise KDError(f"{path}: no non-empty prompts in column '{self.cfg.text_column}'")
+        texts = [ds[self.cfg.text_column][i] for i in keep]
         ids = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
         truncated = sum(len(x) > limit for x in ids)
         rows = [{"input_ids": x[-limit:], "attention_mask": [1] * min(len(x), limit)} for x in ids]
+        if tgt_col is not None:  # reference answers (e.g. the label word) for answer accuracy / teacher agreement
+            targets = [str(ds[tgt_col][i] or "") for i in keep]
+            tids = tok(targets, add_special_tokens=False)["input_ids"]
+            for r, t in zip(rows, tids):
+                r["target_labels"] = list(t[: self.opts.max_new_tokens]) or [-100]
         return rows, truncated
 
     def build_data(self, ctx) -> DataBundle:
         if not self.cfg.train_file:
             raise KDError("minillm needs prompts: pass --train_file (one prompt per row in --text_column)")
         train, n_trunc = self._prompt_dataset(self.cfg.train_file, ctx, "train")
-        ev, ev_trunc = (self._prompt_dataset(self.cfg.eval_file, ctx, "validation") if self.cfg.eval_file
+        ev, ev_trunc = (self._prompt_dataset(self.cfg.eval_file, ctx, "validation", True) if self.cfg.eval_file
                         else (None, 0))
         if n_trunc or ev_trunc:
             import logging
@@ -294,12 +301,40 @@ class MiniLLM(Method):
 
     @torch.no_grad()
     def eval_step(self, ctx, batch):
-        """Pure-student samples on held-out prompts: k3 reverse-KL estimate and response length."""
+        """Held-out prompts. Pure-student samples: k3 reverse-KL estimate and response length. With a
+        ``--target_column`` in the eval file: greedy answers of student and teacher compared on the target's first
+        tokens (``answer_accuracy`` = student matches the target, ``teacher_answer_accuracy``, and
+        ``teacher_agreement`` = student's answer tokens equal the teacher's)."""
         gen = torch.Generator(device=ctx.device).manual_seed(self.cfg.seed + ctx.rank)
         r = self._sample(ctx, batch, 0.0, gen)
         n = float(r.response_mask.shape[0])
         rev = L.k3_reverse_kl(r.student_logprobs, r.teacher_logprobs, r.response_mask, length_norm=True)
-        return {"rev_kl": (float(rev) * n, n), "response_len": (float(r.response_mask.sum()), n)}
+        out = {"rev_kl": (float(rev) * n, n), "response_len": (float(r.response_mask.sum()), n)}
+        if "target_labels" in batch:
+            tgt = batch["target_labels"]
+            valid = tgt != -100
+            s_ans = self._greedy(ctx, batch, ctx.student.module, tgt.shape[1])
+            t_ans = self._greedy(ctx, batch, ctx.teacher_model, tgt.shape[1])
+            has = valid.any(-1)
+
+            def match(a, b):
+                return ((a == b) | ~valid).all(-1) & has
+
+            m = float(has.sum())
+            out["answer_accuracy"] = (float(match(s_ans, tgt).sum()), m)
+            out["teacher_answer_accuracy"] = (float(match(t_ans, tgt).sum()), m)
+            out["teacher_agreement"] = (float(match(s_ans, t_ans).sum()), m)
+        return out
+
+    def _greedy(self, ctx, batch, model, width: int) -> torch.Tensor:
+        """Greedy answer tokens of one model, padded / cut to ``width`` (pad = -1, never equal to a target)."""
+        r = mixed_sample(model, None, batch["input_ids"], batch["attention_mask"], max_new_tokens=width,
+                         eos_token_id=ctx.tokenizer.eos_token_id, pad_token_id=ctx.tokenizer.pad_token_id, alpha=0.0,
+                         do_sample=False, vocab_size=self.vocab_size, synced_ranks=ctx.world_size > 1)
+        ans = r.response_ids.masked_fill(r.response_mask == 0, -1)
+        if ans.shape[1] < width:
+            ans = torch.cat([ans, ans.new_full((ans.shape[0], width - ans.shape[1]), -1)], dim=1)
+        return ans[:, :width]
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
