@@ -90,12 +90,12 @@ def test_minillm_encoder_decoder_t5(assets, tmp_path):
                "--max_eval_samples", "4", "--output_dir", str(out), "--max_steps", "2",
                "--per_device_train_batch_size", "2", "--num_rollouts", "4", "--ppo_epochs", "1",
                "--max_new_tokens", "5", "--max_prompt_length", "8", "--learning_rate", "1e-3", "--logging_steps", "1",
-               "--disable_tqdm", "true"])
+               "--disable_tqdm", "true", "--pt_file", str(assets / "pt.txt")])
     assert tr.global_step == 2
     assert tr.method.vocab_size == 60 and tr.student.module.config.vocab_size == 64
     assert tr.data.info["truncated_prompts"] > 0  # prompts longer than 8 tokens were cut from the left
     train = [json.loads(line) for line in open(out / "train_log.jsonl")]
-    for key in ("pg", "reg", "reward", "response_len", "rev_kl"):
+    for key in ("pg", "reg", "reward", "response_len", "rev_kl", "pt", "pt_lm", "pt_kd"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in train if r["split"] == "train"), key
     assert train[0]["approx_kl"] == 0.0
 

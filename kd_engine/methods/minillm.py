@@ -10,8 +10,8 @@ per-token reverse KL ``reg`` and, with ``--pt_file``, the pretraining loss ``pt`
 ``kd_engine/losses/minillm.py`` and methods.md §3.
 
 Data: ``--train_file`` rows with the prompt in ``--text_column``; prompts longer than ``max_prompt_length``
-tokens are truncated from the LEFT (the instruction's end is kept) and counted. ``--pt_file`` is plain text
-(causal students). Logged per step: pg, reg, pt (and lm / kd parts), reward (length-normalised return of the
+tokens are truncated from the LEFT (the instruction's end is kept) and counted. ``--pt_file`` is plain text: LM
+loss for causal students, prefix-LM (first half -> encoder, second half -> decoder target) for encoder-decoder. Logged per step: pg, reg, pt (and lm / kd parts), reward (length-normalised return of the
 rollouts), response_len, rev_kl (k3 estimate on a pure-student sample of the first chunk of each round),
 ratio, clipfrac.
 
@@ -164,8 +164,6 @@ class MiniLLM(Method):
         from ..data.files import load_table
         from ..data.tokenize import tokenize_dataset
 
-        if self._task() != "causal_lm":
-            raise ConfigError("--pt_file is implemented for causal-LM students only (seq2seq: not yet)")
         raw = load_table(self.opts.pt_file)
         self.pt = tokenize_dataset(raw, ctx.tokenizer, text_column=self.opts.pt_text_column,
                                    max_length=self.opts.pt_max_length, task="causal_lm", name=self.opts.pt_file)
@@ -252,16 +250,40 @@ class MiniLLM(Method):
             terms["reg"] = L.single_step_reverse_kl(s_logits, t_logits / o.gen_temperature, m, self.vocab_size, inf)
         return terms, stats
 
+    def _pt_batch(self, ctx) -> tuple[dict, torch.Tensor]:
+        """Model inputs and aligned labels of the next pretraining batch.
+
+        Causal LM: the text, next-token labels. Encoder-decoder: each text split in two halves, the first half to
+        the encoder and the second as the decoder's target (prefix LM; decoder inputs = start token + target[:-1]).
+        """
+        rows = [self.pt[i] for i in next(self.pt_iter)]
+        if self._task() == "causal_lm":
+            batch = ctx.to_device(self.pt_collate(rows))
+            return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
+        split = []
+        for r in rows:
+            ids = list(r["input_ids"])
+            h = max(1, len(ids) // 2)
+            split.append({"input_ids": ids[:h], "attention_mask": [1] * h, "labels": ids[h:] or ids[-1:]})
+        batch = ctx.to_device(self.pt_collate(split))
+        model = ctx.student.module
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+                  "decoder_attention_mask": (batch["labels"] != -100).long()}
+        return inputs, batch["labels"]
+
     def _pt_terms(self, ctx):
         from ..losses.kd import shift_for_causal_lm
 
-        batch = ctx.to_device(self.pt_collate([self.pt[i] for i in next(self.pt_iter)]))
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        s, labels = shift_for_causal_lm(ctx.student(**inputs).logits, batch["labels"])
+        inputs, labels = self._pt_batch(ctx)
+        causal = self._task() == "causal_lm"
+        s = ctx.student(**inputs).logits
+        s, lab = shift_for_causal_lm(s, labels) if causal else (s, labels)
         t = None
         if self.opts.kd_ratio > 0:
-            t, _ = shift_for_causal_lm(ctx.teacher_forward(**inputs).logits, batch["labels"])
-        out = L.pretrain_loss(s, labels, t, self.opts.kd_ratio, self.vocab_size)
+            t = ctx.teacher_forward(**inputs).logits
+            t = shift_for_causal_lm(t, labels)[0] if causal else t
+        out = L.pretrain_loss(s, lab, t, self.opts.kd_ratio, self.vocab_size)
         return {"pt": self.opts.lm_coef * out["pt"]}, {"pt_lm": out["lm"], "pt_kd": out["kd"]}
 
     def train_step(self, ctx) -> dict[str, float]:
