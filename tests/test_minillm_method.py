@@ -158,3 +158,24 @@ def test_minillm_student_equal_to_teacher_gives_zero_terms_end_to_end(assets, tm
         assert abs(r["ratio"] - 1.0) < 1e-5  # w == 1 when the teacher is the student
     ev = [r for r in log if r["split"] == "eval"][-1]
     assert ev["teacher_agreement"] == 1.0 and abs(ev["rev_kl"]) < 1e-6
+
+
+def test_anli_prompt_conversion(tmp_path):
+    import subprocess
+    import sys
+
+    src = "../shared/data/anli/R1/dev.jsonl"
+    if not os.path.exists(src):
+        pytest.skip(f"{src} is absent (real ANLI data lives in the shared data folder)")
+    out = tmp_path / "p.jsonl"
+    res = subprocess.run([sys.executable, "scripts/anli_prompts.py", src, "--out", str(out), "--with_reason"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in open(out)]
+    raw = [json.loads(line) for line in open(src)]
+    assert len(rows) == len(raw) == 1000
+    assert {r["label"] for r in rows} == {"entailment", "contradiction", "neutral"}
+    r0, s0 = rows[0], raw[0]
+    assert r0["text"].startswith(s0["context"].strip()) and "\nCan we infer the following and why?\n" in r0["text"]
+    assert r0["text"].endswith("OPTIONS:\n- entailment\n- contradiction\n- neutral")
+    assert r0["answer"].startswith(r0["label"]) and s0["reason"].strip() in r0["answer"]

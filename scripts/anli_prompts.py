@@ -1,0 +1,59 @@
+"""ANLI -> MiniLLM prompt files in the instruction format of the Flan-T5 ANLI setting (methods.md §3.3).
+
+    python scripts/anli_prompts.py ../shared/data/anli/R1/dev.jsonl ../shared/data/anli/R2/dev.jsonl \
+        --out data/anli_prompts.jsonl [--with_reason]
+
+Each output row: ``text`` (the prompt), ``answer`` (entailment / contradiction / neutral, optionally followed by
+the annotator's reason), ``label`` and ``uid``. Rows with an unknown label are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+LABELS = {"e": "entailment", "c": "contradiction", "n": "neutral"}
+PROMPT = ("{premise}\nCan we infer the following and why?\n{hypothesis}\n\n"
+          "OPTIONS:\n- entailment\n- contradiction\n- neutral")
+
+
+def convert(row: dict, with_reason: bool) -> dict | None:
+    label = LABELS.get(str(row.get("label", "")).strip().lower()[:1])
+    if label is None or not row.get("context") or not row.get("hypothesis"):
+        return None
+    answer = label
+    reason = (row.get("reason") or "").strip()
+    if with_reason and reason:
+        answer = f"{label}. {reason}"
+    return {"text": PROMPT.format(premise=row["context"].strip(), hypothesis=row["hypothesis"].strip()),
+            "answer": answer, "label": label, "uid": row.get("uid")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="+", help="ANLI jsonl files (context, hypothesis, label e/n/c, reason)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--with_reason", action="store_true", help="append the annotator's reason to the answer")
+    args = p.parse_args()
+    kept = skipped = 0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as out:
+        for path in args.files:
+            if not os.path.exists(path):
+                sys.exit(f"error: no such file: {path}")
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if not line.strip():
+                        continue
+                    row = convert(json.loads(line), args.with_reason)
+                    if row is None:
+                        skipped += 1
+                        continue
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    kept += 1
+    print(f"wrote {kept} prompts to {args.out} ({skipped} rows skipped: unknown label or empty text)")
+
+
+if __name__ == "__main__":
+    main()
