@@ -183,7 +183,7 @@ def main() -> None:
         "chunked_saved_bytes": res["chunked"]["autograd_saved_bytes"],
         "naive_seconds": round(res["naive"]["seconds"], 2), "chunked_seconds": round(res["chunked"]["seconds"], 2),
         "loss": res["naive"]["loss"], "peak_exact": res["naive"]["peak_exact"] and res["chunked"]["peak_exact"],
-        "torch": torch.__version__,
+        "torch": torch.__version__, "command": " ".join(["python", "benchmarks/minilmv2_memory.py", *sys.argv[1:]]),
     }
     if not args.no_write:
         os.makedirs(RESULTS, exist_ok=True)
@@ -191,8 +191,7 @@ def main() -> None:
             json.dump(summary, f, indent=2)
         with open(os.path.join(RESULTS, "minilmv2_memory.md"), "w") as f:
             f.write("# MiniLMv2 relation loss: peak memory, forward + backward (CPU)\n\n")
-            f.write(f"Command: `python benchmarks/minilmv2_memory.py"
-                    f"{'' if requested == 32 else f' --batch {requested}'}`  \n")
+            f.write(f"Command: `{' '.join(['python', 'benchmarks/minilmv2_memory.py', *sys.argv[1:]])}`  \n")
             f.write(f"Sizes: B={args.batch} n={args.seq} A_r={args.heads}, teacher hidden {args.teacher_hidden}, "
                     f"student hidden {args.student_hidden}; Q-Q + K-K + V-V; fp32; {args.threads} thread(s); "
                     f"torch {torch.__version__}. Peak = growth of the child's peak RSS (VmHWM) over its RSS "
