@@ -1,5 +1,7 @@
 """The zero_shot method end to end with real DeepSpeed on CPU: tiny random NLI teacher -> 1-layer student."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,3 +111,31 @@ def test_bad_inputs(assets, tmp_path):
     for extra, msg in cases:
         with pytest.raises(KDError, match=msg):
             run(args(assets, tmp_path / "bad", "--overwrite_output_dir", "true", *extra))
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_two_rank_run_labels_like_one_rank(assets, tmp_path):
+    """torchrun, 2 ranks: labeling is sharded + gathered inside the engine's setup (no deadlock with its
+    rank-0-first data building) and the cached labels equal a 1-process labeling."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kd_engine.teachers.labeling import label_corpus
+    from kd_engine.teachers.zero_shot import NLITeacher, read_texts
+
+    out = tmp_path / "run"
+    argv = [a for a in args(assets, out, "--max_steps", "2", "--teacher_batch_size", "8")]
+    env = tiny.cpu_env({"KD_ENGINE_CACHE": str(tmp_path / "kdcache")})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "launch/train.py", *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cached = sorted((tmp_path / "labels").glob("*/labels.pt"))
+    assert len(cached) == 1
+    labels = torch.load(cached[0], weights_only=True)["probs"]
+    model = AutoModelForSequenceClassification.from_pretrained(str(assets / "nli")).eval()
+    tok = AutoTokenizer.from_pretrained(str(assets / "nli"))
+    texts, _ = read_texts(str(assets / "train.txt"))
+    one = label_corpus(NLITeacher(model, tok, "the {}", CLASSES, temperature=0.1), texts, batch_size=8)
+    torch.testing.assert_close(labels, one, atol=1e-5, rtol=1e-4)
+    assert os.path.isfile(out / "final" / "config.json")

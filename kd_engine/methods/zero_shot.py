@@ -5,8 +5,9 @@ K-way classifier learns its soft labels.
         --teacher <NLI model | bi-encoder> --hypothesis_template "This text is about {}." \\
         --student.layers 2 --output_dir out/
 
-1. ``build_data``: the teacher (``NLITeacher`` for a model with an entailment label, ``EmbeddingTeacher`` for a
-   plain encoder; ``--teacher_type`` forces one) labels the corpus with ``label_corpus``: sharded over the ranks,
+1. Labeling (at the end of ``load_student``, which every rank runs at the same time): the teacher
+   (``NLITeacher`` for a model with an entailment label, ``EmbeddingTeacher`` for a plain encoder;
+   ``--teacher_type`` forces one) labels the corpus with ``label_corpus``: sharded over the ranks,
    cached under ``--label_cache_dir`` (one sub-folder per labeling key; default: the kd_engine cache), resumed
    after an interruption, reused by later runs with other students. The teacher is then freed: training needs
    only the labels (``needs_teacher = False``: the engine builds no teacher engine).
@@ -106,7 +107,8 @@ class ZeroShot(Method):
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
         self.class_names: list[str] = []
-        self._teacher = None  # (model, tokenizer) while labeling
+        self._teacher = None  # (kind, model, tokenizer) while labeling
+        self._prepared: Optional[dict] = None  # texts and their labels, from _prepare_labels
         self.info: dict = {}
 
     # ---- teacher ------------------------------------------------------------------------------------------
@@ -178,6 +180,13 @@ class ZeroShot(Method):
 
     # ---- student ------------------------------------------------------------------------------------------
     def load_student(self, ctx, teacher):
+        student = self._build_student(ctx)
+        # Label here, not in build_data: the engine calls load_student on every rank at once, but build_data on
+        # rank 0 first and on the others after a barrier, and labeling is collective (sharded + gathered).
+        self._prepared = self._prepare_labels(ctx)
+        return student
+
+    def _build_student(self, ctx):
         from transformers import AutoModelForSequenceClassification
 
         names = self._classes()
@@ -253,9 +262,8 @@ class ZeroShot(Method):
             cols["labels"] = labels
         return _Rows(cols)
 
-    def build_data(self, ctx) -> DataBundle:
-        from ..data.collate import PadCollator
-
+    def _prepare_labels(self, ctx) -> dict:
+        """Read the texts and label them (collective over the ranks: every rank must call it at the same time)."""
         cfg = self.cfg
         path = self.opts.data_file or cfg.train_file
         if not path:
@@ -285,19 +293,31 @@ class ZeroShot(Method):
 
         teacher = self._zero_shot_teacher(ctx)
         soft = self._label(ctx, teacher, texts, "train")
-        train = self._rows(ctx, texts, soft)
-        if eval_texts is not None:
-            ev = self._rows(ctx, eval_texts, self._label(ctx, teacher, eval_texts, "eval"), eval_labels)
-        else:  # the reference's metric: agreement on (part of) the training set
-            k = min(len(texts), 1000)
-            ev = self._rows(ctx, texts[:k], soft[:k])
+        eval_soft = self._label(ctx, teacher, eval_texts, "eval") if eval_texts is not None else None
         self.info.update(train_texts=len(texts), blank_lines_skipped=blank, teacher_type=teacher.kind,
-                         teacher_temperature=teacher.temperature, eval_texts=len(ev))
+                         teacher_temperature=teacher.temperature)
         self._teacher = None  # free the teacher: training needs only its labels
         del teacher
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return {"texts": texts, "soft": soft, "eval_texts": eval_texts, "eval_soft": eval_soft,
+                "eval_labels": eval_labels}
+
+    def build_data(self, ctx) -> DataBundle:
+        """Tokenize the labeled texts with the student's tokenizer (labels come from ``load_student``)."""
+        from ..data.collate import PadCollator
+
+        if self._prepared is None:
+            self._prepared = self._prepare_labels(ctx)
+        p = self._prepared
+        train = self._rows(ctx, p["texts"], p["soft"])
+        if p["eval_texts"] is not None:
+            ev = self._rows(ctx, p["eval_texts"], p["eval_soft"], p["eval_labels"])
+        else:  # the reference's metric: agreement on (part of) the training set
+            k = min(len(p["texts"]), 1000)
+            ev = self._rows(ctx, p["texts"][:k], p["soft"][:k])
+        self.info["eval_texts"] = len(ev)
         lengths = [len(x) for x in train.columns["input_ids"]]
         collate = PadCollator(ctx.tokenizer.pad_token_id, padding_side="right")
         return DataBundle(train=train, eval=ev, collate_fn=collate, train_lengths=lengths, info=dict(self.info))
