@@ -198,7 +198,7 @@ def test_student_equals_teacher_gives_zero_terms():
     assert torch.allclose(w, torch.ones_like(w), atol=1e-6)
     pg, _ = L.ppo_policy_loss(lq, lq.detach(), adv, w, mask)
     reg = L.single_step_reverse_kl(logits, logits.detach().clone(), mask)
-    assert float(pg) == 0.0 and abs(float(reg)) < 1e-6
+    assert float(pg.detach()) == 0.0 and abs(float(reg.detach())) < 1e-6
     (pg + reg).backward()
     assert float(logits.grad.abs().max()) < 1e-6
 
