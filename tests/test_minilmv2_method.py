@@ -25,7 +25,7 @@ def assets(tmp_path_factory):
 
 def _args(assets, out, *extra):
     return ["--method", "minilmv2", "--teacher", str(assets / "teacher"), "--student.layers", "2",
-            "--student.hidden", "16", "--student.heads", "2", "--student.init", "random", "--relation_heads", "8",
+            "--student.hidden", "16", "--student.heads", "2", "--relation_heads", "8",  # random init: new width
             "--train_file", str(assets / "corpus.txt"), "--corpus_cache_dir", str(assets / "cache"),
             "--max_length", "32", "--per_device_train_batch_size", "8", "--learning_rate", "5e-3",
             "--logging_steps", "5", "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true", *extra]

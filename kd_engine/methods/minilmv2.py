@@ -4,12 +4,13 @@ methods.md §2: teacher layer L (default: the last layer), student last layer; Q
 ``relation_heads`` relation heads; KL(teacher relation || student relation) per row, averaged over real tokens.
 The loss is the only training signal (no MLM). Teacher and student are encoders loaded with ``AutoModel``;
 the student is built from the teacher (``--student.layers 6 --student.hidden 384``: random init when the width
-changes) or loaded (``--student PATH``). The corpus (``--train_file``: text / jsonl / WikiExtractor files,
+changes, as the reference code; teacher layers copied when it does not) or loaded (``--student PATH``). The corpus (``--train_file``: text / jsonl / WikiExtractor files,
 directories or globs) is tokenized once into a memory-mapped cache and served as packed ``max_length`` blocks (default) or one
 truncated document per example with dynamic padding, as the reference code (``--pack_blocks false``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -76,7 +77,14 @@ class MiniLMv2(Method):
         return load_teacher_model(self.cfg, "encoder")
 
     def load_student(self, ctx, teacher):
-        student = load_or_build_student(self.cfg, teacher, "encoder")
+        cfg, s = self.cfg, self.cfg.student
+        t_width = getattr(teacher.config, "hidden_size", None) or getattr(teacher.config, "dim", None)
+        if not s.name_or_path and s.init == "teacher_layers" and s.hidden is not None and s.hidden != t_width:
+            # MiniLMv2 students are randomly initialised (the reference code); teacher layers cannot be copied
+            # into a different width anyway
+            logger.info("student width %d differs from the teacher's %s: random initialisation", s.hidden, t_width)
+            cfg = dataclasses.replace(cfg, student=dataclasses.replace(s, init="random"))
+        student = load_or_build_student(cfg, teacher, "encoder")
         # fail before any data work: architecture, layer and relation heads must fit both models
         t_ad, s_ad = get_adapter(teacher), get_adapter(student)
         self._teacher_index(t_ad)
