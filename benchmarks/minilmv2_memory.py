@@ -59,8 +59,9 @@ def child(args) -> None:
     mask = torch.ones(B, n, dtype=torch.long)
     lengths = torch.randint(n // 2, n + 1, (B,), generator=torch.Generator().manual_seed(args.seed))
     mask[torch.arange(n)[None, :] >= lengths[:, None]] = 0  # right padding of random length
-    chunk = None if args.variant == "naive" else (args.chunk_size if args.chunk_size == "auto" else int(args.chunk_size))
-    chunk = resolve_chunk_size(chunk, n)  # "auto" -> pairs per chunk
+    chunk = None
+    if args.variant == "chunked":  # "auto" -> pairs per chunk
+        chunk = resolve_chunk_size(args.chunk_size if args.chunk_size == "auto" else int(args.chunk_size), n)
 
     saved = [0]
 
@@ -178,7 +179,8 @@ def main() -> None:
         "batch": args.batch, "requested_batch": requested, "seq": args.seq, "relation_heads": args.heads,
         "teacher_hidden": args.teacher_hidden, "student_hidden": args.student_hidden,
         "chunk_size": res["chunked"]["chunk_size"], "threads": args.threads,
-        "naive_peak_bytes": res["naive"]["peak_growth_bytes"], "chunked_peak_bytes": res["chunked"]["peak_growth_bytes"],
+        "naive_peak_bytes": res["naive"]["peak_growth_bytes"],
+        "chunked_peak_bytes": res["chunked"]["peak_growth_bytes"],
         "naive_saved_bytes": res["naive"]["autograd_saved_bytes"],
         "chunked_saved_bytes": res["chunked"]["autograd_saved_bytes"],
         "naive_seconds": round(res["naive"]["seconds"], 2), "chunked_seconds": round(res["chunked"]["seconds"], 2),

@@ -401,19 +401,22 @@ ref_loss, _ = minilm_v2_loss(tq, get_adapter(ref).qkv(ref, ids, mask, -1), mask,
 ref_loss.backward()
 from deepspeed.utils import safe_get_full_grad
 res["loss_diff"] = abs(loss.item() - ref_loss.item())
-names = ["encoder.layer.1.attention.self.query.weight", "encoder.layer.0.output.dense.weight", "embeddings.word_embeddings.weight"]
-res["grad_diff"] = max(float((safe_get_full_grad(engine.module.get_parameter(n)) - ref.get_parameter(n).grad).abs().max())
-                       for n in names)
+names = ["encoder.layer.1.attention.self.query.weight", "encoder.layer.0.output.dense.weight",
+         "embeddings.word_embeddings.weight"]
+def grad_diff(eng):
+    return max(float((safe_get_full_grad(eng.module.get_parameter(n)) - ref.get_parameter(n).grad).abs().max())
+               for n in names)
+res["grad_diff"] = grad_diff(engine)
 res["grad_norm"] = float(ref.get_parameter(names[0]).grad.norm())
 engine.step()
 # ZeRO-2 through the engine's forward: same gradients as the plain model
 ds2 = dict(ds, zero_optimization={"stage": 2})
-engine2, *_ = deepspeed.initialize(model=student2, optimizer=torch.optim.AdamW(student2.parameters(), lr=1e-2), config=ds2)
+opt2 = torch.optim.AdamW(student2.parameters(), lr=1e-2)
+engine2, *_ = deepspeed.initialize(model=student2, optimizer=opt2, config=ds2)
 engine2.eval()
 loss2, _ = minilm_v2_loss(tq, get_adapter(engine2).qkv(engine2, ids, mask, -1), mask, num_relation_heads=8)
 engine2.backward(loss2)
-res["grad_diff2"] = max(float((safe_get_full_grad(engine2.module.get_parameter(n)) - ref.get_parameter(n).grad).abs().max())
-                        for n in names)
+res["grad_diff2"] = grad_diff(engine2)
 with deepspeed.zero.GatheredParameters([engine.module.encoder.layer[1].attention.self.query.weight]):
     res["moved"] = float((engine.module.encoder.layer[1].attention.self.query.weight
                           - ref.encoder.layer[1].attention.self.query.weight).abs().max())

@@ -4,9 +4,10 @@ methods.md §2: teacher layer L (default: the last layer), student last layer; Q
 ``relation_heads`` relation heads; KL(teacher relation || student relation) per row, averaged over real tokens.
 The loss is the only training signal (no MLM). Teacher and student are encoders loaded with ``AutoModel``;
 the student is built from the teacher (``--student.layers 6 --student.hidden 384``: random init when the width
-changes, as the reference code; teacher layers copied when it does not) or loaded (``--student PATH``). The corpus (``--train_file``: text / jsonl / WikiExtractor files,
-directories or globs) is tokenized once into a memory-mapped cache and served as packed ``max_length`` blocks (default) or one
-truncated document per example with dynamic padding, as the reference code (``--pack_blocks false``).
+changes, as the reference code; teacher layers copied when it does not) or loaded (``--student PATH``). The
+corpus (``--train_file``: text / jsonl / WikiExtractor files, directories or globs) is tokenized once into a
+memory-mapped cache and served as packed ``max_length`` blocks (default) or one truncated document per example
+with dynamic padding, as the reference code (``--pack_blocks false``).
 """
 from __future__ import annotations
 
