@@ -73,7 +73,7 @@ class SupervisedFineTune(Method):
         if self.cfg.student.name_or_path:
             student = load_or_build_student(self.cfg, None, self._task(), **extra)
         else:  # shrink the given --teacher, then fine-tune it without the teacher
-            base = load_teacher_model(self.cfg, self._task())
+            base = load_teacher_model(self.cfg, self._task(), **extra)  # --num_labels: head on the source
             student = load_or_build_student(self.cfg, base, self._task())
         freeze_parts(student, self.opts.freeze_encoder, self.opts.freeze_embeds)
         self.vocab_size = len(ctx.tokenizer) if self._task() != "sequence_classification" else None

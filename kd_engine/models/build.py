@@ -35,10 +35,10 @@ def resolve_task(task: str, cfg) -> str:
     return detect_task(load_config(src, cfg.trust_remote_code))
 
 
-def load_teacher_model(cfg, task: str) -> torch.nn.Module:
+def load_teacher_model(cfg, task: str, **model_kwargs) -> torch.nn.Module:
     if not cfg.teacher:
         raise KDError("this method needs a teacher: pass --teacher PATH_OR_HUB_ID")
-    return load_model(cfg.teacher, task, trust_remote_code=cfg.trust_remote_code)
+    return load_model(cfg.teacher, task, trust_remote_code=cfg.trust_remote_code, **model_kwargs)
 
 
 def load_or_build_student(cfg, teacher: Optional[torch.nn.Module], task: str, **model_kwargs) -> torch.nn.Module:
