@@ -8,6 +8,7 @@ On a machine without CUDA, DeepSpeed's CPU accelerator (gloo backend) is selecte
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -112,6 +113,21 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (e.g. builds a cache), then the other ranks (which then read it)."""
+    import torch.distributed as dist
+
+    active = dist.is_initialized() and dist.get_world_size() > 1
+    if active and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if active and dist.get_rank() == 0:
+            dist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):

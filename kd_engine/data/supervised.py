@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Optional
 
+from ..dist import main_process_first
 from ..errors import KDError
 from ..methods.base import DataBundle
 from .collate import PadCollator
@@ -86,11 +87,12 @@ def build_supervised_data(cfg, tokenizer, task: str, label2id: Optional[dict] = 
         parts = train_raw.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
         train_raw, eval_raw = parts["train"], parts["test"]
     train_raw = _limit(train_raw, cfg.max_train_samples)
-    train = _tokenize(train_raw, tokenizer, cfg, task, label2id, cfg.train_file)
     ev = None
-    if eval_raw is not None:
-        ev = _tokenize(_limit(eval_raw, cfg.max_eval_samples), tokenizer, cfg, task, label2id,
-                       cfg.eval_file or f"{cfg.train_file} (held-out {cfg.eval_split:.0%})")
+    with main_process_first():  # rank 0 tokenizes into the cache, the other ranks load it
+        train = _tokenize(train_raw, tokenizer, cfg, task, label2id, cfg.train_file)
+        if eval_raw is not None:
+            ev = _tokenize(_limit(eval_raw, cfg.max_eval_samples), tokenizer, cfg, task, label2id,
+                           cfg.eval_file or f"{cfg.train_file} (held-out {cfg.eval_split:.0%})")
     collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
     return DataBundle(train=train, eval=ev, collate_fn=collate, train_lengths=train.with_format("arrow")["length"].to_pylist(),
                       info={"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0})

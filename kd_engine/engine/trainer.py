@@ -170,11 +170,7 @@ class Trainer:
         student = self.method.load_student(self, teacher)
         if teacher is not None and self.method.requires_same_vocab:
             check_same_vocab(self._teacher_tokenizer(), self.tokenizer, teacher, student)
-        if not self.is_main:  # rank 0 tokenizes and caches first, the others then read its cache
-            dist.barrier()
         self.data = self.method.build_data(self)
-        if self.is_main:
-            dist.barrier()
         if self.data.train is None or len(self.data.train) == 0:
             raise KDError("the training data is empty")
 
@@ -273,7 +269,7 @@ class Trainer:
         self.monitor.scalars(self.global_step, metrics, "eval")
         if self.is_main:
             logger.info("eval at step %d: %s", self.global_step,
-                        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         return metrics
 
     # ---- loop -------------------------------------------------------------------------------------------
