@@ -124,16 +124,6 @@ def main() -> None:
                                 "num_examples": len(tr.data.train), "world_size": 1, "batch_size": args.batch})
     tr._batch_iter = infinite_batches(tr.sampler)
 
-    def timed(fn):
-        times = []
-        for i in range(n_steps):
-            t = time.perf_counter()
-            fn(i)
-            times.append(time.perf_counter() - t)
-        return times[args.warmup:]
-
-    engine_times = timed(lambda i: tr.method.train_step(tr))
-
     # plain PyTorch: same weights (fresh copies from disk), same batches, same loss, torch AdamW
     from transformers import AutoModelForCausalLM
 
@@ -156,7 +146,16 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    plain_times = timed(plain_step)
+    # interleaved: engine step i, then plain step i on the same batch, so load drift hits both alike
+    engine_times, plain_times = [], []
+    for i in range(n_steps):
+        t = time.perf_counter()
+        tr.method.train_step(tr)
+        engine_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        plain_step(i)
+        plain_times.append(time.perf_counter() - t)
+    engine_times, plain_times = engine_times[args.warmup:], plain_times[args.warmup:]
     peak = matmul_flops()
     eng, pln = statistics.median(engine_times), statistics.median(plain_times)
     tokens = args.batch * args.seq
