@@ -118,13 +118,15 @@ def test_minillm_two_ranks_zero3_torchrun(assets, tmp_path):
            "--max_eval_samples", "4", "--pt_file", str(assets / "pt.txt"), "--output_dir", str(out),
            "--max_steps", "2", "--per_device_train_batch_size", "2", "--num_rollouts", "2", "--ppo_epochs", "1",
            "--max_new_tokens", "5", "--logging_steps", "1", "--disable_tqdm", "true", "--deepspeed",
-           str(tmp_path / "z3.json")]
+           str(tmp_path / "z3.json"), "--target_column", "answer"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     train = [json.loads(line) for line in open(out / "train_log.jsonl")]
     train = [r for r in train if r["split"] == "train"]
     assert len(train) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
     assert (out / "final" / "model.safetensors").exists()
+    ev = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert "teacher_agreement" in [r for r in ev if r["split"] == "eval"][-1]
 
 
 def test_minillm_bad_inputs_are_clear_errors(assets, tmp_path):

@@ -335,11 +335,18 @@ class MiniLLM(Method):
         if "target_labels" in batch:
             tgt = batch["target_labels"]
             valid = tgt != -100
-            s_ans = self._greedy(ctx, batch, ctx.student.module, tgt.shape[1])
-            t_ans = self._greedy(ctx, batch, ctx.teacher_model, tgt.shape[1])
+            width = torch.tensor([tgt.shape[1]], device=tgt.device)
+            if ctx.world_size > 1:  # same number of decoding steps on every rank (ZeRO-3 forwards are collectives)
+                import torch.distributed as dist
+
+                dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            width = int(width[0])
+            s_ans = self._greedy(ctx, batch, ctx.student.module, width)
+            t_ans = self._greedy(ctx, batch, ctx.teacher_model, width)
             has = valid.any(-1)
 
             def match(a, b):
+                a, b = a[:, : tgt.shape[1]], b[:, : tgt.shape[1]]
                 return ((a == b) | ~valid).all(-1) & has
 
             m = float(has.sum())
