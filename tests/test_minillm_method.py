@@ -57,6 +57,7 @@ def test_minillm_trains_with_rollouts_ppo_and_pt(assets, tmp_path, stage):
         assert all(key in r and torch.isfinite(torch.tensor(r[key])) for r in train), key
     # 4 rollouts / batch 2 = 2 minibatches per PPO epoch; 2 epochs -> steps 1-3 use one buffer: ratio starts at w
     assert tr.method.round == 1
+    assert len(tr.data.eval) == 4  # --max_eval_samples applies to the prompt files
     assert train[0]["approx_kl"] == 0.0  # first minibatch of a fresh buffer: log q_new == log q_old, ratio == w
     ev = [r for r in log if r["split"] == "eval"]
     assert ev and "rev_kl" in ev[-1]

@@ -120,10 +120,12 @@ class MiniLLM(Method):
         self.vocab_size = len(ctx.tokenizer)
         return student
 
-    def _prompt_dataset(self, path: str, ctx, split: str, with_targets: bool = False):
+    def _prompt_dataset(self, path: str, ctx, split: str, max_rows, with_targets: bool = False):
         from ..data.files import load_table, require_columns
 
         ds = load_table(path, split=split)
+        if max_rows is not None and max_rows < len(ds):
+            ds = ds.select(range(max_rows))
         tgt_col = self.cfg.target_column if with_targets and self.cfg.target_column in ds.column_names else None
         require_columns(ds, [self.cfg.text_column], path)
         tok, limit = ctx.tokenizer, self.opts.max_prompt_length
@@ -144,8 +146,9 @@ class MiniLLM(Method):
     def build_data(self, ctx) -> DataBundle:
         if not self.cfg.train_file:
             raise KDError("minillm needs prompts: pass --train_file (one prompt per row in --text_column)")
-        train, n_trunc = self._prompt_dataset(self.cfg.train_file, ctx, "train")
-        ev, ev_trunc = (self._prompt_dataset(self.cfg.eval_file, ctx, "validation", True) if self.cfg.eval_file
+        train, n_trunc = self._prompt_dataset(self.cfg.train_file, ctx, "train", self.cfg.max_train_samples)
+        ev, ev_trunc = (self._prompt_dataset(self.cfg.eval_file, ctx, "validation", self.cfg.max_eval_samples, True)
+                        if self.cfg.eval_file
                         else (None, 0))
         if n_trunc or ev_trunc:
             import logging
