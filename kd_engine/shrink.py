@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m kd_engine.shrink",
         description="Build a smaller student from a teacher (copy selected layers, or random init).",
     )
-    p.add_argument("--teacher", required=True, help="teacher folder or hub id")
+    p.add_argument("--teacher", required=True, help="teacher folder, hub id or offline:<name>")
     p.add_argument("--layers", type=int, default=None,
                    help="student depth (encoder depth for encoder-decoder models); default: keep")
     p.add_argument("--decoder_layers", type=int, default=None,
@@ -66,6 +66,10 @@ def _load_teacher(args):
     from transformers import AutoConfig, AutoModel
 
     name = os.path.expanduser(args.teacher)
+    if name.startswith("offline:"):  # a model shipped in a PyPI package, as --teacher of launch/train.py
+        from kd_engine.models.loading import offline_model_path
+
+        name = offline_model_path(name.split(":", 1)[1])
     if _is_local_path(name) and not os.path.isdir(name):
         raise KDError(f"teacher folder not found: {args.teacher}")
     kw = {"trust_remote_code": args.trust_remote_code}
