@@ -182,3 +182,10 @@ def test_anli_prompt_conversion(tmp_path):
     assert r0["text"].startswith(s0["context"].strip()) and "\nCan we infer the following and why?\n" in r0["text"]
     assert r0["text"].endswith("OPTIONS:\n- entailment\n- contradiction\n- neutral")
     assert r0["answer"].startswith(r0["label"]) and s0["reason"].strip() in r0["answer"]
+
+
+def test_first_word_normalisation():
+    from kd_engine.methods.minillm import first_word
+
+    assert first_word("\n Contradiction. Because the text") == "contradiction"
+    assert first_word("entailment") == "entailment" and first_word(" 42 -") == ""

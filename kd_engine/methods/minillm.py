@@ -24,6 +24,7 @@ rollout round (the buffer itself is not checkpointed).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -62,11 +63,13 @@ class MiniLLMOptions:
     pt_max_length: int = 512
     kd_ratio: float = 0.5
     lm_coef: float = 1.0
+    answer_max_tokens: int = 8  # eval: greedy answer length for answer accuracy / teacher agreement
 
     def validate(self) -> None:
         if not 0.0 <= self.teacher_mixed_alpha <= 1.0:
             raise ConfigError(f"teacher_mixed_alpha must be in [0, 1]; got {self.teacher_mixed_alpha}")
-        for k in ("ppo_epochs", "num_rollouts", "max_prompt_length", "max_new_tokens", "pt_max_length"):
+        for k in ("ppo_epochs", "num_rollouts", "max_prompt_length", "max_new_tokens", "pt_max_length",
+                  "answer_max_tokens"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1; got {getattr(self, k)}")
         if self.reward_scaling <= 0 or self.cliprange <= 0 or self.gen_temperature <= 0:
@@ -75,6 +78,12 @@ class MiniLLMOptions:
             raise ConfigError(f"kd_ratio must be in [0, 1]; got {self.kd_ratio}")
         if not 0.0 < self.gen_top_p <= 1.0 or self.gen_top_k < 0:
             raise ConfigError("gen_top_p must be in (0, 1] and gen_top_k >= 0")
+
+
+def first_word(text: str) -> str:
+    """Lower-cased first run of letters (``"\\n Contradiction. Because"`` -> ``"contradiction"``); '' if none."""
+    m = re.search(r"[a-z]+", text.lower())
+    return m.group(0) if m else ""
 
 
 @register("minillm")
@@ -327,46 +336,37 @@ class MiniLLM(Method):
     @torch.no_grad()
     def eval_step(self, ctx, batch):
         """Held-out prompts. Pure-student samples: k3 reverse-KL estimate and response length. With a
-        ``--target_column`` in the eval file: greedy answers of student and teacher compared on the target's first
-        tokens (``answer_accuracy`` = student matches the target, ``teacher_answer_accuracy``, and
-        ``teacher_agreement`` = student's answer tokens equal the teacher's)."""
+        ``--target_column`` in the eval file: greedy answers (``answer_max_tokens`` tokens) of student and teacher,
+        decoded; the first word (lower-cased letters) is compared with the target's first word:
+        ``answer_accuracy`` (student vs target), ``teacher_answer_accuracy`` and ``teacher_agreement``
+        (student's first word == teacher's)."""
         gen = torch.Generator(device=ctx.device).manual_seed(self.cfg.seed + ctx.rank)
         r = self._sample(ctx, batch, 0.0, gen)
         n = float(r.response_mask.shape[0])
         rev = L.k3_reverse_kl(r.student_logprobs, r.teacher_logprobs, r.response_mask, length_norm=True)
         out = {"rev_kl": (float(rev) * n, n), "response_len": (float(r.response_mask.sum()), n)}
         if "target_labels" in batch:
-            tgt = batch["target_labels"]
-            valid = tgt != -100
-            width = torch.tensor([tgt.shape[1]], device=tgt.device)
-            if ctx.world_size > 1:  # same number of decoding steps on every rank (ZeRO-3 forwards are collectives)
-                import torch.distributed as dist
-
-                dist.all_reduce(width, op=dist.ReduceOp.MAX)
-            width = int(width[0])
-            s_ans = self._greedy(ctx, batch, ctx.student.module, width)
-            t_ans = self._greedy(ctx, batch, ctx.teacher_model, width)
-            has = valid.any(-1)
-
-            def match(a, b):
-                a, b = a[:, : tgt.shape[1]], b[:, : tgt.shape[1]]
-                return ((a == b) | ~valid).all(-1) & has
-
-            m = float(has.sum())
-            out["answer_accuracy"] = (float(match(s_ans, tgt).sum()), m)
-            out["teacher_answer_accuracy"] = (float(match(t_ans, tgt).sum()), m)
-            out["teacher_agreement"] = (float(match(s_ans, t_ans).sum()), m)
+            tok = ctx.tokenizer
+            targets = [first_word(tok.decode([int(i) for i in row if i >= 0], skip_special_tokens=True))
+                       for row in batch["target_labels"]]
+            s_ans = self._greedy_words(ctx, batch, ctx.student.module)
+            t_ans = self._greedy_words(ctx, batch, ctx.teacher_model)
+            has = [bool(t) for t in targets]
+            m = float(sum(has))
+            out["answer_accuracy"] = (float(sum(h and a == t for h, a, t in zip(has, s_ans, targets))), m)
+            out["teacher_answer_accuracy"] = (float(sum(h and a == t for h, a, t in zip(has, t_ans, targets))), m)
+            out["teacher_agreement"] = (float(sum(h and a == t for h, a, t in zip(has, s_ans, t_ans))), m)
         return out
 
-    def _greedy(self, ctx, batch, model, width: int) -> torch.Tensor:
-        """Greedy answer tokens of one model, padded / cut to ``width`` (pad = -1, never equal to a target)."""
-        r = mixed_sample(model, None, batch["input_ids"], batch["attention_mask"], max_new_tokens=width,
-                         eos_token_id=ctx.tokenizer.eos_token_id, pad_token_id=ctx.tokenizer.pad_token_id, alpha=0.0,
-                         do_sample=False, vocab_size=self.vocab_size, synced_ranks=ctx.world_size > 1)
-        ans = r.response_ids.masked_fill(r.response_mask == 0, -1)
-        if ans.shape[1] < width:
-            ans = torch.cat([ans, ans.new_full((ans.shape[0], width - ans.shape[1]), -1)], dim=1)
-        return ans[:, :width]
+    def _greedy_words(self, ctx, batch, model) -> list[str]:
+        """First word of each greedy answer of one model (same number of steps on every rank)."""
+        r = mixed_sample(model, None, batch["input_ids"], batch["attention_mask"],
+                         max_new_tokens=self.opts.answer_max_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
+                         pad_token_id=ctx.tokenizer.pad_token_id, alpha=0.0, do_sample=False,
+                         vocab_size=self.vocab_size, synced_ranks=ctx.world_size > 1)
+        ids = r.response_ids.masked_fill(r.response_mask == 0, -1)
+        return [first_word(ctx.tokenizer.decode([int(i) for i in row if i >= 0], skip_special_tokens=True))
+                for row in ids]
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
