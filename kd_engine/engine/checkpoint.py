@@ -6,7 +6,7 @@ Layout under ``output_dir``::
     checkpoints/step-00000006/  one complete checkpoint
         student/ ...            DeepSpeed engine checkpoint (model, optimizer, scheduler, client state)
         <engine name>/ ...      any extra engine a method registered (e.g. a generator)
-        rng-rank<r>.pt          per-rank RNG states
+        rank<r>.pt              per-rank RNG states and per-rank method state (e.g. rollout buffers)
         COMPLETE                written last: a folder without it is ignored and deleted
 A checkpoint is written into ``checkpoints/.tmp-step-...`` and renamed into place once every rank finished, so a
 crash mid-write never leaves a folder that looks complete.
@@ -118,7 +118,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: int, barrier, keep: int) -> str:
+def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: int, barrier, keep: int,
+         rank_state: Optional[dict] = None) -> str:
     """Save every engine (collective call) and publish the checkpoint atomically; rotate old ones."""
     root = checkpoint_root(output_dir)
     name = f"step-{step:08d}"
@@ -131,7 +132,7 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     for tag, engine in engines.items():
         engine.save_checkpoint(tmp, tag=tag, client_state=client_state if tag == "student" else {},
                                save_latest=False)
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    torch.save({"rng": rng_state(), "method": rank_state or {}}, os.path.join(tmp, f"rank{rank}.pt"))
     barrier()
     if rank == 0:
         _atomic_write_text(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "time": time.time()}))
@@ -147,8 +148,8 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     return final
 
 
-def load(path: str, engines: dict, rank: int) -> dict:
-    """Load every engine from a complete checkpoint; returns the student's client state."""
+def load(path: str, engines: dict, rank: int) -> tuple[dict, dict]:
+    """Load every engine from a complete checkpoint; returns (the student's client state, this rank's state)."""
     client_state: dict = {}
     for tag, engine in engines.items():
         if not os.path.isdir(os.path.join(path, tag)):
@@ -159,7 +160,10 @@ def load(path: str, engines: dict, rank: int) -> dict:
             raise KDError(f"could not load the '{tag}' engine from {path}")
         if tag == "student":
             client_state = cs or {}
-    rng_file = os.path.join(path, f"rng-rank{rank}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state
+    rank_file = os.path.join(path, f"rank{rank}.pt")
+    if not os.path.isfile(rank_file):
+        raise KDError(f"checkpoint {path} has no state for rank {rank}: resume with the number of ranks it was "
+                      "written with (or convert it with deepspeed.checkpoint.ds_to_universal)")
+    own = torch.load(rank_file, weights_only=False)
+    set_rng_state(own["rng"])
+    return client_state, own.get("method", {})

@@ -221,20 +221,21 @@ class Trainer:
         if self.run_mode != "resume":
             return
         step, path = checkpoint.latest_checkpoint(self.cfg.output_dir)
-        state = checkpoint.load(path, self.engines, self.rank)
+        state, rank_state = checkpoint.load(path, self.engines, self.rank)
+        if state.get("method_name", self.method.name) != self.method.name:
+            raise KDError(f"{path} was written by method '{state['method_name']}', not '{self.method.name}'")
         self.global_step = int(state.get("global_step", step))
         self.sampler.load_state_dict(state["sampler"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
-        self.method.load_state_dict(state.get("method", {}))
+        self.method.load_state_dict(rank_state)
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     def _save(self) -> None:
         state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
-                 "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
-                 "method": self.method.state_dict(), "method_name": self.method.name}
+                 "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "method_name": self.method.name}
         checkpoint.save(self.cfg.output_dir, self.global_step, self.engines, state, self.rank, dist.barrier,
-                        self.cfg.save_total_limit)
+                        self.cfg.save_total_limit, rank_state=self.method.state_dict())
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -112,7 +112,8 @@ class Method:
 
     # ---- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Method state that a checkpoint must carry for exact resume (buffers, counters)."""
+        """This rank's method state that a checkpoint must carry for exact resume (buffers, counters); called on
+        every rank and stored per rank."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
