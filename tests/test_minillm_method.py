@@ -65,6 +65,31 @@ def test_minillm_trains_with_rollouts_ppo_and_pt(assets, tmp_path, stage):
         assert 0.0 <= ev[-1][key] <= 1.0, key
 
 
+def test_minillm_resumes_exactly_in_the_middle_of_a_rollout_round(assets, tmp_path):
+    """The rollout buffer and the PPO position are per-rank checkpoint state: stop after step 2 of a 4-minibatch
+    round, resume, and steps 3-5 (rest of the round + a new round) match a straight run."""
+    def argv(out, steps, *extra):
+        return ["--method", "minillm", "--teacher", str(assets / "teacher"), "--student.layers", "1",
+                "--train_file", str(assets / "prompts.jsonl"), "--pt_file", str(assets / "pt.txt"),
+                "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "2",
+                "--num_rollouts", "4", "--ppo_epochs", "2", "--max_new_tokens", "5", "--learning_rate", "1e-3",
+                "--lr_scheduler_type", "constant", "--logging_steps", "1", "--disable_tqdm", "true",
+                "--target_column", "answer", *extra]
+
+    def losses(out):
+        rows = [json.loads(x) for x in open(out / "train_log.jsonl")]
+        return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+    a = _run(argv(tmp_path / "a", 5))
+    _run(argv(tmp_path / "b", 2))
+    b = _run(argv(tmp_path / "b", 5, "--resume"))
+    assert b.method.round == a.method.round == 2
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [la[s] for s in range(1, 6)] == [lb[s] for s in range(1, 6)]
+    sa, sb = a.student.module.state_dict(), b.student.module.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def _t5_teacher(d):
     """Tiny random T5 with a SentencePiece tokenizer trained here (60 tokens; 64 logit rows like Flan-T5's padding)."""
     import sentencepiece as spm

@@ -328,8 +328,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, float]:
         cfg = self.cfg
+        self._save()  # before evaluating: the checkpoint holds the training state as the last step left it
         metrics = self.evaluate()
-        self._save()
         self.final_metrics = metrics
         if cfg.export:
             card = {

@@ -370,7 +370,10 @@ class MiniLLM(Method):
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"round": self.round}
+        # this rank's rollout buffer and position in the PPO round: a resume continues mid-round exactly
+        state = {"round": self.round, "mb_pos": self.mb_pos, "mb_per_round": self.mb_per_round,
+                 "per_epoch": getattr(self, "per_epoch", 0), "round_stats": dict(self.round_stats),
+                 "buffer": list(self.buffer.samples) if getattr(self, "buffer", None) is not None else []}
         if self.pt is not None:
             state["pt_sampler"] = self.pt_sampler.state_dict()
         return state
@@ -380,7 +383,11 @@ class MiniLLM(Method):
         self.pt_state = state.get("pt_sampler")
         if self.pt_state is not None and getattr(self, "pt_sampler", None) is not None:
             self.pt_sampler.load_state_dict(self.pt_state)
-        self.mb_pos, self.mb_per_round = 0, 0  # a resumed run starts a fresh rollout round
+        self.mb_pos, self.mb_per_round = int(state.get("mb_pos", 0)), int(state.get("mb_per_round", 0))
+        self.per_epoch = int(state.get("per_epoch", 0))
+        self.round_stats = dict(state.get("round_stats", {}))
+        if getattr(self, "buffer", None) is not None:
+            self.buffer.samples = list(state.get("buffer", []))
 
     def card_info(self):
         o = self.opts
