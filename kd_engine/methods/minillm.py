@@ -325,7 +325,7 @@ class MiniLLM(Method):
                 stats.update(pt_stats)
             loss = sum(terms.values())
             ctx.student.backward(loss)
-            ctx.student.step()
+            ctx.student_step()
             for k, v in {**terms, **stats}.items():
                 add(k, v.detach())
             add("loss", loss.detach())
