@@ -7,7 +7,8 @@
 #   bash scripts/minilmv2_demo.sh                     # ~1 h on 2 shared CPU cores (stages can run side by side)
 #   DISTIL_STEPS=20 SFT_STEPS=20 bash scripts/minilmv2_demo.sh      # smoke run
 #
-# Env: OUT (outputs/minilmv2_demo), WORK (tmp dir for the SST-2 slices), WIKI (glob of the corpus files),
+# Env: OUT (outputs; run folders are OUT/minilmv2_*), WORK (tmp dir for the SST-2 slices),
+#      WIKI (glob of the corpus files),
 #      DISTIL_STEPS (100), DISTIL_BATCH (8), SFT_STEPS (100), SFT_BATCH (32), SFT_LR (1e-4),
 #      SST2 (../shared/data/sst2/train.tsv), TRAIN_ROWS (4000), EVAL_FROM (60001), EVAL_ROWS (1000),
 #      THREADS (OMP threads per run, 2).
@@ -15,7 +16,7 @@
 # A stage whose folder already has final/config.json (or config.json for the random student) is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-outputs/minilmv2_demo}
+OUT=${OUT:-outputs}
 WORK=${WORK:-${TMPDIR:-/tmp}/minilmv2_demo}
 WIKI=${WIKI:-../shared/data/enwiki_2015_sample/wiki_0[0-2]}
 SST2=${SST2:-../shared/data/sst2/train.tsv}
@@ -44,22 +45,22 @@ run() {  # name, then launch/train.py arguments
 }
 
 # 1. MiniLMv2: relation distillation of the teacher's last layer into the student's last layer (48 relation heads)
-run distil --method minilmv2 --teacher "$TEACHER" --student.layers 3 --student.hidden 384 --student.heads 12 \
+run minilmv2_distil --method minilmv2 --teacher "$TEACHER" --student.layers 3 --student.hidden 384 --student.heads 12 \
   --train_file "$WIKI" --max_length 128 --per_device_train_batch_size "${DISTIL_BATCH:-8}" \
   --max_steps "$DISTIL_STEPS" --learning_rate 6e-4 --warmup_steps $(( DISTIL_STEPS / 10 )) --weight_decay 0.01 \
   --adam_epsilon 1e-6 --logging_steps 5
 
 # 2. the same architecture at random init (the baseline distillation has to beat)
-[ -f "$OUT/random3x384/config.json" ] || $PY -m kd_engine.shrink --teacher "$TEACHER" --layers 3 --hidden 384 \
-  --heads 12 --init random --output_dir "$OUT/random3x384" --overwrite
+[ -f "$OUT/minilmv2_random3x384/config.json" ] || $PY -m kd_engine.shrink --teacher "$TEACHER" --layers 3 --hidden 384 \
+  --heads 12 --init random --output_dir "$OUT/minilmv2_random3x384" --overwrite
 
 # 3. SST-2 fine-tuning with a fresh 2-way head, identical settings for the three encoders
 SFT=(--method sft --num_labels 2 --train_file "$WORK/train.tsv" --eval_file "$WORK/eval.tsv" --text_column sentence
      --label_column label --max_length 64 --per_device_train_batch_size "${SFT_BATCH:-32}" --max_steps "$SFT_STEPS"
      --learning_rate "${SFT_LR:-1e-4}" --warmup_steps $(( SFT_STEPS / 10 )) --weight_decay 0.01 --logging_steps 10)
-run sft_teacher "${SFT[@]}" --student "$TEACHER"
-run sft_distilled "${SFT[@]}" --student "$OUT/distil/final"
-run sft_random "${SFT[@]}" --student "$OUT/random3x384"
+run minilmv2_sft_teacher "${SFT[@]}" --student "$TEACHER"
+run minilmv2_sft_distilled "${SFT[@]}" --student "$OUT/minilmv2_distil/final"
+run minilmv2_sft_random "${SFT[@]}" --student "$OUT/minilmv2_random3x384"
 
 $PY - "$OUT" <<'EOF'
 import json, sys
@@ -67,12 +68,12 @@ out = sys.argv[1]
 def records(name):
     with open(f"{out}/{name}/train_log.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
-loss = [(r["step"], r["loss"]) for r in records("distil") if r.get("split") == "train"]
+loss = [(r["step"], r["loss"]) for r in records("minilmv2_distil") if r.get("split") == "train"]
 print("relation loss (step: value):", ", ".join(f"{s}: {v:.3f}" for s, v in loss))
 print("| encoder | layers x hidden | SST-2 held-out accuracy |\n|---|---|---|")
-for name, what, arch in (("sft_teacher", "teacher all-MiniLM-L6-v2", "6 x 384"),
-                         ("sft_distilled", "MiniLMv2-distilled student", "3 x 384"),
-                         ("sft_random", "random init", "3 x 384")):
+for name, what, arch in (("minilmv2_sft_teacher", "teacher all-MiniLM-L6-v2", "6 x 384"),
+                         ("minilmv2_sft_distilled", "MiniLMv2-distilled student", "3 x 384"),
+                         ("minilmv2_sft_random", "random init", "3 x 384")):
     ev = [r for r in records(name) if r.get("split") == "eval"]
     print(f"| {what} | {arch} | {ev[-1]['accuracy']:.4f} |" if ev else f"| {what} | {arch} | (no eval) |")
 EOF
