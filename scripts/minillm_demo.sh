@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Issue 6's real run (CPU-sized): MiniLLM vs SFT vs word-level KD on ANLI prompts, SmolLM2-135M-Instruct teacher.
+#   1. ANLI R1+R2 dev+test -> instruction prompts with label-word answers (scripts/anli_prompts.py); HELDOUT prompts
+#      (seeded shuffle) are held out, the rest is the training pool.
+#   2. student_init: SmolLM2 shrunk to LAYERS layers (teacher layers copied) + INIT_STEPS of --method sft on the
+#      prompt/answer pairs (loss on the answer only, --target_column answer).
+#   3. From student_init, STEPS steps each of --method minillm (pretraining batch from the Wikipedia sample),
+#      --method kd (alpha 0.5, temperature 1, same prompt/answer data) and --method sft (continued), same lr.
+#   4. benchmarks/minillm_compare.py: teacher, student_init and the three students on the held-out prompts
+#      -> benchmarks/results/minillm_compare.{json,md}.
+#
+#   bash scripts/minillm_demo.sh            # ~40 min on 2 busy shared CPU cores
+#
+# Env: OUT (outputs/minillm_demo), TEACHER (offline:smollm2-135m), LAYERS (10), HELDOUT (32), INIT_STEPS (16),
+#      STEPS (8), LR (1e-4, the three compared methods), INIT_LR (2e-4), BS (4), PROMPT_LEN (96),
+#      NEW_TOKENS (8: minillm rollouts and the eval samples), ROLLOUTS (8), PPO_EPOCHS (2),
+#      PT (../shared/data/enwiki_2015_sample/wiki_00), PT_LINES (2000), PARALLEL (1: the three methods side by side, 1 thread each).
+# A stage whose OUT/<name>/final/config.json exists is skipped (delete it to redo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/minillm_demo}
+TEACHER=${TEACHER:-offline:smollm2-135m}
+LAYERS=${LAYERS:-10}
+HELDOUT=${HELDOUT:-32}
+INIT_STEPS=${INIT_STEPS:-16}
+STEPS=${STEPS:-8}
+LR=${LR:-1e-4}
+INIT_LR=${INIT_LR:-2e-4}
+BS=${BS:-4}
+PROMPT_LEN=${PROMPT_LEN:-96}
+NEW_TOKENS=${NEW_TOKENS:-8}
+ROLLOUTS=${ROLLOUTS:-8}
+PPO_EPOCHS=${PPO_EPOCHS:-2}
+PT=${PT:-../shared/data/enwiki_2015_sample/wiki_00}
+PARALLEL=${PARALLEL:-1}
+ANLI=${ANLI:-../shared/data/anli}
+export TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python}
+for f in "$ANLI"/R1/dev.jsonl "$ANLI"/R1/test.jsonl "$ANLI"/R2/dev.jsonl "$ANLI"/R2/test.jsonl "$PT"; do
+  [ -f "$f" ] || { echo "missing $f (see ../shared/data/README.md)" >&2; exit 2; }
+done
+mkdir -p "$OUT/data"
+D=$OUT/data
+$PY scripts/anli_prompts.py "$ANLI"/R1/dev.jsonl "$ANLI"/R1/test.jsonl "$ANLI"/R2/dev.jsonl "$ANLI"/R2/test.jsonl \
+  --out "$D/anli_r12_all.jsonl"
+$PY - "$D" "$HELDOUT" <<'EOF'
+import json, random, sys
+d, n = sys.argv[1], int(sys.argv[2])
+rows = open(f"{d}/anli_r12_all.jsonl", encoding="utf-8").read().splitlines()
+random.Random(0).shuffle(rows)
+open(f"{d}/heldout.jsonl", "w", encoding="utf-8").write("\n".join(rows[:n]) + "\n")
+open(f"{d}/train.jsonl", "w", encoding="utf-8").write("\n".join(rows[n:]) + "\n")
+print(f"{len(rows) - n} training prompts, {n} held-out prompts")
+EOF
+
+# pretraining corpus for minillm's pt term: paragraphs of the Wikipedia sample (its files have no extension and
+# WikiExtractor <doc> tags, so the first PT_LINES text paragraphs of $PT go to a .txt file)
+PT_LINES=${PT_LINES:-2000}
+grep -v -e '^<doc' -e '^</doc>' -e '^[[:space:]]*$' "$PT" | head -n "$PT_LINES" > "$D/pt.txt"
+
+COMMON=(--train_file "$D/train.jsonl" --text_column text --target_column answer --max_length "$PROMPT_LEN"
+        --per_device_train_batch_size "$BS" --logging_steps 5 --report_to none --disable_tqdm true
+        --overwrite_output_dir true --lr_scheduler_type constant)
+
+train() {  # name, threads, then method arguments
+  local name=$1 threads=$2; shift 2
+  if [ -f "$OUT/$name/final/config.json" ]; then echo "== $name: done already ($OUT/$name/final)"; return; fi
+  echo "== $name: OMP_NUM_THREADS=$threads $PY launch/train.py $* ${COMMON[*]} --output_dir $OUT/$name"
+  local t0=$SECONDS
+  OMP_NUM_THREADS=$threads $PY launch/train.py "$@" "${COMMON[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+    || { echo "$name failed, see $OUT/$name.log" >&2; tail -20 "$OUT/$name.log" >&2; return 1; }
+  echo "== $name: $(( SECONDS - t0 )) s"
+}
+
+# 2. student_init: 10 of the teacher's 30 layers, then a brief sft on the prompt/answer pairs
+train student_init 2 --method sft --teacher "$TEACHER" --student.layers "$LAYERS" --max_steps "$INIT_STEPS" \
+  --warmup_steps $(( INIT_STEPS / 10 )) --learning_rate "$INIT_LR"
+S=$OUT/student_init/final
+
+# 3. the three methods from student_init, same steps and lr
+RUNS=(
+  "minillm --method minillm --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR
+   --max_prompt_length $PROMPT_LEN --max_new_tokens $NEW_TOKENS --num_rollouts $ROLLOUTS --ppo_epochs $PPO_EPOCHS
+   --teacher_mixed_alpha 0.2 --pt_file $D/pt.txt --pt_max_length $PROMPT_LEN --kd_ratio 0.5"
+  "kd --method kd --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR --alpha 0.5 --temperature 1"
+  "sft --method sft --student $S --max_steps $STEPS --learning_rate $LR"
+)
+if [ "$PARALLEL" = 1 ]; then
+  pids=()
+  for r in "${RUNS[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $r; name=$1; shift
+    train "$name" 1 "$@" & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+else
+  for r in "${RUNS[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $r; name=$1; shift
+    train "$name" 2 "$@"
+  done
+fi
+
+# 4. held-out comparison (teacher, student_init and the three students)
+RES=${RES:-benchmarks/results/minillm_compare}
+echo "== compare -> $RES.{json,md}"
+t0=$SECONDS
+OMP_NUM_THREADS=2 $PY benchmarks/minillm_compare.py --teacher "$TEACHER" --prompts "$D/heldout.jsonl" \
+  --max_prompt_length "$PROMPT_LEN" --max_new_tokens "$NEW_TOKENS" --answer_max_tokens 6 --samples 1 --batch_size 8 \
+  --model student_init="$S" --model minillm="$OUT/minillm/final" --model kd="$OUT/kd/final" \
+  --model sft="$OUT/sft/final" --out "$RES" > "$OUT/compare.log" 2>&1 \
+  || { echo "compare failed, see $OUT/compare.log" >&2; tail -20 "$OUT/compare.log" >&2; exit 1; }
+echo "== compare: $(( SECONDS - t0 )) s"
+cat "$RES.md"
