@@ -246,7 +246,7 @@ def test_whitening_across_two_ranks_equals_global(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "w.pt"
-    mp.start_processes(_whiten_worker, args=(2, port, x, mask, str(out)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_whiten_worker, args=(2, port, x, mask, str(out)), nprocs=2, join=True, start_method="spawn")
     assert torch.allclose(torch.load(out), L.masked_whiten(x, mask, distributed=False), atol=1e-6)
     # and a per-rank whitening would differ
     assert not torch.allclose(torch.load(out)[:2], L.masked_whiten(x[:2], mask[:2], distributed=False), atol=1e-3)
