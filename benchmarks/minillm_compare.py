@@ -118,6 +118,10 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/minillm_compare")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the rows already in <out>.json (same prompts and settings) and evaluate only new names")
+    p.add_argument("--reuse_from", action="append", default=[],
+                   help="also keep the rows of this earlier result json (same settings; repeatable)")
     args = p.parse_args()
     models = [m.split("=", 1) for m in args.model]
     if any(len(m) != 2 for m in models):
@@ -131,20 +135,35 @@ def main() -> None:
     answers = [r["answer"] for r in rows]
     teacher = load_model(args.teacher, "causal_lm", dtype=torch.float32).eval()
 
+    settings = {"teacher": args.teacher, "prompts": args.prompts, "n_prompts": len(rows),
+                "max_prompt_length": args.max_prompt_length, "max_new_tokens": args.max_new_tokens,
+                "samples_per_prompt": args.samples, "answer_max_tokens": args.answer_max_tokens, "seed": args.seed}
     results = {}
-    t0 = time.perf_counter()
-    # the teacher's own reverse KL is 0 by definition: greedy answers only
-    res, teacher_words = evaluate(teacher, teacher, tok, prompt_ids, answers, None, args, samples=0)
-    res.update(teacher_agreement=1.0, rev_kl_seq=0.0, rev_kl_k3=0.0, rev_kl_token_exact=0.0, response_len=None)
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    results["teacher"] = res
-    print(json.dumps({"teacher": res}), flush=True)
+    for path in ([args.out + ".json"] if args.reuse else []) + args.reuse_from:
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                old = json.load(fh)
+            if all(old.get(k) == v for k, v in settings.items()):
+                results.update({k: v for k, v in old["results"].items() if k not in results})
+    if "teacher" in results:
+        teacher_words = results["teacher"]["first_words"]
+    else:
+        t0 = time.perf_counter()
+        # the teacher's own reverse KL is 0 by definition: greedy answers only
+        res, teacher_words = evaluate(teacher, teacher, tok, prompt_ids, answers, None, args, samples=0)
+        res.update(teacher_agreement=1.0, rev_kl_seq=0.0, rev_kl_k3=0.0, rev_kl_token_exact=0.0, response_len=None,
+                   first_words=teacher_words, seconds=round(time.perf_counter() - t0, 1))
+        results["teacher"] = res
+        print(json.dumps({"teacher": res}), flush=True)
     for name, path in models:
+        if name in results:
+            continue
         t0 = time.perf_counter()
         student = load_model(path, "causal_lm", dtype=torch.float32).eval()
         if student.get_output_embeddings().weight.shape[0] < len(tok):
             sys.exit(f"error: {path} has a smaller vocabulary than the teacher's tokenizer")
-        res, _ = evaluate(student, teacher, tok, prompt_ids, answers, teacher_words, args, args.samples)
+        res, words = evaluate(student, teacher, tok, prompt_ids, answers, teacher_words, args, args.samples)
+        res["first_words"] = words
         res["params"] = sum(p.numel() for p in student.parameters())
         res["seconds"] = round(time.perf_counter() - t0, 1)
         results[name] = res
@@ -152,10 +171,7 @@ def main() -> None:
         del student
 
     summary = {
-        "benchmark": "minillm_compare", "teacher": args.teacher, "prompts": args.prompts, "n_prompts": len(rows),
-        "truncated_prompts": truncated, "max_prompt_length": args.max_prompt_length,
-        "max_new_tokens": args.max_new_tokens, "samples_per_prompt": args.samples,
-        "answer_max_tokens": args.answer_max_tokens, "seed": args.seed, "torch": torch.__version__,
+        "benchmark": "minillm_compare", **settings, "truncated_prompts": truncated, "torch": torch.__version__,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "results": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -12,9 +12,10 @@
 #   bash scripts/minillm_demo.sh            # ~40 min on 2 busy shared CPU cores
 #
 # Env: OUT (outputs/minillm_demo), TEACHER (offline:smollm2-135m), LAYERS (10), HELDOUT (32), INIT_STEPS (16),
-#      STEPS (8), LR (1e-4, the three compared methods), INIT_LR (2e-4), BS (4), PROMPT_LEN (96),
+#      STEPS (4), LR (1e-4, the three compared methods), INIT_LR (2e-4), BS (4), PROMPT_LEN (96),
 #      NEW_TOKENS (8: minillm rollouts and the eval samples), ROLLOUTS (8), PPO_EPOCHS (2),
-#      PT (../shared/data/enwiki_2015_sample/wiki_00), PT_LINES (2000), PARALLEL (1: the three methods side by side, 1 thread each).
+#      PT (../shared/data/enwiki_2015_sample/wiki_00), PT_LINES (2000), PARALLEL (1: the three methods side by side, 1 thread each),
+#      EVAL_PROMPTS (16 of the held-out prompts are evaluated).
 # A stage whose OUT/<name>/final/config.json exists is skipped (delete it to redo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ TEACHER=${TEACHER:-offline:smollm2-135m}
 LAYERS=${LAYERS:-10}
 HELDOUT=${HELDOUT:-32}
 INIT_STEPS=${INIT_STEPS:-16}
-STEPS=${STEPS:-8}
+STEPS=${STEPS:-4}
 LR=${LR:-1e-4}
 INIT_LR=${INIT_LR:-2e-4}
 BS=${BS:-4}
@@ -33,6 +34,7 @@ ROLLOUTS=${ROLLOUTS:-8}
 PPO_EPOCHS=${PPO_EPOCHS:-2}
 PT=${PT:-../shared/data/enwiki_2015_sample/wiki_00}
 PARALLEL=${PARALLEL:-1}
+EVAL_PROMPTS=${EVAL_PROMPTS:-16}
 ANLI=${ANLI:-../shared/data/anli}
 export TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
@@ -56,7 +58,7 @@ EOF
 # pretraining corpus for minillm's pt term: paragraphs of the Wikipedia sample (its files have no extension and
 # WikiExtractor <doc> tags, so the first PT_LINES text paragraphs of $PT go to a .txt file)
 PT_LINES=${PT_LINES:-2000}
-grep -v -e '^<doc' -e '^</doc>' -e '^[[:space:]]*$' "$PT" | head -n "$PT_LINES" > "$D/pt.txt"
+awk -v n="$PT_LINES" '!/^<\/?doc/ && NF { print; if (++k >= n) exit }' "$PT" > "$D/pt.txt"
 
 COMMON=(--train_file "$D/train.jsonl" --text_column text --target_column answer --max_length "$PROMPT_LEN"
         --per_device_train_batch_size "$BS" --logging_steps 5 --report_to none --disable_tqdm true
@@ -77,7 +79,16 @@ train student_init 2 --method sft --teacher "$TEACHER" --student.layers "$LAYERS
   --warmup_steps $(( INIT_STEPS / 10 )) --learning_rate "$INIT_LR"
 S=$OUT/student_init/final
 
-# 3. the three methods from student_init, same steps and lr
+# 3. the three methods from student_init, same steps and lr; meanwhile (PARALLEL=1) the teacher and student_init
+#    rows of the comparison are computed
+RES=${RES:-benchmarks/results/minillm_compare}
+compare() {  # OUT_PREFIX THREADS NAME=PATH ... ; rows already in OUT_PREFIX.json / cmp_*.json (same settings) are kept
+  local out=$1 threads=$2; shift 2
+  local from=(); for f in "$OUT"/cmp_*.json; do [ -f "$f" ] && from+=(--reuse_from "$f"); done
+  OMP_NUM_THREADS=$threads $PY benchmarks/minillm_compare.py --teacher "$TEACHER" --prompts "$D/heldout.jsonl" \
+    --max_prompts "$EVAL_PROMPTS" --max_prompt_length "$PROMPT_LEN" --max_new_tokens "$NEW_TOKENS" \
+    --answer_max_tokens 6 --samples 1 --batch_size 8 --reuse "${from[@]}" --out "$out" "${@/#/--model=}"
+}
 RUNS=(
   "minillm --method minillm --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR
    --max_prompt_length $PROMPT_LEN --max_new_tokens $NEW_TOKENS --num_rollouts $ROLLOUTS --ppo_epochs $PPO_EPOCHS
@@ -85,13 +96,17 @@ RUNS=(
   "kd --method kd --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR --alpha 0.5 --temperature 1"
   "sft --method sft --student $S --max_steps $STEPS --learning_rate $LR"
 )
+t0=$SECONDS
 if [ "$PARALLEL" = 1 ]; then
   pids=()
   for r in "${RUNS[@]}"; do
     # shellcheck disable=SC2086
     set -- $r; name=$1; shift
-    train "$name" 1 "$@" & pids+=($!)
+    # each student is evaluated as soon as it is trained (its row goes to $OUT/cmp_<name>.json)
+    { train "$name" 1 "$@" && while [ ! -f "$OUT/cmp_init.json" ]; do sleep 10; done \
+        && compare "$OUT/cmp_$name" 1 "$name=$OUT/$name/final" > "$OUT/cmp_$name.log" 2>&1; } & pids+=($!)
   done
+  compare "$OUT/cmp_init" 1 student_init="$S" > "$OUT/cmp_init.log" 2>&1 & pids+=($!)
   for p in "${pids[@]}"; do wait "$p"; done
 else
   for r in "${RUNS[@]}"; do
@@ -101,14 +116,9 @@ else
   done
 fi
 
-# 4. held-out comparison (teacher, student_init and the three students)
-RES=${RES:-benchmarks/results/minillm_compare}
+# 4. held-out comparison: teacher, student_init and the three students
 echo "== compare -> $RES.{json,md}"
-t0=$SECONDS
-OMP_NUM_THREADS=2 $PY benchmarks/minillm_compare.py --teacher "$TEACHER" --prompts "$D/heldout.jsonl" \
-  --max_prompt_length "$PROMPT_LEN" --max_new_tokens "$NEW_TOKENS" --answer_max_tokens 6 --samples 1 --batch_size 8 \
-  --model student_init="$S" --model minillm="$OUT/minillm/final" --model kd="$OUT/kd/final" \
-  --model sft="$OUT/sft/final" --out "$RES" > "$OUT/compare.log" 2>&1 \
-  || { echo "compare failed, see $OUT/compare.log" >&2; tail -20 "$OUT/compare.log" >&2; exit 1; }
-echo "== compare: $(( SECONDS - t0 )) s"
+compare "$RES" 2 student_init="$S" minillm="$OUT/minillm/final" kd="$OUT/kd/final" sft="$OUT/sft/final" \
+  > "$OUT/compare.log" 2>&1 || { echo "compare failed, see $OUT/compare.log" >&2; tail -20 "$OUT/compare.log" >&2; exit 1; }
+echo "== stages 3-4: $(( SECONDS - t0 )) s"
 cat "$RES.md"
