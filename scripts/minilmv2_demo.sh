@@ -73,9 +73,11 @@ run minilmv2_sft_copy "${SFT[@]}" --student "$OUT/minilmv2_copy3x384"
 run minilmv2_sft_random "${SFT[@]}" --student "$OUT/minilmv2_random3x384"
 
 $PY - "$OUT" <<'EOF'
-import json, sys
+import json, os, sys
 out = sys.argv[1]
 def records(name):
+    if not os.path.exists(f"{out}/{name}/train_log.jsonl"):
+        return []
     with open(f"{out}/{name}/train_log.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
 for run in ("minilmv2_distil", "minilmv2_distil_randinit"):
