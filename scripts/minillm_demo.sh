@@ -9,7 +9,7 @@
 #   4. benchmarks/minillm_compare.py: teacher, student_init and the three students on the held-out prompts
 #      -> benchmarks/results/minillm_compare.{json,md}.
 #
-#   bash scripts/minillm_demo.sh            # ~40 min on 2 busy shared CPU cores
+#   bash scripts/minillm_demo.sh            # measured ~23 min on 2 busy shared CPU cores (student_init 13, rest 10)
 #
 # Env: OUT (outputs/minillm_demo), TEACHER (offline:smollm2-135m), LAYERS (10), HELDOUT (32), INIT_STEPS (16),
 #      STEPS (4), LR (1e-4, the three compared methods), INIT_LR (2e-4), BS (4), PROMPT_LEN (96),
