@@ -16,7 +16,7 @@ if [ -z "${TRAIN:-}" ]; then
     --out outputs/data/anli_r12_dev.jsonl
   TRAIN=outputs/data/anli_r12_dev.jsonl
 fi
-PT=${PT:-../shared/data/enwiki_2015_sample/wiki_00}
+PT=${PT:-../shared/data/wikitext-2-raw/wiki.valid.raw}  # one text per line (.txt/.raw/.jsonl/.csv)
 STUDENT_ARGS=(--student.layers 10)
 [ -n "${STUDENT:-}" ] && STUDENT_ARGS=(--student "$STUDENT")
 ARGS=(--method minillm --teacher "$TEACHER" "${STUDENT_ARGS[@]}" --deepspeed "$DS_CONFIG" --output_dir "$OUT"
