@@ -11,14 +11,11 @@ import torch
 import tiny
 from kd_engine.cli import main as cli_main
 from kd_engine.config import build_config
-from kd_engine.dist import free_port
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _single_process_env(tmp_path_factory):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    os.environ["KD_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("kdcache"))
+    tiny.single_process_env(str(tmp_path_factory.mktemp("kdcache")))
 
 
 @pytest.fixture(scope="session")

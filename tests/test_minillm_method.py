@@ -12,9 +12,7 @@ from kd_engine.dist import free_port
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_process_env(tmp_path_factory):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    os.environ["KD_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("kdcache"))
+    tiny.single_process_env(str(tmp_path_factory.mktemp("kdcache")))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 import tiny
 from kd_engine.config import build_config
 from kd_engine.data.supervised import build_supervised_data
-from kd_engine.dist import free_port
 from kd_engine.losses.kd import kl_div_rows, shift_for_causal_lm
 from kd_engine.methods.base import Method, register
 from kd_engine.models.build import load_or_build_student, load_teacher_model
@@ -78,9 +77,7 @@ class ToyAdversarial(Method):
 
 @pytest.fixture(scope="module", autouse=True)
 def _env(tmp_path_factory):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-    os.environ.setdefault("KD_ENGINE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    tiny.single_process_env(str(tmp_path_factory.mktemp("cache")))
 
 
 def _run(argv):

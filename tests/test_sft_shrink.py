@@ -13,15 +13,13 @@ import torch
 
 import tiny
 from kd_engine.config import build_config
-from kd_engine.dist import free_port
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_process_env(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                                           "KD_ENGINE_CACHE")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), KD_ENGINE_CACHE=str(tmp_path_factory.mktemp("kdcache")))
+    tiny.single_process_env(str(tmp_path_factory.mktemp("kdcache")))
     yield
     for k, v in old.items():
         if v is None:

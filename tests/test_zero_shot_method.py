@@ -18,9 +18,7 @@ CNE = {"contradiction": 0, "neutral": 1, "entailment": 2}
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_process_env(tmp_path_factory):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-    os.environ["KD_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("kdcache"))
+    tiny.single_process_env(str(tmp_path_factory.mktemp("kdcache")))
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,15 @@ def write_classification_tsv(path: str, n: int, seed: int = 0) -> str:
     return write_lines(path, rows)
 
 
+def single_process_env(cache_dir: str) -> None:
+    """In-process runs: rank 0 of 1 on loopback (the port of an earlier module is kept: the process group is made
+    once per test process) and a kd_engine cache of the test's own."""
+    from kd_engine.dist import free_port
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()), KD_ENGINE_CACHE=cache_dir)
+
+
 def cpu_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
