@@ -205,6 +205,12 @@ def test_anli_prompt_conversion(tmp_path):
     assert r0["text"].startswith(s0["context"].strip()) and "\nCan we infer the following and why?\n" in r0["text"]
     assert r0["text"].endswith("OPTIONS:\n- entailment\n- contradiction\n- neutral")
     assert r0["answer"].startswith(r0["label"]) and s0["reason"].strip() in r0["answer"]
+    # causal-LM form: the prompt ends with the cue, the answer follows after a space
+    res = subprocess.run([sys.executable, "scripts/anli_prompts.py", src, "--out", str(out), "--answer_cue",
+                          "\\nAnswer:"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    r0 = json.loads(open(out).readline())
+    assert r0["text"].endswith("- neutral\nAnswer:") and r0["answer"] == " " + r0["label"]
 
 
 def test_first_word_normalisation():

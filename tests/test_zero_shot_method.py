@@ -137,3 +137,74 @@ def test_two_rank_run_labels_like_one_rank(assets, tmp_path):
     one = label_corpus(NLITeacher(model, tok, "the {}", CLASSES, temperature=0.1), texts, batch_size=8)
     torch.testing.assert_close(labels, one, atol=1e-5, rtol=1e-4)
     assert os.path.isfile(out / "final" / "config.json")
+
+
+@pytest.mark.slow
+def test_multi_label_run_learns_per_class_decisions(assets, tmp_path):
+    """--multi_label: labels are per-class P(entail) in [0, 1] (rows need not sum to 1), the student learns the
+    per-class decisions with BCE, and the exported pipeline gives independent sigmoid scores named by class."""
+    from transformers import AutoConfig, pipeline
+
+    out = tmp_path / "ml"
+    _, metrics = run(args(assets, out, "--multi_label", "true", "--temperature", "1.0", "--max_steps", "200"))
+    labels = torch.load(next((tmp_path / "labels").glob("*/labels.pt")), weights_only=True)["probs"]
+    assert labels.shape == (48, len(CLASSES)) and bool(((labels >= 0) & (labels <= 1)).all())
+    assert not torch.allclose(labels.sum(-1), torch.ones(48), atol=1e-3)  # independent per class, not a softmax
+    assert metrics["teacher_agreement"] >= 0.9, metrics  # per (text, class) decision at 0.5
+    assert 0 <= metrics["teacher_exact_match"] <= metrics["teacher_agreement"]
+    assert AutoConfig.from_pretrained(str(out / "final")).problem_type == "multi_label_classification"
+    row = pipeline("text-classification", model=str(out / "final"), top_k=None)(["the cat runs"])[0]
+    assert sorted(d["label"] for d in row) == sorted(CLASSES)
+    assert abs(sum(d["score"] for d in row) - 1.0) > 1e-3  # sigmoid scores, not a softmax
+
+
+@pytest.mark.slow
+def test_student_from_path_gets_a_new_head(assets, tmp_path):
+    """--student PATH: an existing encoder of another shape (same tokenizer) gets a K-way head named by class."""
+    from transformers import AutoConfig, BertConfig, BertModel, pipeline
+
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=tiny.vocab_size(), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                     num_attention_heads=4, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(str(tmp_path / "enc"))
+    tiny.make_tokenizer(str(tmp_path / "enc"), "bert")
+    out = tmp_path / "run"
+    _, metrics = run(args(assets, out, "--student", str(tmp_path / "enc")))
+    assert metrics["teacher_agreement"] >= 0.9, metrics
+    got = AutoConfig.from_pretrained(str(out / "final"))
+    assert (got.hidden_size, got.num_hidden_layers, got.num_labels) == (48, 1, 3)
+    assert [got.id2label[i] for i in range(3)] == CLASSES
+    row = pipeline("text-classification", model=str(out / "final"), top_k=None)(["a red car"])[0]
+    assert sorted(d["label"] for d in row) == sorted(CLASSES)
+
+
+def test_embedding_teacher_end_to_end(assets, tmp_path):
+    """A plain encoder (no NLI head) is used as a bi-encoder teacher (auto-detected); its labels are
+    softmax(cos / T) over the templated class names, and training on them runs to an exported classifier."""
+    from transformers import BertConfig, BertModel
+
+    from kd_engine.teachers.zero_shot import EmbeddingTeacher
+
+    torch.manual_seed(2)
+    cfg = BertConfig(vocab_size=tiny.vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, initializer_range=0.5)
+    BertModel(cfg).save_pretrained(str(tmp_path / "enc"))
+    tiny.make_tokenizer(str(tmp_path / "enc"), "bert")
+    out = tmp_path / "run"
+    argv = args(assets, out, "--max_steps", "20")
+    argv[argv.index("--teacher") + 1] = str(tmp_path / "enc")
+    tr, metrics = run(argv)
+    assert tr.data.info["teacher_type"] == "embedding" and 0 <= metrics["teacher_agreement"] <= 1
+    labels = torch.load(next((tmp_path / "labels").glob("*/labels.pt")), weights_only=True)["probs"]
+    torch.testing.assert_close(labels.sum(-1), torch.ones(48))
+    from transformers import AutoTokenizer
+
+    from kd_engine.teachers.labeling import label_corpus
+    from kd_engine.teachers.zero_shot import read_texts
+
+    enc = BertModel.from_pretrained(str(tmp_path / "enc")).eval()
+    teacher = EmbeddingTeacher(enc, AutoTokenizer.from_pretrained(str(tmp_path / "enc")), "the {}", CLASSES,
+                               temperature=0.1)
+    texts, _ = read_texts(str(assets / "train.txt"))
+    torch.testing.assert_close(labels, label_corpus(teacher, texts, batch_size=8), atol=1e-5, rtol=1e-4)
+    assert os.path.isfile(out / "final" / "config.json")

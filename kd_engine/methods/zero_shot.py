@@ -18,7 +18,8 @@ K-way classifier learns its soft labels.
    ``kl`` (same gradient, reads 0 at a perfect match). Multi-label: binary cross-entropy on each P(entail)
    (the reference applies the softmax cross-entropy to unnormalised targets there); the student is exported
    with ``problem_type = multi_label_classification`` (sigmoid scores in the pipeline).
-4. Evaluation: agreement with the teacher (argmax), and accuracy when ``--eval_file`` has a ``--label_column``
+4. Evaluation: agreement with the teacher (argmax; multi-label: per (text, class) decision at 0.5, plus the share
+   of texts whose K decisions all agree), and top-1 accuracy when ``--eval_file`` has a ``--label_column``
    (labels = class names, indices, or names listed in ``--eval_label_names_file`` in class order, e.g. AG News'
    classes.txt). Without an eval file: ``--eval_split`` of the corpus, else the first 1000 training texts
    (the reference's "agreement on the training set").
@@ -338,9 +339,15 @@ class ZeroShot(Method):
         t = batch["soft_labels"].float()
         n = float(logits.shape[0])
         loss = soft_label_loss(logits, t, self.opts.zs_loss, self.opts.multi_label)
+        out = {"distill_loss": (float(loss) * n, n)}
+        if self.opts.multi_label:  # one yes/no decision per (text, class): P > 0.5 for both
+            agree = (logits > 0) == (t > 0.5)
+            out["teacher_agreement"] = (float(agree.sum()), float(agree.numel()))
+            out["teacher_exact_match"] = (float(agree.all(-1).sum()), n)
         pred, t_pred = logits.argmax(-1), t.argmax(-1)
-        out = {"distill_loss": (float(loss) * n, n), "teacher_agreement": (float((pred == t_pred).sum()), n)}
-        if "labels" in batch:
+        if not self.opts.multi_label:
+            out["teacher_agreement"] = (float((pred == t_pred).sum()), n)
+        if "labels" in batch:  # one gold class per text: top-1 accuracy (multi-label too)
             y = batch["labels"]
             out["accuracy"] = (float((pred == y).sum()), n)
             out["teacher_accuracy"] = (float((t_pred == y).sum()), n)
