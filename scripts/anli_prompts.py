@@ -3,6 +3,10 @@
     python scripts/anli_prompts.py ../shared/data/anli/R1/dev.jsonl ../shared/data/anli/R2/dev.jsonl \
         --out data/anli_prompts.jsonl [--with_reason]
 
+Causal LMs (``--answer_cue``): the prompt ends with a cue (e.g. "\nAnswer:") and the answer starts with a space, so
+prompt + answer reads "...\nAnswer: entailment" (without it the answer tokens would be glued to the last option,
+"- neutralentailment"). The Flan-T5 setting keeps the reference prompt (no cue).
+
 Each output row: ``text`` (the prompt), ``answer`` (entailment / contradiction / neutral, optionally followed by
 the annotator's reason), ``label`` and ``uid``. Rows with an unknown label are skipped and counted.
 """
@@ -18,7 +22,7 @@ PROMPT = ("{premise}\nCan we infer the following and why?\n{hypothesis}\n\n"
           "OPTIONS:\n- entailment\n- contradiction\n- neutral")
 
 
-def convert(row: dict, with_reason: bool) -> dict | None:
+def convert(row: dict, with_reason: bool, answer_cue: str = "") -> dict | None:
     label = LABELS.get(str(row.get("label", "")).strip().lower()[:1])
     if label is None or not row.get("context") or not row.get("hypothesis"):
         return None
@@ -26,8 +30,10 @@ def convert(row: dict, with_reason: bool) -> dict | None:
     reason = (row.get("reason") or "").strip()
     if with_reason and reason:
         answer = f"{label}. {reason}"
-    return {"text": PROMPT.format(premise=row["context"].strip(), hypothesis=row["hypothesis"].strip()),
-            "answer": answer, "label": label, "uid": row.get("uid")}
+    prompt = PROMPT.format(premise=row["context"].strip(), hypothesis=row["hypothesis"].strip())
+    if answer_cue:
+        prompt, answer = prompt + answer_cue, " " + answer
+    return {"text": prompt, "answer": answer, "label": label, "uid": row.get("uid")}
 
 
 def main() -> None:
@@ -35,7 +41,11 @@ def main() -> None:
     p.add_argument("files", nargs="+", help="ANLI jsonl files (context, hypothesis, label e/n/c, reason)")
     p.add_argument("--out", required=True)
     p.add_argument("--with_reason", action="store_true", help="append the annotator's reason to the answer")
+    p.add_argument("--answer_cue", default="",
+                   help='text ending each prompt before the answer, for causal LMs (e.g. "\\nAnswer:"; backslash-n '
+                        'is read as a newline); the answer then starts with a space')
     args = p.parse_args()
+    cue = args.answer_cue.replace("\\n", "\n")
     kept = skipped = 0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as out:
@@ -46,7 +56,7 @@ def main() -> None:
                 for line in fh:
                     if not line.strip():
                         continue
-                    row = convert(json.loads(line), args.with_reason)
+                    row = convert(json.loads(line), args.with_reason, cue)
                     if row is None:
                         skipped += 1
                         continue

@@ -4,7 +4,7 @@
 # single-step term on, pretraining batch with kd_ratio 0.5, prompts <= 256 tokens, <= 256 new tokens, AdamW.
 #   TEACHER=path STUDENT=path TRAIN=prompts.jsonl PT=corpus.txt bash scripts/minillm_causal.sh [more options]
 # Defaults: SmolLM2-135M (offline) teacher, a 10-layer student built from it (sft it first: --method sft),
-# ANLI R1+R2 dev prompts (scripts/anli_prompts.py), Wikipedia sample as the pretraining corpus.
+# ANLI R1+R2 dev prompts (scripts/anli_prompts.py, ending with "\nAnswer:"), Wikipedia sample as the pretraining corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEACHER=${TEACHER:-offline:smollm2-135m}
@@ -13,7 +13,7 @@ OUT=${OUT:-outputs/minillm_causal}
 if [ -z "${TRAIN:-}" ]; then
   mkdir -p outputs/data
   python scripts/anli_prompts.py ../shared/data/anli/R1/dev.jsonl ../shared/data/anli/R2/dev.jsonl \
-    --out outputs/data/anli_r12_dev.jsonl
+    --out outputs/data/anli_r12_dev.jsonl --answer_cue '\nAnswer:'
   TRAIN=outputs/data/anli_r12_dev.jsonl
 fi
 PT=${PT:-../shared/data/wikitext-2-raw/wiki.valid.raw}  # one text per line (.txt/.raw/.jsonl/.csv)
