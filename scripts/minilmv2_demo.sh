@@ -9,8 +9,8 @@
 #   DISTIL_STEPS=20 RAND_STEPS=20 SFT_STEPS=20 bash scripts/minilmv2_demo.sh      # smoke run
 #
 # Env: OUT (outputs; run folders are OUT/minilmv2_*), WORK (tmp dir for the SST-2 slices),
-#      WIKI (glob of the corpus files), DISTIL_STEPS (100; teacher-layer init), RAND_STEPS (60; random init),
-#      DISTIL_BATCH (8), SFT_STEPS (100), SFT_BATCH (32), SFT_LR (1e-4),
+#      WIKI (glob of the corpus files), DISTIL_STEPS (200; teacher-layer init), RAND_STEPS (600; random init),
+#      DISTIL_BATCH (8), SFT_STEPS (200), SFT_BATCH (32), SFT_LR (2e-4),
 #      SST2 (../shared/data/sst2/train.tsv), TRAIN_ROWS (4000), EVAL_FROM (60001), EVAL_ROWS (1000),
 #      THREADS (OMP threads per run, 2).
 # Data rows are counted after the header: train = rows 1..TRAIN_ROWS, held-out = rows EVAL_FROM.. (+EVAL_ROWS).
@@ -21,9 +21,9 @@ OUT=${OUT:-outputs}
 WORK=${WORK:-${TMPDIR:-/tmp}/minilmv2_demo}
 WIKI=${WIKI:-../shared/data/enwiki_2015_sample/wiki_0[0-2]}
 SST2=${SST2:-../shared/data/sst2/train.tsv}
-DISTIL_STEPS=${DISTIL_STEPS:-100}
-RAND_STEPS=${RAND_STEPS:-60}
-SFT_STEPS=${SFT_STEPS:-100}
+DISTIL_STEPS=${DISTIL_STEPS:-200}
+RAND_STEPS=${RAND_STEPS:-600}
+SFT_STEPS=${SFT_STEPS:-200}
 TRAIN_ROWS=${TRAIN_ROWS:-4000}
 EVAL_FROM=${EVAL_FROM:-60001}
 EVAL_ROWS=${EVAL_ROWS:-1000}
@@ -65,7 +65,7 @@ run minilmv2_distil_randinit "${DISTIL[@]}" --student.init random --max_steps "$
 # 3. SST-2 fine-tuning with a fresh 2-way head, identical settings for every encoder
 SFT=(--method sft --num_labels 2 --train_file "$WORK/train.tsv" --eval_file "$WORK/eval.tsv" --text_column sentence
      --label_column label --max_length 64 --per_device_train_batch_size "${SFT_BATCH:-32}" --max_steps "$SFT_STEPS"
-     --learning_rate "${SFT_LR:-1e-4}" --warmup_steps $(( SFT_STEPS / 10 )) --weight_decay 0.01 --logging_steps 10)
+     --learning_rate "${SFT_LR:-2e-4}" --warmup_steps $(( SFT_STEPS / 10 )) --weight_decay 0.01 --logging_steps 10)
 run minilmv2_sft_teacher "${SFT[@]}" --student "$TEACHER"
 run minilmv2_sft_distilled "${SFT[@]}" --student "$OUT/minilmv2_distil/final"
 run minilmv2_sft_distilled_randinit "${SFT[@]}" --student "$OUT/minilmv2_distil_randinit/final"
