@@ -5,6 +5,8 @@
 # term (the seed ran without --single-step-reg; pass --single_step_reg true for the paper's estimator).
 #   TEACHER=google/flan-t5-xl STUDENT=google/flan-t5-small bash scripts/minillm_flan_t5_anli.sh [--pt_file F ...]
 # Prompts: ANLI R1+R2 dev converted by scripts/anli_prompts.py (answers = label words; ANLI_REASON=1 adds reasons).
+# With --pt_file the pretraining term is T5 span corruption (15% noise, mean span 3; the Flan-T5 tokenizer has the
+# 100 <extra_id_*> sentinels), mixed with forward KD by kd_ratio; --pt_objective prefix_lm for the prefix-LM variant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEACHER=${TEACHER:-google/flan-t5-xl}

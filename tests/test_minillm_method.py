@@ -88,8 +88,9 @@ def test_minillm_resumes_exactly_in_the_middle_of_a_rollout_round(assets, tmp_pa
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _t5_teacher(d):
-    """Tiny random T5 with a SentencePiece tokenizer trained here (60 tokens; 64 logit rows like Flan-T5's padding)."""
+def _t5_teacher(d, extra_ids: int = 0):
+    """Tiny random T5 with a SentencePiece tokenizer trained here (60 tokens + ``extra_ids`` sentinels; 64 logit
+    rows like Flan-T5's padding)."""
     import sentencepiece as spm
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
@@ -97,7 +98,7 @@ def _t5_teacher(d):
     (d / "t5").mkdir()
     spm.SentencePieceTrainer.train(input=str(d / "spm.txt"), model_prefix=str(d / "t5" / "spiece"), vocab_size=60,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    tok = T5Tokenizer.from_pretrained(str(d / "t5"), extra_ids=0)
+    tok = T5Tokenizer.from_pretrained(str(d / "t5"), extra_ids=extra_ids)
     torch.manual_seed(0)
     cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
                    pad_token_id=0, eos_token_id=1)
@@ -122,6 +123,51 @@ def test_minillm_encoder_decoder_t5(assets, tmp_path):
     for key in ("pg", "reg", "reward", "response_len", "rev_kl", "pt", "pt_lm", "pt_kd"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in train if r["split"] == "train"), key
     assert train[0]["approx_kl"] == 0.0
+    assert tr.method.pt_objective == "prefix_lm"  # auto: this tokenizer has no <extra_id_*> sentinels
+
+
+def _t5_argv(teacher, assets, out, *extra):
+    return ["--method", "minillm", "--teacher", str(teacher), "--student.layers", "1",
+            "--train_file", str(assets / "prompts.jsonl"), "--output_dir", str(out), "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--num_rollouts", "2", "--ppo_epochs", "1", "--max_new_tokens", "3",
+            "--max_prompt_length", "8", "--logging_steps", "1", "--disable_tqdm", "true", "--pt_file",
+            str(assets / "pt.txt"), "--pt_max_length", "24", *extra]
+
+
+def test_minillm_t5_span_corruption_pt_term(assets, tmp_path):
+    """A T5 tokenizer with sentinels: the pt term is T5's span corruption (auto), inputs carry <extra_id_i> where
+    spans were cut, the decoder targets list each sentinel and its span, and together they rebuild the text."""
+    from kd_engine.errors import KDError
+
+    teacher = _t5_teacher(tmp_path, extra_ids=4)
+    tr = _run(_t5_argv(teacher, assets, tmp_path / "out"))
+    m = tr.method
+    assert m.pt_objective == "span_corruption" and len(m.sentinels) == 4
+    train = [json.loads(line) for line in open(tmp_path / "out" / "train_log.jsonl")]
+    assert all(torch.isfinite(torch.tensor(r["pt"])) for r in train if r["split"] == "train")
+    inputs, labels = m._pt_batch(tr)
+    eos, pad = tr.tokenizer.eos_token_id, tr.tokenizer.pad_token_id
+    for inp, lab in zip(inputs["input_ids"].tolist(), labels.tolist()):
+        lab = [t for t in lab if t != -100]
+        inp = [t for t in inp if t != pad]
+        assert lab[0] == m.sentinels[0] and inp.count(m.sentinels[0]) == 1 and lab[-1] == eos == inp[-1]
+        spans, cur = {}, None
+        for t in lab[:-1]:
+            if t in m.sentinels:
+                cur = spans.setdefault(t, [])
+            else:
+                cur.append(t)
+        rebuilt = [x for t in inp[:-1] for x in (spans[t] if t in m.sentinels else [t])]
+        assert rebuilt in [list(m.pt[i]["input_ids"])[:-1] for i in range(len(m.pt))]
+    # decoder inputs = start token + labels shifted right (no doubled start token)
+    assert inputs["decoder_input_ids"][0, 0] == tr.student.module.config.decoder_start_token_id
+    assert inputs["decoder_input_ids"][0, 1] == labels[0, 0]
+    # a tokenizer without sentinels: span corruption asked for explicitly is a clear error
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    t0 = _t5_teacher(bare)
+    with pytest.raises(KDError, match="extra_id_0"):
+        _run(_t5_argv(t0, assets, tmp_path / "out2", "--pt_objective", "span_corruption"))
 
 
 @pytest.mark.slow

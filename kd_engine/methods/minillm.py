@@ -11,7 +11,10 @@ per-token reverse KL ``reg`` and, with ``--pt_file``, the pretraining loss ``pt`
 
 Data: ``--train_file`` rows with the prompt in ``--text_column``; prompts longer than ``max_prompt_length``
 tokens are truncated from the LEFT (the instruction's end is kept) and counted. ``--pt_file`` is plain text: LM
-loss for causal students, prefix-LM (first half -> encoder, second half -> decoder target) for encoder-decoder. Logged per step: pg, reg, pt (and lm / kd parts), reward (length-normalised return of the
+loss for causal students; for encoder-decoder students ``--pt_objective``: ``span_corruption`` (T5's own
+pretraining objective, ``kd_engine/data/span_corruption.py``; the default when the tokenizer has ``<extra_id_*>``
+sentinels, as T5/Flan-T5 tokenizers do) or ``prefix_lm`` (first half -> encoder, second half -> decoder target).
+Logged per step: pg, reg, pt (and lm / kd parts), reward (length-normalised return of the
 rollouts), response_len, rev_kl (k3 estimate on a pure-student sample of the first chunk of each round),
 ratio, clipfrac.
 
@@ -23,6 +26,7 @@ rollout round (the buffer itself is not checkpointed).
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -38,6 +42,8 @@ from ..models.build import load_or_build_student, load_teacher_model, resolve_ta
 from ..models.response_logits import response_logits
 from ..models.sampling import mixed_sample
 from .base import DataBundle, Method, register
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +67,10 @@ class MiniLLMOptions:
     pt_file: Optional[str] = None  # pretraining corpus (plain text); None: no pt term
     pt_text_column: str = "text"
     pt_max_length: int = 512
+    pt_objective: str = "auto"  # encoder-decoder: span_corruption | prefix_lm | auto (span corruption when the
+    # tokenizer has <extra_id_*> sentinels); causal LMs: the LM loss (auto / lm)
+    pt_noise_density: float = 0.15  # span corruption: share of corrupted tokens (T5)
+    pt_mean_span_length: float = 3.0  # span corruption: mean corrupted span length (T5)
     kd_ratio: float = 0.5
     lm_coef: float = 1.0
     answer_max_tokens: int = 8  # eval: greedy answer length for answer accuracy / teacher agreement
@@ -76,6 +86,10 @@ class MiniLLMOptions:
             raise ConfigError("reward_scaling, cliprange and gen_temperature must be > 0")
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ConfigError(f"kd_ratio must be in [0, 1]; got {self.kd_ratio}")
+        if self.pt_objective not in ("auto", "lm", "span_corruption", "prefix_lm"):
+            raise ConfigError(f"pt_objective must be auto, lm, span_corruption or prefix_lm; got {self.pt_objective!r}")
+        if not 0.0 < self.pt_noise_density < 1.0 or self.pt_mean_span_length < 1.0:
+            raise ConfigError("pt_noise_density must be in (0, 1) and pt_mean_span_length >= 1")
         if not 0.0 < self.gen_top_p <= 1.0 or self.gen_top_k < 0:
             raise ConfigError("gen_top_p must be in (0, 1] and gen_top_k >= 0")
 
@@ -160,9 +174,7 @@ class MiniLLM(Method):
                         if self.cfg.eval_file
                         else (None, 0))
         if n_trunc or ev_trunc:
-            import logging
-
-            logging.getLogger("kd_engine").warning(
+            logger.warning(
                 "minillm: %d training and %d eval prompts longer than max_prompt_length=%d were truncated from the "
                 "left", n_trunc, ev_trunc, self.opts.max_prompt_length)
         side = "right" if self._task() == "seq2seq_lm" else "left"
@@ -180,6 +192,35 @@ class MiniLLM(Method):
         self.pt = tokenize_dataset(raw, ctx.tokenizer, text_column=self.opts.pt_text_column,
                                    max_length=self.opts.pt_max_length, task="causal_lm", name=self.opts.pt_file)
         self.pt_collate = PadCollator(ctx.tokenizer.pad_token_id, padding_side="right")
+        self.pt_objective = self._pt_objective(ctx.tokenizer)
+        if ctx.is_main:
+            logger.info("minillm: pretraining term on %d texts of %s, objective %s", len(self.pt), self.opts.pt_file,
+                        self.pt_objective)
+
+    def _pt_objective(self, tokenizer) -> str:
+        from ..data.span_corruption import sentinel_ids
+
+        want = self.opts.pt_objective
+        if self._task() == "causal_lm":
+            if want not in ("auto", "lm"):
+                raise ConfigError(f"pt_objective {want} is for encoder-decoder students; a causal LM uses the LM loss")
+            return "lm"
+        if want == "lm":
+            raise ConfigError("pt_objective lm is for causal LMs; use span_corruption or prefix_lm")
+        if want == "prefix_lm":
+            return want
+        try:
+            self.sentinels = sentinel_ids(tokenizer)
+        except KDError:
+            if want == "span_corruption":
+                raise
+            return "prefix_lm"
+        need = math.ceil(self.opts.pt_max_length * self.opts.pt_noise_density / self.opts.pt_mean_span_length)
+        if len(self.sentinels) < need:
+            logger.warning("minillm: %d sentinel tokens for up to %d corrupted spans per text (pt_max_length %d): "
+                           "spans past the last sentinel stay uncorrupted", len(self.sentinels), need,
+                           self.opts.pt_max_length)
+        return "span_corruption"
 
     def setup(self, ctx) -> None:
         from ..data.sampler import ResumableBatchSampler, infinite_batches
@@ -265,18 +306,29 @@ class MiniLLM(Method):
     def _pt_batch(self, ctx) -> tuple[dict, torch.Tensor]:
         """Model inputs and aligned labels of the next pretraining batch.
 
-        Causal LM: the text, next-token labels. Encoder-decoder: each text split in two halves, the first half to
-        the encoder and the second as the decoder's target (prefix LM; decoder inputs = start token + target[:-1]).
+        Causal LM: the text, next-token labels. Encoder-decoder: span corruption (inputs with sentinels -> the
+        corrupted spans; the corruption is drawn from a generator seeded by (seed, rank, round, minibatch), so a
+        resumed run draws the same) or prefix LM (first half to the encoder, second half as the decoder's target).
+        Decoder inputs = start token + target[:-1].
         """
+        from ..data.span_corruption import span_corrupt
+
         rows = [self.pt[i] for i in next(self.pt_iter)]
         if self._task() == "causal_lm":
             batch = ctx.to_device(self.pt_collate(rows))
             return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
         split = []
-        for r in rows:
-            ids = list(r["input_ids"])
-            h = max(1, len(ids) // 2)
-            split.append({"input_ids": ids[:h], "attention_mask": [1] * h, "labels": ids[h:] or ids[-1:]})
+        if self.pt_objective == "span_corruption":
+            g = torch.Generator().manual_seed(hash((self.cfg.seed, ctx.rank, self.round, self.mb_pos)) % 2**62)
+            for r in rows:
+                inp, tgt = span_corrupt(r["input_ids"], self.sentinels, ctx.tokenizer.eos_token_id,
+                                        self.opts.pt_noise_density, self.opts.pt_mean_span_length, g)
+                split.append({"input_ids": inp, "attention_mask": [1] * len(inp), "labels": tgt})
+        else:
+            for r in rows:
+                ids = list(r["input_ids"])
+                h = max(1, len(ids) // 2)
+                split.append({"input_ids": ids[:h], "attention_mask": [1] * h, "labels": ids[h:] or ids[-1:]})
         batch = ctx.to_device(self.pt_collate(split))
         model = ctx.student.module
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
@@ -392,4 +444,5 @@ class MiniLLM(Method):
     def card_info(self):
         o = self.opts
         return {"task": self._task(), "teacher_mixed_alpha": o.teacher_mixed_alpha, "ppo_epochs": o.ppo_epochs,
-                "num_rollouts": o.num_rollouts, "kd_ratio": o.kd_ratio if o.pt_file else None}
+                "num_rollouts": o.num_rollouts, "kd_ratio": o.kd_ratio if o.pt_file else None,
+                "pt_objective": getattr(self, "pt_objective", None)}
