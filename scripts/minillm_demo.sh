@@ -11,30 +11,30 @@
 #
 #   bash scripts/minillm_demo.sh            # measured ~23 min on 2 busy shared CPU cores (student_init 13, rest 10)
 #
-# Env: OUT (outputs/minillm_demo), TEACHER (offline:smollm2-135m), LAYERS (10), HELDOUT (32), INIT_STEPS (16),
-#      STEPS (4), LR (1e-4, the three compared methods), INIT_LR (2e-4), BS (4), PROMPT_LEN (96),
+# Env: OUT (outputs/minillm_demo), TEACHER (offline:smollm2-135m), LAYERS (10), HELDOUT (64), INIT_STEPS (40),
+#      STEPS (30), LR (3e-5, the three compared methods), INIT_LR (2e-4), BS (8), PROMPT_LEN (96),
 #      NEW_TOKENS (8: minillm rollouts and the eval samples), ROLLOUTS (8), PPO_EPOCHS (2),
 #      PT (../shared/data/enwiki_2015_sample/wiki_00), PT_LINES (2000), PARALLEL (1: the three methods side by side, 1 thread each),
-#      EVAL_PROMPTS (16 of the held-out prompts are evaluated).
+#      EVAL_PROMPTS (32 of the held-out prompts are evaluated).
 # A stage whose OUT/<name>/final/config.json exists is skipped (delete it to redo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/minillm_demo}
 TEACHER=${TEACHER:-offline:smollm2-135m}
 LAYERS=${LAYERS:-10}
-HELDOUT=${HELDOUT:-32}
-INIT_STEPS=${INIT_STEPS:-16}
-STEPS=${STEPS:-4}
-LR=${LR:-1e-4}
+HELDOUT=${HELDOUT:-64}
+INIT_STEPS=${INIT_STEPS:-40}
+STEPS=${STEPS:-30}
+LR=${LR:-3e-5}
 INIT_LR=${INIT_LR:-2e-4}
-BS=${BS:-4}
+BS=${BS:-8}
 PROMPT_LEN=${PROMPT_LEN:-96}
 NEW_TOKENS=${NEW_TOKENS:-8}
 ROLLOUTS=${ROLLOUTS:-8}
 PPO_EPOCHS=${PPO_EPOCHS:-2}
 PT=${PT:-../shared/data/enwiki_2015_sample/wiki_00}
 PARALLEL=${PARALLEL:-1}
-EVAL_PROMPTS=${EVAL_PROMPTS:-16}
+EVAL_PROMPTS=${EVAL_PROMPTS:-32}
 ANLI=${ANLI:-../shared/data/anli}
 export TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
@@ -44,7 +44,7 @@ done
 mkdir -p "$OUT/data"
 D=$OUT/data
 $PY scripts/anli_prompts.py "$ANLI"/R1/dev.jsonl "$ANLI"/R1/test.jsonl "$ANLI"/R2/dev.jsonl "$ANLI"/R2/test.jsonl \
-  --out "$D/anli_r12_all.jsonl"
+  --out "$D/anli_r12_all.jsonl" --answer_cue '\nAnswer:'
 $PY - "$D" "$HELDOUT" <<'EOF'
 import json, random, sys
 d, n = sys.argv[1], int(sys.argv[2])
