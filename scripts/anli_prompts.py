@@ -5,7 +5,10 @@
 
 Causal LMs (``--answer_cue``): the prompt ends with a cue (e.g. "\nAnswer:") and the answer starts with a space, so
 prompt + answer reads "...\nAnswer: entailment" (without it the answer tokens would be glued to the last option,
-"- neutralentailment"). The Flan-T5 setting keeps the reference prompt (no cue).
+"- neutralentailment"). Instruction-tuned causal LMs (``--chat_template MODEL``): the prompt (plus the cue, if any)
+becomes the user turn of MODEL's chat template with the assistant turn opened, and the answer is the bare label
+word (SmolLM2-135M-Instruct answers label words only in its own chat format). The Flan-T5 setting keeps the
+reference prompt (no cue, no template).
 
 Each output row: ``text`` (the prompt), ``answer`` (entailment / contradiction / neutral, optionally followed by
 the annotator's reason), ``label`` and ``uid``. Rows with an unknown label are skipped and counted.
@@ -22,7 +25,7 @@ PROMPT = ("{premise}\nCan we infer the following and why?\n{hypothesis}\n\n"
           "OPTIONS:\n- entailment\n- contradiction\n- neutral")
 
 
-def convert(row: dict, with_reason: bool, answer_cue: str = "") -> dict | None:
+def convert(row: dict, with_reason: bool, answer_cue: str = "", chat=None) -> dict | None:
     label = LABELS.get(str(row.get("label", "")).strip().lower()[:1])
     if label is None or not row.get("context") or not row.get("hypothesis"):
         return None
@@ -31,7 +34,10 @@ def convert(row: dict, with_reason: bool, answer_cue: str = "") -> dict | None:
     if with_reason and reason:
         answer = f"{label}. {reason}"
     prompt = PROMPT.format(premise=row["context"].strip(), hypothesis=row["hypothesis"].strip())
-    if answer_cue:
+    if chat is not None:  # a tokenizer with a chat template
+        prompt = chat.apply_chat_template([{"role": "user", "content": prompt + answer_cue}], tokenize=False,
+                                          add_generation_prompt=True)
+    elif answer_cue:
         prompt, answer = prompt + answer_cue, " " + answer
     return {"text": prompt, "answer": answer, "label": label, "uid": row.get("uid")}
 
@@ -44,8 +50,21 @@ def main() -> None:
     p.add_argument("--answer_cue", default="",
                    help='text ending each prompt before the answer, for causal LMs (e.g. "\\nAnswer:"; backslash-n '
                         'is read as a newline); the answer then starts with a space')
+    p.add_argument("--chat_template", default=None, metavar="MODEL",
+                   help="wrap each prompt in MODEL's chat template (path, hub id or offline:NAME)")
     args = p.parse_args()
     cue = args.answer_cue.replace("\\n", "\n")
+    chat = None
+    if args.chat_template:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        from transformers import AutoTokenizer
+
+        from kd_engine.models.loading import load_tokenizer
+
+        name = args.chat_template  # offline:NAME goes through kd_engine's loader; paths and hub ids straight to HF
+        chat = load_tokenizer(name) if name.startswith("offline:") else AutoTokenizer.from_pretrained(name)
+        if not getattr(chat, "chat_template", None):
+            sys.exit(f"error: the tokenizer of {args.chat_template} has no chat template")
     kept = skipped = 0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as out:
@@ -56,7 +75,7 @@ def main() -> None:
                 for line in fh:
                     if not line.strip():
                         continue
-                    row = convert(json.loads(line), args.with_reason, cue)
+                    row = convert(json.loads(line), args.with_reason, cue, chat)
                     if row is None:
                         skipped += 1
                         continue

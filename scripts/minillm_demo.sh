@@ -12,10 +12,10 @@
 #   bash scripts/minillm_demo.sh            # measured ~23 min on 2 busy shared CPU cores (student_init 13, rest 10)
 #
 # Env: OUT (outputs/minillm_demo), TEACHER (offline:smollm2-135m), LAYERS (10), HELDOUT (64), INIT_STEPS (40),
-#      STEPS (30), LR (3e-5, the three compared methods), INIT_LR (2e-4), BS (8), PROMPT_LEN (96),
+#      STEPS (24), LR (3e-5, the three compared methods), INIT_LR (2e-4), BS (8), PROMPT_LEN (128),
 #      NEW_TOKENS (8: minillm rollouts and the eval samples), ROLLOUTS (8), PPO_EPOCHS (2),
 #      PT (../shared/data/enwiki_2015_sample/wiki_00), PT_LINES (2000), PARALLEL (1: the three methods side by side, 1 thread each),
-#      EVAL_PROMPTS (32 of the held-out prompts are evaluated).
+#      EVAL_PROMPTS (32 of the held-out prompts are evaluated), FORMAT (chat | cue, see below).
 # A stage whose OUT/<name>/final/config.json exists is skipped (delete it to redo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +24,11 @@ TEACHER=${TEACHER:-offline:smollm2-135m}
 LAYERS=${LAYERS:-10}
 HELDOUT=${HELDOUT:-64}
 INIT_STEPS=${INIT_STEPS:-40}
-STEPS=${STEPS:-30}
+STEPS=${STEPS:-24}
 LR=${LR:-3e-5}
 INIT_LR=${INIT_LR:-2e-4}
 BS=${BS:-8}
-PROMPT_LEN=${PROMPT_LEN:-96}
+PROMPT_LEN=${PROMPT_LEN:-128}
 NEW_TOKENS=${NEW_TOKENS:-8}
 ROLLOUTS=${ROLLOUTS:-8}
 PPO_EPOCHS=${PPO_EPOCHS:-2}
@@ -42,9 +42,17 @@ for f in "$ANLI"/R1/dev.jsonl "$ANLI"/R1/test.jsonl "$ANLI"/R2/dev.jsonl "$ANLI"
   [ -f "$f" ] || { echo "missing $f (see ../shared/data/README.md)" >&2; exit 2; }
 done
 mkdir -p "$OUT/data"
+# FORMAT=chat (default): the prompt is the user turn of the teacher's chat template (SmolLM2-135M-Instruct answers
+# label words only there); FORMAT=cue: plain text ending with "\nAnswer:"
+FORMAT=${FORMAT:-chat}
+case "$FORMAT" in
+  chat) FORMAT_ARGS=(--chat_template "$TEACHER" --answer_cue '\nAnswer with one word.') ;;
+  cue) FORMAT_ARGS=(--answer_cue '\nAnswer:') ;;
+  *) echo "FORMAT must be chat or cue" >&2; exit 2 ;;
+esac
 D=$OUT/data
 $PY scripts/anli_prompts.py "$ANLI"/R1/dev.jsonl "$ANLI"/R1/test.jsonl "$ANLI"/R2/dev.jsonl "$ANLI"/R2/test.jsonl \
-  --out "$D/anli_r12_all.jsonl" --answer_cue '\nAnswer:'
+  --out "$D/anli_r12_all.jsonl" "${FORMAT_ARGS[@]}"
 $PY - "$D" "$HELDOUT" <<'EOF'
 import json, random, sys
 d, n = sys.argv[1], int(sys.argv[2])

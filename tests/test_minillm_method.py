@@ -257,6 +257,20 @@ def test_anli_prompt_conversion(tmp_path):
     assert res.returncode == 0, res.stderr
     r0 = json.loads(open(out).readline())
     assert r0["text"].endswith("- neutral\nAnswer:") and r0["answer"] == " " + r0["label"]
+    # instruction-tuned models: the prompt becomes the user turn of the model's chat template
+    from transformers import AutoTokenizer
+
+    tiny.make_tokenizer(str(tmp_path / "tok"), "causal")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(str(tmp_path / "tok"))
+    res = subprocess.run([sys.executable, "scripts/anli_prompts.py", src, "--out", str(out), "--answer_cue",
+                          "\\nOne word.", "--chat_template", str(tmp_path / "tok")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    r0 = json.loads(open(out).readline())
+    assert r0["text"].startswith("<|user|>" + s0["context"].strip())
+    assert r0["text"].endswith("- neutral\nOne word.</s><|assistant|>") and r0["answer"] == r0["label"]
 
 
 def test_first_word_normalisation():
