@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 6's real run (CPU-sized): MiniLLM vs SFT vs word-level KD on ANLI prompts, SmolLM2-135M-Instruct teacher.
-#   1. ANLI R1+R2 dev+test -> instruction prompts with label-word answers (scripts/anli_prompts.py); HELDOUT prompts
+#   1. ANLI R1+R2 dev+test -> instruction prompts (teacher's chat template) with label-word answers (scripts/anli_prompts.py); HELDOUT prompts
 #      (seeded shuffle) are held out, the rest is the training pool.
 #   2. student_init: SmolLM2 shrunk to LAYERS layers (teacher layers copied) + INIT_STEPS of --method sft on the
 #      prompt/answer pairs (loss on the answer only, --target_column answer).
@@ -9,7 +9,7 @@
 #   4. benchmarks/minillm_compare.py: teacher, student_init and the three students on the held-out prompts
 #      -> benchmarks/results/minillm_compare.{json,md}.
 #
-#   bash scripts/minillm_demo.sh            # measured ~23 min on 2 busy shared CPU cores (student_init 13, rest 10)
+#   bash scripts/minillm_demo.sh            # measured 43 min on the 2-core CPU machine (student_init 8, rest 35)
 #
 # Env: OUT (outputs/minillm_demo), TEACHER (offline:smollm2-135m), LAYERS (10), HELDOUT (64), INIT_STEPS (40),
 #      STEPS (24), LR (3e-5, the three compared methods), INIT_LR (2e-4), BS (8), PROMPT_LEN (128),

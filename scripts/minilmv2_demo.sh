@@ -5,7 +5,7 @@
 # students, and the same 3L x 384 student without distillation (teacher layers copied; random init); prints the
 # relation-loss trajectories and the held-out accuracy of each.
 #
-#   bash scripts/minilmv2_demo.sh                     # ~1 h on 2 shared CPU cores (stages can run side by side)
+#   bash scripts/minilmv2_demo.sh                     # measured 41 min on the 2-core CPU machine, nothing else running
 #   DISTIL_STEPS=20 RAND_STEPS=20 SFT_STEPS=20 bash scripts/minilmv2_demo.sh      # smoke run
 #
 # Env: OUT (outputs; run folders are OUT/minilmv2_*), WORK (tmp dir for the SST-2 slices),
