@@ -57,12 +57,9 @@ def main() -> None:
     chat = None
     if args.chat_template:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-        from transformers import AutoTokenizer
-
         from kd_engine.models.loading import load_tokenizer
 
-        name = args.chat_template  # offline:NAME goes through kd_engine's loader; paths and hub ids straight to HF
-        chat = load_tokenizer(name) if name.startswith("offline:") else AutoTokenizer.from_pretrained(name)
+        chat = load_tokenizer(args.chat_template)
         if not getattr(chat, "chat_template", None):
             sys.exit(f"error: the tokenizer of {args.chat_template} has no chat template")
     kept = skipped = 0

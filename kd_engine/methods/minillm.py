@@ -21,8 +21,8 @@ ratio, clipfrac.
 Dropout is off in the student for the whole RL step (as the reference runs the policy in eval mode), so the first
 minibatch of a fresh buffer recomputes exactly the rollout's log-probs (PPO ratio == w).
 
-Resume: checkpoints carry the round counter and the pretraining-batch position; a resumed run starts a fresh
-rollout round (the buffer itself is not checkpointed).
+Resume: checkpoints carry, per rank, the rollout buffer, the position in the PPO round, the round counter and the
+pretraining-batch position: a resumed run continues mid-round exactly.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import torch
 
 from ..data.collate import PadCollator
 from ..data.rollout_buffer import RolloutBuffer
+from ..data.span_corruption import sentinel_ids, span_corrupt
 from ..errors import ConfigError, KDError
 from ..losses import minillm as L
 from ..models.build import load_or_build_student, load_teacher_model, resolve_task
@@ -198,8 +199,6 @@ class MiniLLM(Method):
                         self.pt_objective)
 
     def _pt_objective(self, tokenizer) -> str:
-        from ..data.span_corruption import sentinel_ids
-
         want = self.opts.pt_objective
         if self._task() == "causal_lm":
             if want not in ("auto", "lm"):
@@ -311,8 +310,6 @@ class MiniLLM(Method):
         resumed run draws the same) or prefix LM (first half to the encoder, second half as the decoder's target).
         Decoder inputs = start token + target[:-1].
         """
-        from ..data.span_corruption import span_corrupt
-
         rows = [self.pt[i] for i in next(self.pt_iter)]
         if self._task() == "causal_lm":
             batch = ctx.to_device(self.pt_collate(rows))

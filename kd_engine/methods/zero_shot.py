@@ -345,8 +345,7 @@ class ZeroShot(Method):
             out["teacher_agreement"] = (float(agree.sum()), float(agree.numel()))
             out["teacher_exact_match"] = (float(agree.all(-1).sum()), n)
         pred, t_pred = logits.argmax(-1), t.argmax(-1)
-        if not self.opts.multi_label:
-            out["teacher_agreement"] = (float((pred == t_pred).sum()), n)
+        out.setdefault("teacher_agreement", (float((pred == t_pred).sum()), n))
         if "labels" in batch:  # one gold class per text: top-1 accuracy (multi-label too)
             y = batch["labels"]
             out["accuracy"] = (float((pred == y).sum()), n)

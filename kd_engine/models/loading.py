@@ -91,15 +91,16 @@ def _convert_gguf(pkg_dir: str, gguf_file: str, target: str) -> None:
         raise
 
 
-def resolve(name_or_path: str) -> str:
-    """Map ``offline:<name>`` to its folder; check that a local-looking path exists."""
+def resolve(name_or_path: str, require_config: bool = True) -> str:
+    """Map ``offline:<name>`` to its folder; check that a local-looking path exists (and, for a model, holds a
+    config.json; a tokenizer-only folder passes with ``require_config=False``)."""
     if name_or_path.startswith("offline:"):
         return offline_model_path(name_or_path.split(":", 1)[1])
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and (
         name_or_path.count("/") != 1)
     path = os.path.expanduser(name_or_path)
     if os.path.exists(path):
-        if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(path):
+        if require_config and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise KDError(f"model folder {name_or_path} has no config.json")
         return path
     if looks_local:
@@ -127,7 +128,7 @@ def load_tokenizer(name_or_path: Optional[str], trust_remote_code: bool = False)
 
     if not name_or_path:
         raise KDError("no tokenizer: set --tokenizer, --student or --teacher")
-    path = resolve(name_or_path)
+    path = resolve(name_or_path, require_config=False)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
