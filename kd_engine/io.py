@@ -51,3 +51,33 @@ def atomic_dir(target: str, replace: bool = True, prefix: str | None = None) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def load_mapping(path: str, what: str) -> dict:
+    """A JSON (``.json``) or YAML file holding a mapping; one ``ConfigError`` naming ``what`` and the file when it
+    is missing, does not parse, or holds something else (an empty YAML file is an empty mapping)."""
+    import json
+
+    from .errors import ConfigError
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
+            from None
+    except Exception as exc:  # yaml.YAMLError
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys to values")
+    return data

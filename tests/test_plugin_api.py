@@ -1,7 +1,6 @@
 """The plugin API carries methods with their own step structure and extra trainable engines (MATE-KD-like):
 a toy method with a generator engine and alternating generator/student steps, checkpointed and resumed exactly."""
 import json
-import os
 from dataclasses import dataclass
 
 import pytest
