@@ -9,13 +9,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import KDError
+from ..io import atomic_dir, fsync_dir, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +71,6 @@ def _describe_files(files: Sequence[str], limit: int = 5) -> str:
     return shown + (f" ... ({len(files)} files)" if len(files) > limit else "")
 
 
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 @contextlib.contextmanager
 def _file_lock(path: str):
     try:
@@ -121,11 +112,9 @@ def _build(files: Sequence[str], tokenizer, final: str, key: str, fields: dict, 
     dtype = _token_dtype(tokenizer)
     stats = ReadStats()
     total_bytes = sum(os.path.getsize(p) for p in files)
-    tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
     start = time.perf_counter()
     n_docs = n_tokens = n_empty = 0
-    try:
+    with atomic_dir(final, prefix=f".{key}.tmp-") as tmp:  # published complete, or not at all
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing corpus", disable=not progress,
                    mininterval=1.0)
         with open(os.path.join(tmp, "tokens.bin"), "wb") as ft, open(os.path.join(tmp, "offsets.bin"), "wb") as fo:
@@ -180,17 +169,9 @@ def _build(files: Sequence[str], tokenizer, final: str, key: str, fields: dict, 
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        os.replace(tmp, final)
-        with open(os.path.join(final, COMPLETE_MARKER), "w") as f:
-            f.write(f"{n_docs} documents, {n_tokens} tokens\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(final)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # the marker last: a folder without it is never trusted (rebuilt)
+    write_text(os.path.join(final, COMPLETE_MARKER), f"{n_docs} documents, {n_tokens} tokens\n")
+    fsync_dir(final)
     logger.info("tokenized %d documents, %d tokens in %.1f s (%.0f tokens/s, %d workers) into %s", n_docs,
                 n_tokens, seconds, n_tokens / max(seconds, 1e-9), num_workers, final)
     if skipped:
