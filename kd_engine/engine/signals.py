@@ -60,12 +60,27 @@ class StopSignals:
         self.received: Optional[int] = None
         self.received_at: Optional[float] = None
         self._previous = {}
+        self._restart_logged = False
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handler)
+            prev = signal.signal(sig, self._handler)
+            owner = getattr(prev, "__self__", None)
+            if isinstance(owner, StopSignals):  # an earlier in-process run that never restored: keep the original
+                prev = owner._previous.get(sig, signal.SIG_DFL)
+            self._previous[sig] = prev
 
     def _handler(self, signum, frame) -> None:  # only records: the loop acts at the next step boundary
         if self.received is None:
             self.received, self.received_at = signum, time.time()
+
+    def at_step_boundary(self, trainer) -> None:
+        """Called by the loop before every step: logs the restart count once, raises ``Stopped`` on a signal."""
+        if not self._restart_logged:
+            from .autoresume import restart_count
+
+            trainer.monitor.scalars(trainer.global_step, {"restart_count": restart_count()}, "run")
+            self._restart_logged = True
+        if self.should_stop():
+            raise stop(trainer, self)
 
     def should_stop(self) -> bool:
         """Collective: True on every rank when any rank received a stop signal."""
@@ -128,6 +143,7 @@ def stop(trainer, stopper: StopSignals) -> Stopped:
         trainer._save()
     path = checkpoint.latest_checkpoint(trainer.cfg.output_dir)[1]
     trainer.monitor.close()
+    stopper.restore()
     job = slurm_job_to_requeue() if trainer.cfg.requeue_on_stop else None
     will_requeue = bool(job) and trainer.is_main and job_is_requeueable(job)
     signame = stopper.name()
