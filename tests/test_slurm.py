@@ -22,8 +22,10 @@ SBATCH = os.path.abspath("scripts/slurm/train.sbatch")
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
+    """The local 2-node cluster: started (installed when missing, as root) once per session, stopped at the end
+    when this session started it; skipped with the reason only where it cannot run (not root / no apt)."""
     c, reason = slurm_cluster.start()
     if c is None:
         pytest.skip(f"no local SLURM cluster: {reason}")
