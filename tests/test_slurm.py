@@ -133,8 +133,13 @@ def _check_preempted_run(cluster, assets, job, out, reference, signame):
 
 
 def test_scancel_usr1_checkpoints_requeues_and_resumes_exactly(cluster, assets, reference, tmp_path):
-    out = tmp_path / "run"
-    job = submit(cluster, assets, out, LAUNCHER="srun")  # one task per rank: SLURM_PROCID -> RANK
+    # an array task (requeued as ARRAYJOB_TASK) with the default per-task output folder under OUTPUT_ROOT, and
+    # one srun task per rank (SLURM_PROCID -> RANK)
+    env = job_env(cluster, assets, "", LAUNCHER="srun", OUTPUT_ROOT=str(tmp_path))
+    del env["OUTPUT_DIR"]
+    array_job = cluster.sbatch("--nodes", "2", "--array", "5", "--job-name", "pre", "--output",
+                               str(assets / "logs" / "%A_%a.out"), SBATCH, *train_args(assets), env=env)
+    job, out = f"{array_job}_5", tmp_path / f"pre-{array_job}_5"
     wait_for_step(out, 3)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     m = _check_preempted_run(cluster, assets, job, out, reference, "SIGUSR1")
