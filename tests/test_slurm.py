@@ -156,6 +156,18 @@ def test_partition_priority_preemption_resumes_exactly(cluster, assets, referenc
     assert cluster.wait(high)["JobState"] == "COMPLETED"
 
 
+def test_deepspeed_launcher_per_node(cluster, assets, tmp_path):
+    out = tmp_path / "run"
+    env = job_env(cluster, assets, out, LAUNCHER="deepspeed")
+    job = cluster.sbatch("--nodes", "2", "--output", str(assets / "logs" / "%j.out"), SBATCH, *train_args(assets),
+                         "--max_steps", "3", env=env)
+    info = cluster.wait(job)
+    log = log_of(assets, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "2 node(s) x 1 rank(s), deepspeed" in log and "world size 2 | ZeRO stage 3" in log
+    assert [r["step"] for r in rows(out, "train")] == [1, 2, 3] and (out / "final" / "model.safetensors").exists()
+
+
 def test_torchrun_two_nodes_on_localhost_without_slurm(assets, tmp_path):
     out, port = tmp_path / "run", str(free_port())
     env = tiny.cpu_env({"KD_ENGINE_CACHE": str(assets / "cache"), "PYTHONPATH": os.getcwd()})
