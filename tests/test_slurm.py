@@ -156,16 +156,22 @@ def test_partition_priority_preemption_resumes_exactly(cluster, assets, referenc
     assert cluster.wait(high)["JobState"] == "COMPLETED"
 
 
-def test_deepspeed_launcher_per_node(cluster, assets, tmp_path):
+def test_plain_scancel_checkpoints_and_stays_cancelled(cluster, assets, tmp_path):
+    """`scancel JOB` sends TERM like a preemption, but the job is ending: checkpoint, no requeue. Run under
+    DeepSpeed's launcher (--no_ssh --node_rank per node)."""
     out = tmp_path / "run"
-    env = job_env(cluster, assets, out, LAUNCHER="deepspeed")
-    job = cluster.sbatch("--nodes", "2", "--output", str(assets / "logs" / "%j.out"), SBATCH, *train_args(assets),
-                         "--max_steps", "3", env=env)
-    info = cluster.wait(job)
+    job = submit(cluster, assets, out, LAUNCHER="deepspeed")
+    wait_for_step(out, 3)
+    cluster.run("scancel", job)
+    info = cluster.wait(job, states=("CANCELLED",), timeout=120)
+    time.sleep(1)
     log = log_of(assets, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "2 node(s) x 1 rank(s), deepspeed" in log and "world size 2 | ZeRO stage 3" in log
-    assert [r["step"] for r in rows(out, "train")] == [1, 2, 3] and (out / "final" / "model.safetensors").exists()
+    m = re.search(r"stopped by SIGTERM at step (\d+) .*; checkpoint (\S+); not requeued \(job cancelled", log)
+    assert m, log[-3000:]
+    assert info["Restarts"] == "0" and os.path.isfile(os.path.join(m.group(2), "COMPLETE"))
+    time.sleep(8)  # a requeued job would be back by now (cred_expire=5, sched_interval=1)
+    assert cluster.job(job)["JobState"] == "CANCELLED" and cluster.job(job)["Restarts"] == "0"
 
 
 def test_torchrun_two_nodes_on_localhost_without_slurm(assets, tmp_path):

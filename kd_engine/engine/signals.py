@@ -7,7 +7,8 @@
   ranks, so all of them stop at the same step even when only some received the signal.
 - ``stop(trainer)``: every rank writes the checkpoint (the engine's atomic save), then rank 0 requeues the job
   when it runs under a SLURM batch job that is requeueable (``#SBATCH --requeue``, or the cluster's
-  ``JobRequeue=1``) and ``--requeue_on_stop`` is true (the default), writes one log line (step, checkpoint,
+  ``JobRequeue=1``) and still RUNNING (a plain ``scancel`` also sends TERM; that job stays cancelled) and
+  ``--requeue_on_stop`` is true (the default), writes one log line (step, checkpoint,
   requeued or not) and the process leaves with ``EXIT_STOPPED`` (75, EX_TEMPFAIL: "stopped early, run it again";
   the restarted run continues with ``--resume auto``). ``scontrol requeue`` kills the job's processes at once,
   so it is the very last thing done.
@@ -114,13 +115,15 @@ def slurm_job_to_requeue() -> Optional[str]:
 
 
 def job_is_requeueable(job: str) -> bool:
-    """A batch job submitted with --requeue (or under JobRequeue=1 without --no-requeue)."""
+    """A batch job submitted with --requeue (or under JobRequeue=1 without --no-requeue) that is still RUNNING: a
+    USR1 warning, ``scancel --signal``, or a partition-priority preemption during its grace time. ``scancel JOB``
+    also sends TERM, but the job is then COMPLETING: it must stay cancelled."""
     try:
         info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return False
     toks = set(info.split())
-    return "Requeue=1" in toks and "BatchFlag=1" in toks
+    return "Requeue=1" in toks and "BatchFlag=1" in toks and "JobState=RUNNING" in toks
 
 
 def requeue(job: str) -> bool:
@@ -144,14 +147,16 @@ def stop(trainer, stopper: StopSignals) -> Stopped:
     path = checkpoint.latest_checkpoint(trainer.cfg.output_dir)[1]
     trainer.monitor.close()
     stopper.restore()
-    job = slurm_job_to_requeue() if trainer.cfg.requeue_on_stop else None
-    will_requeue = bool(job) and trainer.is_main and job_is_requeueable(job)
+    job = slurm_job_to_requeue()
+    will_requeue = bool(job) and trainer.cfg.requeue_on_stop and trainer.is_main and job_is_requeueable(job)
     signame = stopper.name()
     if trainer.is_main:
         waited = time.time() - stopper.received_at if stopper.received_at else 0.0
+        why = ("not under a SLURM job" if not job else "--requeue_on_stop false" if not trainer.cfg.requeue_on_stop
+               else "job cancelled, ending or not requeueable")
         logger.info("stopped by %s at step %d (%.1f s after the signal); checkpoint %s; %s", signame,
                     trainer.global_step, waited, path,
-                    f"requeueing SLURM job {job}" if will_requeue else "not requeued")
+                    f"requeueing SLURM job {job}" if will_requeue else f"not requeued ({why})")
         for h in logging.getLogger().handlers:
             h.flush()
     requeued = will_requeue and requeue(job)  # kills this job's processes: nothing may follow that matters
