@@ -19,7 +19,7 @@ from . import checkpoint
 # settings that make a checkpoint another run's when they differ (run-length and logging settings may change)
 IDENTITY_KEYS = ("method", "teacher", "student", "tokenizer", "train_file", "text_column", "text_pair_column",
                  "label_column", "target_column", "max_length", "max_train_samples", "seed",
-                 "per_device_train_batch_size", "gradient_accumulation_steps")
+                 "per_device_train_batch_size")  # accumulation may be adapted to a new world size on resume
 
 
 def _marker(output_dir: str) -> dict | None:
