@@ -17,6 +17,7 @@ def _setup_logging() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .engine.signals import EXIT_STOPPED, Stopped
     from .errors import KDError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -30,16 +31,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(help_text(method))
             return 0
         parsed = build_config(argv)
-        _setup_logging()
         from .dist import setup_environment
 
         setup_environment()  # before deepspeed is imported: selects the CPU accelerator when there is no GPU
+        _setup_logging()
         from .engine.trainer import Trainer
 
         metrics = Trainer(parsed).fit()
         if int(os.environ.get("RANK", "0")) == 0:
             print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         return 0
+    except Stopped as exc:  # a stop signal: checkpoint written (and the SLURM job requeued when asked)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"kd_engine: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -54,7 +54,9 @@ class TrainConfig:
     # run
     output_dir: str = "outputs/run"
     overwrite_output_dir: bool = False
-    resume: bool = False
+    resume: str = "false"  # false | true (bare --resume: continue the newest complete checkpoint) | auto
+    stop_signals: list[str] = field(default_factory=lambda: ["USR1", "TERM"])  # checkpoint + stop (+ requeue)
+    requeue_on_stop: bool = True  # after a stop signal under a requeueable SLURM batch job: scontrol requeue
     deepspeed: Optional[str] = None  # DeepSpeed JSON (ds_configs/zero*.json); default ds_configs/zero0.json
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 16
@@ -223,7 +225,7 @@ def build_config(argv: list[str]) -> ParsedConfig:
 
     train_keys = flat_fields(TrainConfig)
     # first pass: find --config and --method without knowing the method's options yet
-    all_bool = {k for k, t in train_keys.items() if _unwrap_optional(t)[0] is bool}
+    all_bool = {k for k, t in train_keys.items() if _unwrap_optional(t)[0] is bool} | {"resume"}
     for name in method_names():
         opts_cls = get_method(name).Options
         all_bool |= {k for k, t in flat_fields(opts_cls).items() if _unwrap_optional(t)[0] is bool}
@@ -289,7 +291,14 @@ def validate_train_config(c: TrainConfig) -> None:
         raise ConfigError(f"eval_split must be in [0, 1); got {c.eval_split}")
     if c.max_steps <= 0 and c.num_train_epochs <= 0:
         raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
-    if c.resume and c.overwrite_output_dir:
+    flag = str(c.resume).lower()
+    c.resume = "true" if flag in ("1", "true", "yes", "on") else "false" if flag in ("0", "false", "no", "off") \
+        else flag
+    _check_choice("resume", c.resume, ("false", "true", "auto"))
+    from .engine.signals import parse_signals
+
+    parse_signals(c.stop_signals)
+    if c.resume != "false" and c.overwrite_output_dir:
         raise ConfigError("resume and overwrite_output_dir exclude each other: pick one")
 
 

@@ -3,6 +3,10 @@
 - deepspeed launcher / torchrun set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: used as they are.
 - mpirun (OpenMPI, MPICH/PMI, Slurm's srun --mpi): OMPI_COMM_WORLD_* / PMI_* are mapped to RANK/WORLD_SIZE/
   LOCAL_RANK; when MASTER_ADDR is not given, rank 0's address and a free port are broadcast with mpi4py.
+- ``srun python launch/train.py`` (one SLURM task per rank): SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID inside a
+  job step (SLURM_STEP_ID set; the batch shell itself is not a step) give RANK / WORLD_SIZE / LOCAL_RANK; without
+  MASTER_ADDR/MASTER_PORT every rank derives the same ones: the first node of the step (its NodeAddr from
+  ``scontrol``) and a port computed from the job and step ids.
 - plain ``python``: one process, rank 0 of 1, loopback and a free port.
 On a machine without CUDA, DeepSpeed's CPU accelerator (gloo backend) is selected before deepspeed is imported.
 """
@@ -38,22 +42,13 @@ def _cuda_available() -> bool:
 
 
 def setup_environment() -> str:
-    """Normalise launcher variables; returns the launcher detected ('launcher', 'mpi', 'single')."""
+    """Normalise launcher variables; returns the launcher detected ('launcher', 'slurm', 'mpi', 'single')."""
     if not _cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     kind = "launcher"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        for rank_v, size_v, local_v in _MPI_VARS:
-            if rank_v in os.environ and size_v in os.environ:
-                os.environ["RANK"] = os.environ[rank_v]
-                os.environ["WORLD_SIZE"] = os.environ[size_v]
-                os.environ["LOCAL_RANK"] = os.environ.get(local_v, os.environ[rank_v])
-                kind = "mpi"
-                if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-                    _mpi_rendezvous()
-                break
-        else:
-            kind = "single"
+        kind = _map_slurm() or _map_mpi() or "single"
+        if kind == "single":
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -61,6 +56,52 @@ def setup_environment() -> str:
     if os.environ.get("DS_ACCELERATOR") == "cpu" and os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return kind
+
+
+def _map_slurm() -> str:
+    """Inside an ``srun`` step (not the batch shell, which has no SLURM_STEP_ID): one task per rank."""
+    env = os.environ
+    if not ("SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env):
+        return ""
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = slurm_master_addr()
+    if "MASTER_PORT" not in env:  # the same on every rank: derived from the job and step ids
+        env["MASTER_PORT"] = str(20000 + (int(env.get("SLURM_JOB_ID", "0")) * 16 + int(env["SLURM_STEP_ID"])) % 20000)
+    return "slurm"
+
+
+def slurm_master_addr() -> str:
+    """Address of the first node of the step: its NodeAddr as slurmctld knows it (a node name may not resolve)."""
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()[0]
+        info = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError, IndexError) as exc:
+        from .errors import KDError
+
+        raise KDError(f"under srun without MASTER_ADDR and cannot ask scontrol for the first node: {exc}")
+    for tok in info.split():
+        if tok.startswith("NodeAddr="):
+            return tok.split("=", 1)[1]
+    return first
+
+
+def _map_mpi() -> str:
+    for rank_v, size_v, local_v in _MPI_VARS:
+        if rank_v in os.environ and size_v in os.environ:
+            os.environ["RANK"] = os.environ[rank_v]
+            os.environ["WORLD_SIZE"] = os.environ[size_v]
+            os.environ["LOCAL_RANK"] = os.environ.get(local_v, os.environ[rank_v])
+            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+                _mpi_rendezvous()
+            return "mpi"
+    return ""
 
 
 def _mpi_rendezvous() -> None:

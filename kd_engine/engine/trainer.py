@@ -27,7 +27,7 @@ from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, 
 from ..errors import KDError
 from ..models.loading import check_same_vocab, load_tokenizer
 from ..models.modes import eval_mode
-from . import checkpoint
+from . import autoresume, checkpoint, signals
 from .context import Compute, Context
 from .export import count_params, export_student
 from .monitor import Monitor
@@ -194,7 +194,7 @@ class Trainer:
                                                self.explicit)
 
         # decide about the output folder on every rank before anything is written
-        self.run_mode = checkpoint.check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
+        self.run_mode = autoresume.run_mode(cfg)  # --resume false|true|auto
         dist.barrier()
         if self.is_main and self.run_mode == "overwrite":
             checkpoint.clear_run(cfg.output_dir)
@@ -307,6 +307,7 @@ class Trainer:
 
     # ---- loop -------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
+        self.stopper = signals.StopSignals(self.cfg.stop_signals)  # a stop signal acts at the next step boundary
         self._setup()
         self._resume()
         cfg = self.cfg
@@ -320,6 +321,7 @@ class Trainer:
                   "samples": self.samples_seen, "steps": 0}
         sums: dict[str, float] = {}
         while self.global_step < self.total_steps:
+            self.stopper.at_step_boundary(self)  # all ranks agree: checkpoint, requeue under SLURM, Stopped
             if crash_at and self.global_step + 1 == crash_at:
                 import signal
 
@@ -377,6 +379,7 @@ class Trainer:
             export_student(self.student, self.tokenizer, os.path.join(cfg.output_dir, "final"), self.rank,
                            dist.barrier, card)
         self.monitor.close()
+        self.stopper.restore()
         return metrics
 
 
