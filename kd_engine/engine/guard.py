@@ -1,0 +1,84 @@
+"""Non-finite guard: a step whose loss or gradients are not finite does not update the model.
+
+ZeRO 1-3 optimizers already refuse such a step (they check the gradient norm and skip, counting it in
+``engine.skipped_steps``); at ZeRO-0 the engine's optimizer is a plain torch one, so ``prepare_step`` does the same
+by hand before ``engine.step()``: it drops the gradients (torch optimizers leave parameters without a gradient
+untouched: no moment update, no weight decay) and raises the optimizer's ``overflow`` flag, which makes DeepSpeed
+count the step as skipped and hold the learning-rate schedule, exactly as ZeRO 1-3 do. Gradients are all-reduced
+before the check, so every rank decides the same.
+
+``after_step`` counts consecutive skips; the trainer stops the run after ``limit`` of them. ``all_finite`` checks
+weights before anything is saved or exported.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("kd_engine")
+
+
+class NonFiniteGuard:
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.consecutive = 0
+        self.total = 0
+        self._skipped_seen: dict[int, int] = {}
+        self._armed: list = []
+
+    def prepare_step(self, engine, grad_norm) -> None:
+        """Call right before ``engine.step()``; ``grad_norm`` is the ZeRO-0 gradient norm (None elsewhere)."""
+        if grad_norm is None or engine.zero_optimization_stage() != 0 or not engine.is_gradient_accumulation_boundary():
+            return
+        if torch.isfinite(torch.as_tensor(grad_norm)):
+            return
+        for p in engine.module.parameters():
+            p.grad = None
+        engine.optimizer.overflow = True
+        self._armed.append(engine.optimizer)
+
+    def after_step(self, engine, step: int, loss: float) -> bool:
+        """Call once per optimizer step; True when that step was skipped (the model did not change)."""
+        for opt in self._armed:
+            opt.overflow = False
+        self._armed = []
+        seen = self._skipped_seen.get(id(engine), 0)
+        skipped = engine.skipped_steps > seen
+        self._skipped_seen[id(engine)] = engine.skipped_steps
+        if not skipped:
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        self.total += 1
+        if os.environ.get("RANK", "0") == "0":
+            logger.warning("step %d: non-finite loss or gradients (loss %s): update skipped (%d in a row, %d in all; "
+                           "the run stops after %d in a row)", step, loss, self.consecutive, self.total, self.limit)
+        return True
+
+    def exhausted(self) -> bool:
+        return self.consecutive >= self.limit
+
+    def reset_baseline(self, engine) -> None:
+        """After a resume: DeepSpeed restores ``skipped_steps`` from the checkpoint."""
+        self._skipped_seen[id(engine)] = engine.skipped_steps
+
+
+def all_finite(engines) -> bool:
+    """Whether every weight of every engine is finite, on every rank (ZeRO-3: this rank's partitions)."""
+    import torch.distributed as dist
+
+    engines = list(engines)
+    ok = True
+    for engine in engines:
+        for p in engine.module.parameters():
+            t = getattr(p, "ds_tensor", None)
+            t = p.data if t is None else t
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                ok = False
+                break
+    flag = torch.tensor([1.0 if ok else 0.0], device=getattr(engines[0], "device", "cpu") if engines else "cpu")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
