@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import KDError
+from ..io import write_text
 from . import faults, manifest
 
 logger = logging.getLogger("kd_engine")
@@ -37,7 +38,7 @@ RUN_MARKER = "kd_run.json"
 # every top-level entry kd_engine writes into an output folder; --overwrite_output_dir deletes these and no others
 OWNED = [RUN_MARKER, "checkpoints", "tensorboard", "train_log.jsonl", "final"]
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_TEMP_PREFIXES = (".tmp-export-", RUN_MARKER + ".tmp")
+_TEMP_PREFIXES = (".tmp-export-", f".tmp-{RUN_MARKER}-")  # kd_engine.io's temporary names
 _verified: dict[tuple[str, float], Optional[str]] = {}
 
 
@@ -162,26 +163,18 @@ def clear_run(output_dir: str) -> None:
 
 def write_run_marker(output_dir: str, info: dict) -> None:
     os.makedirs(output_dir, exist_ok=True)
-    _atomic_write_text(os.path.join(output_dir, RUN_MARKER),
-                       json.dumps({**info, "owns": OWNED}, indent=2, default=str))
+    write_text(os.path.join(output_dir, RUN_MARKER), json.dumps({**info, "owns": OWNED}, indent=2, default=str))
 
 
-def prepare_output_dir(output_dir: str, mode: str, info: dict) -> None:
+def prepare_output_dir(output_dir: str, mode: str, method: str, config: dict) -> None:
     """Rank 0, once the run is known to be able to start: the first write of a run."""
     if mode == "overwrite":
         clear_run(output_dir)
     remove_stale_temps(output_dir)
     if mode != "resume":
-        write_run_marker(output_dir, info)
+        write_run_marker(output_dir, {"method": method, "teacher": config.get("teacher"), "started": time.time(),
+                                      "config": config})
 
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---- per-rank state without pickle ------------------------------------------------------------------------
@@ -245,9 +238,9 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     faults.in_save(step, rank)
     barrier()
     if rank == 0:
-        digest = manifest.write(tmp, _atomic_write_text)
-        _atomic_write_text(os.path.join(tmp, manifest.COMPLETE),
-                           json.dumps({"step": step, "time": time.time(), "manifest_sha256": digest}))
+        digest = manifest.write(tmp, write_text)
+        write_text(os.path.join(tmp, manifest.COMPLETE),
+                   json.dumps({"step": step, "time": time.time(), "manifest_sha256": digest}))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
