@@ -7,8 +7,9 @@ import sys
 from typing import Optional
 
 # third-party chatter (weight loading, dataset generation, shard writing bars, info logs) unless --verbose
-_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "warning", "DATASETS_VERBOSITY": "warning", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "warning", "DATASETS_VERBOSITY": "warning",
+              "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -65,6 +66,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # a collective that failed because another rank died or hung (--dist_timeout)
+        from . import dist
+
+        if not dist.is_lost_rank_error(exc):
+            raise
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        print(f"error: {dist.lost_rank_message(exc, rank, world)}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group is broken: its teardown could wait on the lost rank again
 
 
 if __name__ == "__main__":

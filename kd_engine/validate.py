@@ -14,6 +14,7 @@ from .engine.checkpoint import check_output_dir
 
 def preflight(parsed) -> None:
     """Raise KDError/ConfigError for bad input that needs neither the models nor the process group. Writes nothing."""
+    from .batch_geometry import resolve_batch_geometry
     from .data.files import _looks_like_hub_id
     from .ds_config import DEFAULT_DS_CONFIG, load_ds_config, resolve_ds_config
     from .errors import KDError
@@ -31,5 +32,7 @@ def preflight(parsed) -> None:
             raise KDError(f"data file '{path}' does not exist")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     steps = cfg.max_steps if cfg.max_steps > 0 else 1
-    resolve_ds_config(load_ds_config(cfg.deepspeed or DEFAULT_DS_CONFIG), copy.deepcopy(cfg), world, steps,
-                      on_cpu=os.environ.get("DS_ACCELERATOR") == "cpu")
+    path = cfg.deepspeed or DEFAULT_DS_CONFIG
+    ds, probe = load_ds_config(path), copy.deepcopy(cfg)  # the trainer resolves the real ones later
+    resolve_batch_geometry(probe, ds, world, path, getattr(parsed, "explicit", None))
+    resolve_ds_config(ds, probe, world, steps, on_cpu=os.environ.get("DS_ACCELERATOR") == "cpu")

@@ -11,6 +11,7 @@ import torch
 import tiny
 from kd_engine.engine import checkpoint, manifest
 from kd_engine.errors import KDError
+from kd_engine.io import write_text
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +108,7 @@ def test_own_state_loads_without_pickle(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KD_PWNED", str(pwned))
     with open(ck / "rank0.pt", "wb") as fh:
         pickle.dump({"rng": _Payload(), "method": {}}, fh)
-    digest = manifest.write(str(ck), checkpoint._atomic_write_text)
+    digest = manifest.write(str(ck), write_text)
     (ck / manifest.COMPLETE).write_text(json.dumps({"step": 2, "manifest_sha256": digest}))
     checkpoint._verified.clear()
     assert checkpoint.problem(str(ck)) is None
@@ -131,7 +132,7 @@ def test_overwrite_deletes_only_what_kd_engine_wrote(run_dir):
     (out / ".env").write_text("SECRET=1")
     (out / "plots").mkdir()
     assert checkpoint.check_output_dir(str(out), resume=False, overwrite=True) == "overwrite"
-    checkpoint.prepare_output_dir(str(out), "overwrite", {"method": "test"})
+    checkpoint.prepare_output_dir(str(out), "overwrite", "test", {})
     assert sorted(os.listdir(out)) == [".env", "kd_run.json", "notes.txt", "plots"]
     assert json.load(open(out / "kd_run.json"))["owns"] == checkpoint.OWNED
 
@@ -142,6 +143,6 @@ def test_stale_temporaries_are_removed_on_the_next_run(run_dir):
     (out / ".tmp-export-x1" / "model.safetensors").write_bytes(b"half")
     (out / "checkpoints" / ".tmp-step-00000009").mkdir()
     (out / ".mine").write_text("keep")
-    checkpoint.prepare_output_dir(str(out), "resume", {})
+    checkpoint.prepare_output_dir(str(out), "resume", "test", {})
     assert not (out / ".tmp-export-x1").exists() and not (out / "checkpoints" / ".tmp-step-00000009").exists()
     assert (out / ".mine").read_text() == "keep"

@@ -39,8 +39,9 @@ class NonFiniteGuard:
         engine.optimizer.overflow = True
         self._armed.append(engine.optimizer)
 
-    def after_step(self, engine, step: int, loss: float) -> bool:
-        """Call once per optimizer step; True when that step was skipped (the model did not change)."""
+    def after_step(self, engine, step: int, loss: float, save=None, output_dir: str = "") -> bool:
+        """Call once per optimizer step; True when that step was skipped (the model did not change). After ``limit``
+        skips in a row: ``save()`` (the last good state: skipped steps changed no weight), then raise KDError."""
         for opt in self._armed:
             opt.overflow = False
         self._armed = []
@@ -55,10 +56,34 @@ class NonFiniteGuard:
         if os.environ.get("RANK", "0") == "0":
             logger.warning("step %d: non-finite loss or gradients (loss %s): update skipped (%d in a row, %d in all; "
                            "the run stops after %d in a row)", step, loss, self.consecutive, self.total, self.limit)
+        if self.exhausted():
+            if save is not None:
+                save()
+            raise self.stop_error(step, output_dir)
         return True
 
     def exhausted(self) -> bool:
         return self.consecutive >= self.limit
+
+    def stop_error(self, step: int, output_dir: str):
+        from ..errors import KDError
+        from .checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(output_dir)
+        return KDError(f"{self.consecutive} consecutive steps (up to step {step}) had a non-finite loss or gradients "
+                       f"and were skipped: stopped. The last good state is saved in {last[1] if last else '(none)'}; "
+                       "lower the learning rate or check the data, then --resume")
+
+    def check_weights(self, engines, output_dir: str, step: int) -> None:
+        """Before any save or export: KDError if a weight is not finite (a NaN checkpoint never rotates good ones
+        out, a NaN model is never exported)."""
+        from ..errors import KDError
+        from .checkpoint import latest_checkpoint
+
+        if not all_finite(engines):
+            last = latest_checkpoint(output_dir)
+            raise KDError(f"the weights are not finite at step {step}: nothing saved or exported; the last good "
+                          f"checkpoint is {last[1] if last else '(none)'}")
 
     def reset_baseline(self, engine) -> None:
         """After a resume: DeepSpeed restores ``skipped_steps`` from the checkpoint."""
