@@ -2,9 +2,9 @@
 
 ZeRO 1-3 optimizers already refuse such a step (they check the gradient norm and skip, counting it in
 ``engine.skipped_steps``); at ZeRO-0 the engine's optimizer is a plain torch one, so ``prepare_step`` does the same
-by hand before ``engine.step()``: it drops the gradients (torch optimizers leave parameters without a gradient
-untouched: no moment update, no weight decay) and raises the optimizer's ``overflow`` flag, which makes DeepSpeed
-count the step as skipped and hold the learning-rate schedule, exactly as ZeRO 1-3 do. Gradients are all-reduced
+by hand before ``engine.step()``: that one ``optimizer.step`` call does nothing (no weight, moment or weight-decay
+change) and the optimizer's ``overflow`` flag makes DeepSpeed count the step as skipped and hold the learning-rate
+schedule, as ZeRO 1-3 do; DeepSpeed then zeroes the gradients as after any step. Gradients are all-reduced
 before the check, so every rank decides the same.
 
 ``after_step`` counts consecutive skips; the trainer stops the run after ``limit`` of them. ``all_finite`` checks
@@ -34,16 +34,20 @@ class NonFiniteGuard:
             return
         if torch.isfinite(torch.as_tensor(grad_norm)):
             return
-        for p in engine.module.parameters():
-            p.grad = None
-        engine.optimizer.overflow = True
-        self._armed.append(engine.optimizer)
+        opt = engine.optimizer
+        self._armed.append((opt, opt.__dict__.get("step")))
+        opt.step = _no_update  # this one call only: no weight or moment changes (restored in after_step)
+        opt.overflow = True  # DeepSpeed then counts the step as skipped and holds the learning-rate schedule
 
     def after_step(self, engine, step: int, loss: float, save=None, output_dir: str = "") -> bool:
         """Call once per optimizer step; True when that step was skipped (the model did not change). After ``limit``
         skips in a row: ``save()`` (the last good state: skipped steps changed no weight), then raise KDError."""
-        for opt in self._armed:
+        for opt, step_attr in self._armed:
             opt.overflow = False
+            if step_attr is None:
+                del opt.step
+            else:
+                opt.step = step_attr
         self._armed = []
         seen = self._skipped_seen.get(id(engine), 0)
         skipped = engine.skipped_steps > seen
@@ -88,6 +92,10 @@ class NonFiniteGuard:
     def reset_baseline(self, engine) -> None:
         """After a resume: DeepSpeed restores ``skipped_steps`` from the checkpoint."""
         self._skipped_seen[id(engine)] = engine.skipped_steps
+
+
+def _no_update(*args, **kwargs):
+    return None
 
 
 def all_finite(engines) -> bool:
