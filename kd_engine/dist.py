@@ -98,6 +98,10 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     if not dist.is_initialized():
         kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=float(timeout_s))}
         deepspeed.init_distributed(dist_init_required=True, verbose=False, **kwargs)
+    if timeout_s is not None:  # groups created later without a timeout (DeepSpeed's data-parallel group) too
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=float(timeout_s))
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
