@@ -149,7 +149,7 @@ def remove_stale_temps(output_dir: str) -> None:
     root = checkpoint_root(output_dir)
     if os.path.isdir(root):
         for name in os.listdir(root):
-            if name.startswith(".tmp-step-"):
+            if name.startswith((".tmp-step-", ".universal-")):
                 _remove(os.path.join(root, name))
 
 
@@ -166,8 +166,10 @@ def write_run_marker(output_dir: str, info: dict) -> None:
     write_text(os.path.join(output_dir, RUN_MARKER), json.dumps({**info, "owns": OWNED}, indent=2, default=str))
 
 
-def prepare_output_dir(output_dir: str, mode: str, method: str, config: dict) -> None:
+def prepare_output_dir(output_dir: str, mode: str, method: str, config: dict, rank: int = 0) -> None:
     """Rank 0, once the run is known to be able to start: the first write of a run."""
+    if rank != 0:
+        return
     if mode == "overwrite":
         clear_run(output_dir)
     remove_stale_temps(output_dir)
@@ -220,8 +222,9 @@ def plain(obj, where: str = "state"):
 
 
 def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: int, barrier, keep: int,
-         rank_state: Optional[dict] = None) -> str:
-    """Save every engine (collective call) and publish the checkpoint atomically; rotate old ones."""
+         rank_state: Optional[dict] = None, geometry: Optional[dict] = None) -> str:
+    """Save every engine (collective call) and publish the checkpoint atomically; rotate old ones. ``geometry``
+    (world_size, micro, accumulation) goes into COMPLETE for a resume on another world size (reshard.py)."""
     root = checkpoint_root(output_dir)
     name = f"step-{step:08d}"
     tmp = os.path.join(root, f".tmp-{name}")
@@ -240,7 +243,7 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     if rank == 0:
         digest = manifest.write(tmp, write_text)
         write_text(os.path.join(tmp, manifest.COMPLETE),
-                   json.dumps({"step": step, "time": time.time(), "manifest_sha256": digest}))
+                   json.dumps({"step": step, "time": time.time(), "manifest_sha256": digest, "geometry": geometry}))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -253,20 +256,33 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     return final
 
 
-def load(path: str, engines: dict, rank: int) -> tuple[dict, dict]:
-    """Load every engine from a complete checkpoint; returns (the student's client state, this rank's state)."""
+def load(path: str, engines: dict, rank: int, world_size: Optional[int] = None, barrier=lambda: None
+         ) -> tuple[dict, dict]:
+    """Load every engine from a complete checkpoint; returns (the student's client state, this rank's state).
+    A checkpoint written with another world size goes through DeepSpeed's universal checkpoint (reshard.py)."""
+    from . import reshard
+
+    geo = reshard.saved_geometry(path)
+    resharded = bool(geo and world_size and int(geo["world_size"]) != world_size)
     client_state: dict = {}
     for tag, engine in engines.items():
         if not os.path.isdir(os.path.join(path, tag)):
             raise KDError(f"checkpoint {path} has no '{tag}' engine state (was it written by another method?)")
-        load_path, cs = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+        if resharded:
+            load_path, cs = reshard.load_engine(path, tag, engine, rank, barrier)
+        else:
+            load_path, cs = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
         if load_path is None:
             raise KDError(f"could not load the '{tag}' engine from {path}")
         if tag == "student":
             client_state = cs or {}
     rank_file = os.path.join(path, f"rank{rank}.pt")
-    if not os.path.isfile(rank_file):
+    if resharded and not os.path.isfile(rank_file):
+        logger.warning("rank %d did not exist when %s was written: it starts from rank 0's RNG state and no method "
+                       "state", rank, path)
+        rank_file = os.path.join(path, "rank0.pt")
+    elif not os.path.isfile(rank_file):
         raise KDError(f"checkpoint {path} has no state for rank {rank}: resume with the number of ranks it was "
                       "written with (or convert it with deepspeed.checkpoint.ds_to_universal)")
     try:
@@ -274,4 +290,4 @@ def load(path: str, engines: dict, rank: int) -> tuple[dict, dict]:
         set_rng_state(own["rng"])
     except Exception as exc:  # unpickling refused, damaged file, old format
         raise KDError(f"cannot read {rank_file}: {str(exc).splitlines()[0][:200]}") from None
-    return client_state, own.get("method", {})
+    return client_state, {} if resharded and rank_file.endswith("rank0.pt") and rank else own.get("method", {})

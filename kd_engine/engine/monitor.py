@@ -54,11 +54,11 @@ class Monitor:
         return os.path.getsize(path) if os.path.exists(path) else 0
 
     @staticmethod
-    def truncate_log(output_dir: str, size) -> None:
+    def truncate_log(output_dir: str, size, rank: int = 0) -> None:
         """Cut train_log.jsonl back to what it held when the resumed checkpoint was written: lines logged after it
         (the steps a crash lost, a final evaluation before a crashed export) are logged again by the resumed run,
         so every step and evaluation appears once."""
         path = os.path.join(output_dir, "train_log.jsonl")
-        if size is not None and os.path.exists(path) and os.path.getsize(path) > int(size):
+        if rank == 0 and size is not None and os.path.exists(path) and os.path.getsize(path) > int(size):
             with open(path, "r+b") as fh:
                 fh.truncate(int(size))

@@ -26,7 +26,7 @@ from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, 
     zero_stage
 from ..errors import KDError
 from ..models.loading import check_same_vocab, load_tokenizer
-from . import checkpoint, faults
+from . import checkpoint, faults, reshard
 from .context import Compute, Context
 from .export import count_params, export_student
 from .guard import NonFiniteGuard
@@ -189,6 +189,7 @@ class Trainer:
         set_seed(cfg.seed)
         # batch geometry first: everything below (sampler, step count, DeepSpeed config) follows from it
         ds_raw = load_ds_config(cfg.deepspeed or DEFAULT_DS_CONFIG)
+        reshard.adapt_accumulation(cfg, self.world_size)  # --resume on another world size keeps the global batch
         self.geometry = resolve_batch_geometry(cfg, ds_raw, self.world_size, cfg.deepspeed or DEFAULT_DS_CONFIG,
                                                self.explicit)
 
@@ -223,8 +224,8 @@ class Trainer:
         trainable = [p for p in student.parameters() if p.requires_grad]
         if not trainable:
             raise KDError("the student has no trainable parameters (everything frozen?)")
-        if self.is_main:  # the first write, once models, data and configs passed: a rejected run changes nothing
-            checkpoint.prepare_output_dir(cfg.output_dir, self.run_mode, self.method.name, to_dict(cfg))
+        # the first write, once models, data and configs passed: a rejected run changes nothing
+        checkpoint.prepare_output_dir(cfg.output_dir, self.run_mode, self.method.name, to_dict(cfg), self.rank)
         dist.barrier()
         faults.install_poison(student, lambda: self.global_step + 1)
         self.student, *_ = deepspeed.initialize(model=student, model_parameters=trainable, config=self.ds_config,
@@ -259,17 +260,16 @@ class Trainer:
         if self.run_mode != "resume":
             return
         step, path = checkpoint.latest_checkpoint(self.cfg.output_dir)
-        state, rank_state = checkpoint.load(path, self.engines, self.rank)
+        state, rank_state = checkpoint.load(path, self.engines, self.rank, self.world_size, dist.barrier)
         if state.get("method_name", self.method.name) != self.method.name:
             raise KDError(f"{path} was written by method '{state['method_name']}', not '{self.method.name}'")
         self.global_step = int(state.get("global_step", step))
-        self.sampler.load_state_dict(state["sampler"])
+        self.sampler.load_state_dict(reshard.sampler_state(state["sampler"], self.world_size))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
         self.method.load_state_dict(rank_state)
         self.guard.reset_baseline(self.student)
-        if self.is_main:  # log lines after the checkpoint belong to the lost timeline: the resumed run rewrites them
-            Monitor.truncate_log(self.cfg.output_dir, state.get("log_bytes"))
+        Monitor.truncate_log(self.cfg.output_dir, state.get("log_bytes"), self.rank)  # drop the lost timeline's lines
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     def _save(self) -> None:
@@ -278,7 +278,7 @@ class Trainer:
                  "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "method_name": self.method.name,
                  "log_bytes": Monitor.log_size(self.cfg.output_dir)}
         checkpoint.save(self.cfg.output_dir, self.global_step, self.engines, state, self.rank, dist.barrier,
-                        self.cfg.save_total_limit, rank_state=self.method.state_dict())
+                        self.cfg.save_total_limit, self.method.state_dict(), dataclasses.asdict(self.geometry))
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
