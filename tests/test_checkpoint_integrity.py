@@ -72,6 +72,7 @@ def test_damaged_newest_checkpoint_falls_back_with_warning(run_dir, damage, capl
         victim.unlink()
     else:
         victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    checkpoint._warned.clear()
     with caplog.at_level(logging.WARNING, logger="kd_engine"):
         step, path = checkpoint.latest_checkpoint(str(out))
     assert step == 1 and path.endswith("step-00000001")

@@ -79,3 +79,21 @@ def test_kill_anywhere_then_resume_is_bit_identical(assets, straight, tmp_path, 
     assert log_records(out) == log_records(ref)  # each step and each evaluation logged once, same values
     assert not glob.glob(str(out / ".tmp-*")) and not glob.glob(str(out / "checkpoints" / ".tmp-*"))
     assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(ref / "checkpoints"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(straight, tmp_path, assets, damage):
+    import shutil
+
+    ref, _ = straight
+    out = tmp_path / "o"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "final")
+    victim = next((out / "checkpoints" / "step-00000006" / "student").rglob("*model_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100]) if damage == "truncate" else victim.unlink()
+    r = train(assets, out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step-00000006 is damaged" in r.stderr and "falling back to the previous checkpoint" in r.stderr
+    assert "resumed from" in r.stderr and "step-00000004" in r.stderr
+    wa, wb = load_file(str(ref / "final" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -40,6 +40,7 @@ OWNED = [RUN_MARKER, "checkpoints", "tensorboard", "train_log.jsonl", "final"]
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIXES = (".tmp-export-", f".tmp-{RUN_MARKER}-")  # kd_engine.io's temporary names
 _verified: dict[tuple[str, float], Optional[str]] = {}
+_warned: set[str] = set()
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -76,7 +77,8 @@ def latest_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
         why = problem(path)
         if why is None:
             return step, path
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and path not in _warned:
+            _warned.add(path)
             logger.warning("checkpoint %s is damaged (%s): falling back to the previous checkpoint", path, why)
     return None
 
