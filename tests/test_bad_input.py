@@ -27,6 +27,7 @@ def assets(tmp_path_factory):
     (d / "inconsistent.json").write_text(json.dumps({"train_batch_size": 7, "train_micro_batch_size_per_gpu": 4,
                                                      "gradient_accumulation_steps": 1}))
     (d / "fp16.json").write_text(json.dumps({"fp16": {"enabled": True}}))
+    (d / "micro3.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))  # the command line says 4
     prev = d / "previous_run"
     assert cli_main(_args(d, prev, "--max_steps", "1", "--export", "false")) == 0
     (prev / "notes.txt").write_text("user's own file")
@@ -50,6 +51,8 @@ CASES = [
     ("DeepSpeed JSON not JSON", ["--deepspeed", "{d}/not_json.json"], "not valid JSON"),
     ("inconsistent batch sizes", ["--deepspeed", "{d}/inconsistent.json"], "inconsistent batch sizes"),
     ("fp16 on CPU", ["--deepspeed", "{d}/fp16.json"], "fp16"),
+    ("batch sizes set differently", ["--deepspeed", "{d}/micro3.json"], "batch sizes disagree"),
+    ("eval_file with eval_split", ["--eval_file", "{d}/train.txt", "--eval_split", "0.2"], "exclude each other"),
     ("tokenizer mismatch", ["--student", "{d}/other_vocab"], "tokenizers differ"),
     ("absurd learning rate", ["--learning_rate", "1e6"], "learning_rate must be in"),
     ("negative max_steps", ["--max_steps", "-5"], "max_steps must be"),
