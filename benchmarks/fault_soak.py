@@ -2,10 +2,11 @@
 check that the final weights are bit-identical to an uninterrupted run and train_log.jsonl identical (timings aside).
 
 One uninterrupted reference run, then ``--kills`` trials (default 10). In each trial the run is started, killed
-(SIGKILL, by this script) a random time after its first checkpoint appeared (uniform in [0, the reference run's time
-from its first checkpoint to its exported model]; a run that finishes its export first is drawn again) and started again with
-``--resume`` until it finishes. A trial counts when it was killed and the resumed run's weights and log match. Checkpoints every step (``--save_steps 1``), so many kills land inside a checkpoint write. What was on
-disk at the kill (a half-written ``.tmp-step-*`` checkpoint, a half export, ...) is reported per trial.
+(SIGKILL, by this script) a random time after its first checkpoint appeared (uniform in [0, the reference run's
+time from its first checkpoint to its exported model]; a run that finishes its export first is drawn again) and
+started again with ``--resume`` until it finishes. A trial counts when it was killed and the resumed run's weights
+and log match. Checkpoints every step (``--save_steps 1``), so many kills land inside a checkpoint write. What was
+on disk at the kill (a half-written ``.tmp-step-*`` checkpoint, a half export, ...) is reported per trial.
 
     nice -n 5 python benchmarks/fault_soak.py              # 10 kills, 7.5 minutes on the 2 shared cores
     nice -n 5 python benchmarks/fault_soak.py --kills 3
@@ -193,8 +194,8 @@ def main() -> int:
     with open(os.path.join(RESULTS, "fault_soak.md"), "w", encoding="utf-8") as fh:
         fh.write(f"# Fault soak\n\n`{cmd.strip()}`\n\nkill -9 then --resume, final weights bit-identical to an "
                  f"uninterrupted run: **{summary['kill_resume_bitwise']}** (reference run {ref_s:.1f} s, "
-                 f"{args.steps} steps, a checkpoint after each).\n\n| trial | kill after (s) | killed during | "
-                 "bitwise | log identical |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                 f"{args.steps} steps, a checkpoint after each).\n\n| trial | kill (s after the 1st checkpoint) | "
+                 "killed during | bitwise | log identical |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(json.dumps(summary))
     return 0 if ok == len(trials) else 1
 
