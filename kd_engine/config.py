@@ -303,8 +303,8 @@ def validate_train_config(c: TrainConfig) -> None:
         raise ConfigError(f"max_steps must be >= 1, or -1 to train num_train_epochs; got {c.max_steps}")
     if c.max_steps == -1 and c.num_train_epochs <= 0:
         raise ConfigError(f"num_train_epochs must be > 0 when max_steps is -1; got {c.num_train_epochs}")
-    if not 0.0 < c.learning_rate <= 1.0:
-        raise ConfigError(f"learning_rate must be in (0, 1]; got {c.learning_rate}")
+    if not 0.0 <= c.learning_rate <= 1.0:  # 0 freezes the student (used to check a method's zero point)
+        raise ConfigError(f"learning_rate must be in [0, 1]; got {c.learning_rate}")
     if not 0.0 <= c.weight_decay <= 1.0:
         raise ConfigError(f"weight_decay must be in [0, 1]; got {c.weight_decay}")
     for key in ("adam_beta1", "adam_beta2"):

@@ -45,8 +45,8 @@ def test_json_config_file(tmp_path):
     # out-of-range values are rejected, not trained on silently
     (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
     (["--max_steps", "0"], "max_steps must be >= 1, or -1"),
-    (["--learning_rate", "1e6"], "learning_rate must be in (0, 1]"),
-    (["--learning_rate", "0"], "learning_rate must be in (0, 1]"),
+    (["--learning_rate", "1e6"], "learning_rate must be in [0, 1]"),
+    (["--learning_rate", "-1e-4"], "learning_rate must be in [0, 1]"),
     (["--learning_rate", "nan"], "must be a finite number"),
     (["--temperature", "inf"], "must be a finite number"),
     (["--temperature", "0"], "temperature must be in [0.01, 100]"),
