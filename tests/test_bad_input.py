@@ -103,3 +103,18 @@ def test_output_folder_holding_another_run(assets, capsys):
     rc, lines = _one_error(capsys, _args(assets, prev))
     assert rc == 2 and len(lines) == 1 and "already holds another kd_engine run" in lines[0]
     assert _snapshot(prev) == before
+
+
+def test_overwrite_output_dir_replaces_only_what_kd_engine_wrote(assets, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(assets / "previous_run", out)
+    (out / ".hidden_notes").write_text("keep me")
+    (out / "checkpoints" / ".tmp-step-00000009").mkdir()  # a crashed write of the old run
+    old_marker = (out / "kd_run.json").read_text()
+    assert cli_main(_args(assets, out, "--overwrite_output_dir", "--max_steps", "2", "--export", "false")) == 0
+    assert (out / "notes.txt").read_text() == "user's own file" and (out / ".hidden_notes").read_text() == "keep me"
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002"]  # the old run's step-1 checkpoint is gone
+    assert (out / "kd_run.json").read_text() != old_marker
+    assert "done: 2 steps; checkpoints in" in capsys.readouterr().out.strip().splitlines()[-1]

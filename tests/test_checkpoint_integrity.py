@@ -101,9 +101,12 @@ def test_own_state_loads_without_pickle(run_dir, tmp_path, monkeypatch):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    checkpoint.save(str(out), 3, {"student": eng}, {}, 0, lambda: None, keep=3, rank_state={"n": 1})
-    cs, own = checkpoint.load(str(out / "checkpoints" / "step-00000003"), {"student": eng}, 0)
+    checkpoint.save(str(out), 3, {"student": eng}, {"global_step": 3, "sampler": {"position": 5}}, 0, lambda: None,
+                    keep=3, rank_state={"n": 1})
+    ck3 = out / "checkpoints" / "step-00000003"
+    cs, own = checkpoint.load(str(ck3), {"student": eng}, 0)
     assert own == {"n": 1} and torch.equal(torch.rand(3), expected)
+    assert cs == {"global_step": 3, "sampler": {"position": 5}} == json.load(open(ck3 / "state.json"))
     # ... and a crafted pickle in our own state file (manifest rewritten to match) runs nothing
     pwned = tmp_path / "pwned"
     monkeypatch.setenv("KD_PWNED", str(pwned))

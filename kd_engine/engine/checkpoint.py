@@ -6,6 +6,7 @@ Layout under ``output_dir``::
     checkpoints/step-00000006/  one complete checkpoint
         student/ ...            DeepSpeed engine checkpoint (model, optimizer, scheduler, client state)
         <engine name>/ ...      any extra engine a method registered (e.g. a generator)
+        state.json              step, data position and counters (JSON)
         rank<r>.pt              per-rank RNG states and method state (tensors/numbers/strings only: weights_only load)
         MANIFEST.json           size and sha256 of every file above
         COMPLETE                written last, holds the manifest's sha256: a folder without it is ignored
@@ -35,6 +36,7 @@ from . import faults, manifest
 logger = logging.getLogger("kd_engine")
 
 RUN_MARKER = "kd_run.json"
+STATE_FILE = "state.json"  # the trainer's own state in a checkpoint: step, data position, counters
 # every top-level entry kd_engine writes into an output folder; --overwrite_output_dir deletes these and no others
 OWNED = [RUN_MARKER, "checkpoints", "tensorboard", "train_log.jsonl", "final"]
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -237,8 +239,9 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
         os.makedirs(tmp, exist_ok=True)
     barrier()
     for tag, engine in engines.items():
-        engine.save_checkpoint(tmp, tag=tag, client_state=client_state if tag == "student" else {},
-                               save_latest=False)
+        engine.save_checkpoint(tmp, tag=tag, client_state={}, save_latest=False)
+    if rank == 0:  # step, data position, counters: JSON, not inside DeepSpeed's pickles
+        write_text(os.path.join(tmp, STATE_FILE), json.dumps(client_state, indent=1, sort_keys=True))
     torch.save(own, os.path.join(tmp, f"rank{rank}.pt"))
     faults.in_save(step, rank)
     barrier()
@@ -278,7 +281,10 @@ def load(path: str, engines: dict, rank: int, world_size: Optional[int] = None, 
         if load_path is None:
             raise KDError(f"could not load the '{tag}' engine from {path}")
         if tag == "student":
-            client_state = cs or {}
+            client_state = cs or {}  # checkpoints written before state.json kept it in DeepSpeed's client state
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
+            client_state = json.load(fh)
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if resharded and not os.path.isfile(rank_file):
         logger.warning("rank %d did not exist when %s was written: it starts from rank 0's RNG state and no method "
