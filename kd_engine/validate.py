@@ -21,7 +21,8 @@ def preflight(parsed) -> None:
     from .models.loading import resolve
 
     cfg = parsed.train
-    check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
+    if cfg.resume in (True, False, "true", "false"):  # "auto" (--resume auto) is decided by the trainer
+        check_output_dir(cfg.output_dir, cfg.resume in (True, "true"), cfg.overwrite_output_dir)
     for key in ("teacher", "student.name_or_path", "tokenizer"):
         value = cfg.student.name_or_path if key == "student.name_or_path" else getattr(cfg, key)
         if value:

@@ -39,7 +39,8 @@ def adapt_accumulation(cfg, world_size: int) -> Optional[dict]:
     checkpoint's. Returns the checkpoint's geometry when it changed anything."""
     from .checkpoint import latest_checkpoint
 
-    latest = latest_checkpoint(cfg.output_dir) if cfg.resume and os.path.isdir(cfg.output_dir) else None
+    resuming = cfg.resume in (True, "true", "auto")  # bool, or the str of --resume false|true|auto
+    latest = latest_checkpoint(cfg.output_dir) if resuming and os.path.isdir(cfg.output_dir) else None
     geo = saved_geometry(latest[1]) if latest else None
     if not geo or int(geo["world_size"]) == world_size:
         return None
