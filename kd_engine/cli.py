@@ -6,14 +6,33 @@ import os
 import sys
 from typing import Optional
 
+# third-party chatter (weight loading, dataset generation, shard writing bars, info logs) unless --verbose
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "warning", "DATASETS_VERBOSITY": "warning",
+              "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
-def _setup_logging() -> None:
+
+def _setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        for k, v in _QUIET_ENV.items():
+            os.environ.setdefault(k, v)
+        for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3", "transformers"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        for mod in ("transformers.utils.logging", "datasets.utils.logging"):
+            if mod in sys.modules:  # already imported (in-process callers): switch their bars off directly
+                sys.modules[mod].disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def final_line(cfg, steps: int, metrics: dict) -> str:
+    """The last line of a successful run: where the student went and the key metrics."""
+    where = os.path.join(cfg.output_dir, "final") if cfg.export else os.path.join(cfg.output_dir, "checkpoints")
+    what = "student exported to" if cfg.export else "checkpoints in"
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) or "no evaluation data"
+    return f"done: {steps} steps; {what} {os.path.abspath(where)}; {shown}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -31,15 +50,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(help_text(method))
             return 0
         parsed = build_config(argv)
+        _setup_logging(parsed.train.verbose)
         from .dist import setup_environment
 
         setup_environment()  # before deepspeed is imported: selects the CPU accelerator when there is no GPU
-        _setup_logging()
+        from .validate import preflight
+
+        preflight(parsed)  # files and the DeepSpeed JSON, before the heavy imports and before any write
         from .engine.trainer import Trainer
 
-        metrics = Trainer(parsed).fit()
+        trainer = Trainer(parsed)
+        metrics = trainer.fit()
         if int(os.environ.get("RANK", "0")) == 0:
-            print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            print(final_line(parsed.train, trainer.global_step, metrics), flush=True)
         return 0
     except Stopped as exc:  # a stop signal: checkpoint written (and the SLURM job requeued when asked)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -48,6 +71,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # a collective that failed because another rank died or hung (--dist_timeout)
+        from . import dist
+
+        if not dist.is_lost_rank_error(exc):
+            raise
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        print(f"error: {dist.lost_rank_message(exc, rank, world)}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group is broken: its teardown could wait on the lost rank again
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ class TrainConfig:
     report_to: str = "tensorboard"  # tensorboard | none
     export: bool = True  # write the final student as a Hugging Face folder to output_dir/final
     disable_tqdm: bool = False
+    verbose: bool = False  # show third-party (DeepSpeed, transformers, datasets) info output and progress bars
+    max_nonfinite_steps: int = 10  # stop (with a checkpoint of the last good state) after this many skipped steps
+    dist_timeout: float = 600.0  # seconds a collective waits for a lost rank before every rank exits with an error
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,7 +134,10 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            f = float(value)
+            if f != f or f in (float("inf"), float("-inf")):
+                raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
+            return f
         if base is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -284,13 +290,36 @@ def validate_train_config(c: TrainConfig) -> None:
     _check_choice("report_to", c.report_to, ("tensorboard", "none"))
     _check_choice("student.init", c.student.init, ("teacher_layers", "random"))
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_length", "save_total_limit", "logging_steps"):
+                "max_length", "save_total_limit", "logging_steps", "max_nonfinite_steps"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key} must be >= 1; got {getattr(c, key)}")
+    for key in ("save_steps", "eval_steps", "warmup_steps"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"{key} must be >= 0; got {getattr(c, key)}")
+    for key in ("max_train_samples", "max_eval_samples"):
+        if getattr(c, key) is not None and getattr(c, key) < 1:
+            raise ConfigError(f"{key} must be >= 1 (or unset); got {getattr(c, key)}")
     if not 0.0 <= c.eval_split < 1.0:
         raise ConfigError(f"eval_split must be in [0, 1); got {c.eval_split}")
-    if c.max_steps <= 0 and c.num_train_epochs <= 0:
-        raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+    if c.max_steps == 0 or c.max_steps < -1:
+        raise ConfigError(f"max_steps must be >= 1, or -1 to train num_train_epochs; got {c.max_steps}")
+    if c.max_steps == -1 and c.num_train_epochs <= 0:
+        raise ConfigError(f"num_train_epochs must be > 0 when max_steps is -1; got {c.num_train_epochs}")
+    if not 0.0 <= c.learning_rate <= 1.0:  # 0 freezes the student (used to check a method's zero point)
+        raise ConfigError(f"learning_rate must be in [0, 1]; got {c.learning_rate}")
+    if not 0.0 <= c.weight_decay <= 1.0:
+        raise ConfigError(f"weight_decay must be in [0, 1]; got {c.weight_decay}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(c, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1); got {getattr(c, key)}")
+    if not 0.0 < c.adam_epsilon <= 1.0:
+        raise ConfigError(f"adam_epsilon must be in (0, 1]; got {c.adam_epsilon}")
+    if c.max_grad_norm < 0:
+        raise ConfigError(f"max_grad_norm must be >= 0 (0: no clipping); got {c.max_grad_norm}")
+    if not 0 <= c.seed < 2 ** 32:
+        raise ConfigError(f"seed must be in [0, 2**32); got {c.seed}")
+    if not c.dist_timeout > 0:
+        raise ConfigError(f"dist_timeout must be > 0 seconds; got {c.dist_timeout}")
     flag = str(c.resume).lower()
     c.resume = "true" if flag in ("1", "true", "yes", "on") else "false" if flag in ("0", "false", "no", "off") \
         else flag

@@ -13,9 +13,11 @@ On a machine without CUDA, DeepSpeed's CPU accelerator (gloo backend) is selecte
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import socket
+from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +127,22 @@ def _mpi_rendezvous() -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Set up the environment and the process group; returns (rank, world_size, local_rank)."""
+def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
+    """Set up the environment and the process group; returns (rank, world_size, local_rank).
+
+    ``timeout_s`` bounds every collective: when a rank dies or hangs, the others raise after that long instead of
+    waiting forever (``lost_rank_message`` turns the backend's error into one line)."""
     setup_environment()
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True, verbose=False)
+        kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=float(timeout_s))}
+        deepspeed.init_distributed(dist_init_required=True, verbose=False, **kwargs)
+    if timeout_s is not None:  # groups created later without a timeout (DeepSpeed's data-parallel group) too
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=float(timeout_s))
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -192,3 +202,23 @@ def all_reduce_sums(values: dict[str, tuple[float, float]]) -> dict[str, tuple[f
     t = torch.tensor([[values[k][0], values[k][1]] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: (float(t[i, 0]), float(t[i, 1])) for i, k in enumerate(keys)}
+
+
+def is_lost_rank_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank died, hung or became unreachable."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistBackendError", ())) or isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out", "Broken pipe",
+        "NCCL communicator was aborted", "Connection refused"))
+
+
+def lost_rank_message(exc: BaseException, rank: int, world_size: int) -> str:
+    """One line for a lost rank: names it where the world has only one other rank, else says which rank reports."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    who = f"rank {1 - rank}" if world_size == 2 else "another rank"
+    return (f"rank {rank} lost contact with {who} during a collective ({first}); every rank stops; "
+            "resume from the last checkpoint with --resume")

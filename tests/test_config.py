@@ -42,6 +42,25 @@ def test_json_config_file(tmp_path):
     (["--lr_scheduler_type", "exp"], "lr_scheduler_type must be one of"),
     (["--resume", "--overwrite_output_dir"], "exclude each other"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
+    # out-of-range values are rejected, not trained on silently
+    (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
+    (["--max_steps", "0"], "max_steps must be >= 1, or -1"),
+    (["--learning_rate", "1e6"], "learning_rate must be in [0, 1]"),
+    (["--learning_rate", "-1e-4"], "learning_rate must be in [0, 1]"),
+    (["--learning_rate", "nan"], "must be a finite number"),
+    (["--temperature", "inf"], "must be a finite number"),
+    (["--temperature", "0"], "temperature must be in [0.01, 100]"),
+    (["--temperature", "1e-30"], "temperature must be in [0.01, 100]"),
+    (["--max_nonfinite_steps", "0"], "max_nonfinite_steps must be >= 1"),
+    (["--dist_timeout", "0"], "dist_timeout must be > 0"),
+    (["--warmup_steps", "-1"], "warmup_steps must be >= 0"),
+    (["--save_steps", "-2"], "save_steps must be >= 0"),
+    (["--adam_beta2", "1.5"], "adam_beta2 must be in [0, 1)"),
+    (["--weight_decay", "-0.1"], "weight_decay must be in [0, 1]"),
+    (["--max_grad_norm", "-1"], "max_grad_norm must be >= 0"),
+    (["--seed", "-1"], "seed must be in [0, 2**32)"),
+    (["--max_train_samples", "0"], "max_train_samples must be >= 1"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs must be > 0"),
 ])
 def test_config_errors(argv, needle):
     with pytest.raises(ConfigError) as e:

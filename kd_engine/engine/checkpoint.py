@@ -1,19 +1,24 @@
-"""Checkpoints: DeepSpeed's own save/load, made atomic, rotated, and guarded against clobbering other runs.
+"""Checkpoints: DeepSpeed's own save/load, made atomic, verified, rotated, and guarded against clobbering other runs.
 
 Layout under ``output_dir``::
 
-    kd_run.json                 marks the folder as a kd_engine run (method, teacher, start time)
+    kd_run.json                 marks the folder as a kd_engine run; lists the entries kd_engine writes ("owns")
     checkpoints/step-00000006/  one complete checkpoint
         student/ ...            DeepSpeed engine checkpoint (model, optimizer, scheduler, client state)
         <engine name>/ ...      any extra engine a method registered (e.g. a generator)
-        rank<r>.pt              per-rank RNG states and per-rank method state (e.g. rollout buffers)
-        COMPLETE                written last: a folder without it is ignored and deleted
+        state.json              step, data position and counters (JSON)
+        rank<r>.pt              per-rank RNG states and method state (tensors/numbers/strings only: weights_only load)
+        MANIFEST.json           size and sha256 of every file above
+        COMPLETE                written last, holds the manifest's sha256: a folder without it is ignored
 A checkpoint is written into ``checkpoints/.tmp-step-...`` and renamed into place once every rank finished, so a
-crash mid-write never leaves a folder that looks complete.
+crash mid-write never leaves a folder that looks complete. On resume every file is checked against the manifest;
+a damaged newest checkpoint is skipped (with a warning) for the previous whole one.
+DeepSpeed's own ``*_model_states.pt`` / ``*_optim_states.pt`` are pickles: a checkpoint folder is trusted input.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,9 +31,18 @@ import torch
 
 from ..errors import KDError
 from ..io import write_text
+from . import faults, manifest
+
+logger = logging.getLogger("kd_engine")
 
 RUN_MARKER = "kd_run.json"
+STATE_FILE = "state.json"  # the trainer's own state in a checkpoint: step, data position, counters
+# every top-level entry kd_engine writes into an output folder; --overwrite_output_dir deletes these and no others
+OWNED = [RUN_MARKER, "checkpoints", "tensorboard", "train_log.jsonl", "final"]
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_TEMP_PREFIXES = (".tmp-export-", f".tmp-{RUN_MARKER}-")  # kd_engine.io's temporary names
+_verified: dict[tuple[str, float], Optional[str]] = {}
+_warned: set[str] = set()
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -36,27 +50,54 @@ def checkpoint_root(output_dir: str) -> str:
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Checkpoints with a COMPLETE marker, oldest first (not yet verified against their manifests)."""
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
     out = []
     for name in os.listdir(root):
         m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(root, name, "COMPLETE")):
+        if m and os.path.isfile(os.path.join(root, name, manifest.COMPLETE)):
             out.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(out)
 
 
+def problem(path: str) -> Optional[str]:
+    """What is wrong with a checkpoint (None when it is whole); cached per folder and COMPLETE time."""
+    try:
+        key = (os.path.abspath(path), os.path.getmtime(os.path.join(path, manifest.COMPLETE)))
+    except OSError:
+        return f"{manifest.COMPLETE} marker is missing"
+    if key not in _verified:
+        _verified[key] = manifest.verify(path)
+    return _verified[key]
+
+
 def latest_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
+    """The newest checkpoint whose files all match its manifest; damaged newer ones are skipped with a warning."""
+    for step, path in reversed(complete_checkpoints(output_dir)):
+        why = problem(path)
+        if why is None:
+            return step, path
+        if os.environ.get("RANK", "0") == "0" and path not in _warned:
+            _warned.add(path)
+            logger.warning("checkpoint %s is damaged (%s): falling back to the previous checkpoint", path, why)
+    return None
+
+
+def _no_usable_checkpoint(output_dir: str) -> KDError:
     ck = complete_checkpoints(output_dir)
-    return ck[-1] if ck else None
+    if not ck:
+        return KDError(f"--resume: output directory {output_dir} holds no complete checkpoint")
+    why = "; ".join(f"{os.path.basename(p)}: {problem(p)}" for _, p in reversed(ck))
+    return KDError(f"--resume: no usable checkpoint in {output_dir} ({why})")
 
 
 def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
     """Decide what to do with ``output_dir`` before anything is written: 'fresh', 'resume' or 'overwrite'.
 
     Never destroys another run unless ``overwrite`` is set; a folder that holds unrelated files is refused even
-    then, so a typo'd path cannot wipe someone's data.
+    then, so a typo'd path cannot wipe someone's data. Writes nothing.
     """
     if not os.path.exists(output_dir):
         if resume:
@@ -72,7 +113,7 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
     is_run = os.path.isfile(os.path.join(output_dir, RUN_MARKER))
     if resume:
         if not latest_checkpoint(output_dir):
-            raise KDError(f"--resume: output directory {output_dir} holds no complete checkpoint")
+            raise _no_usable_checkpoint(output_dir)
         return "resume"
     if overwrite:
         if not is_run:
@@ -84,50 +125,130 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
                   "--overwrite_output_dir to replace it")
 
 
-def clear_run(output_dir: str) -> None:
+def owned_entries(output_dir: str) -> list[str]:
+    """Top-level names the run in ``output_dir`` wrote, from its marker (kd_engine's fixed list if unreadable)."""
+    try:
+        with open(os.path.join(output_dir, RUN_MARKER), encoding="utf-8") as fh:
+            owns = json.load(fh).get("owns")
+    except (OSError, ValueError, AttributeError):
+        owns = None
+    names = owns if isinstance(owns, list) and all(isinstance(n, str) for n in owns) else OWNED
+    return [n for n in names if n and "/" not in n and n not in (".", "..")]
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def remove_stale_temps(output_dir: str) -> None:
+    """Delete what a crashed kd_engine write left behind (half exports, half markers, half checkpoints)."""
+    if not os.path.isdir(output_dir):
+        return
     for name in os.listdir(output_dir):
-        p = os.path.join(output_dir, name)
-        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+        if name.startswith(_TEMP_PREFIXES):
+            _remove(os.path.join(output_dir, name))
+    root = checkpoint_root(output_dir)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith((".tmp-step-", ".universal-")):
+                _remove(os.path.join(root, name))
+
+
+def clear_run(output_dir: str) -> None:
+    """--overwrite_output_dir: delete the entries the marker says kd_engine wrote (marker last), nothing else."""
+    owned = owned_entries(output_dir)
+    remove_stale_temps(output_dir)
+    for name in sorted(owned, key=lambda n: n == RUN_MARKER):
+        _remove(os.path.join(output_dir, name))
 
 
 def write_run_marker(output_dir: str, info: dict) -> None:
     os.makedirs(output_dir, exist_ok=True)
-    write_text(os.path.join(output_dir, RUN_MARKER), json.dumps(info, indent=2, default=str))
+    write_text(os.path.join(output_dir, RUN_MARKER), json.dumps({**info, "owns": OWNED}, indent=2, default=str))
 
 
+def prepare_output_dir(output_dir: str, mode: str, method: str, config: dict, rank: int = 0) -> None:
+    """Rank 0, once the run is known to be able to start: the first write of a run."""
+    if rank != 0:
+        return
+    if mode == "overwrite":
+        clear_run(output_dir)
+    remove_stale_temps(output_dir)
+    if mode != "resume":
+        write_run_marker(output_dir, {"method": method, "teacher": config.get("teacher"), "started": time.time(),
+                                      "config": config})
+
+
+
+# ---- per-rank state without pickle ------------------------------------------------------------------------
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def plain(obj, where: str = "state"):
+    """``obj`` as tensors, numbers, strings, None, lists, tuples and str-keyed dicts (what weights_only loads)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"{where}: checkpoint state dict keys must be str or int")
+        return {k: plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise TypeError(f"{where}: {type(obj).__name__} cannot go into a checkpoint (tensors, numbers, strings, "
+                    "lists and dicts only)")
+
+
 def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: int, barrier, keep: int,
-         rank_state: Optional[dict] = None) -> str:
-    """Save every engine (collective call) and publish the checkpoint atomically; rotate old ones."""
+         rank_state: Optional[dict] = None, geometry: Optional[dict] = None) -> str:
+    """Save every engine (collective call) and publish the checkpoint atomically; rotate old ones. ``geometry``
+    (world_size, micro, accumulation) goes into COMPLETE for a resume on another world size (reshard.py)."""
     root = checkpoint_root(output_dir)
     name = f"step-{step:08d}"
     tmp = os.path.join(root, f".tmp-{name}")
     final = os.path.join(root, name)
+    own = {"rng": rng_state(), "method": plain(rank_state or {}, "method state")}
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     barrier()
     for tag, engine in engines.items():
-        engine.save_checkpoint(tmp, tag=tag, client_state=client_state if tag == "student" else {},
-                               save_latest=False)
-    torch.save({"rng": rng_state(), "method": rank_state or {}}, os.path.join(tmp, f"rank{rank}.pt"))
+        engine.save_checkpoint(tmp, tag=tag, client_state={}, save_latest=False)
+    if rank == 0:  # step, data position, counters: JSON, not inside DeepSpeed's pickles
+        write_text(os.path.join(tmp, STATE_FILE), json.dumps(client_state, indent=1, sort_keys=True))
+    torch.save(own, os.path.join(tmp, f"rank{rank}.pt"))
+    faults.in_save(step, rank)
     barrier()
     if rank == 0:
-        write_text(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "time": time.time()}))
+        digest = manifest.write(tmp, write_text)
+        write_text(os.path.join(tmp, manifest.COMPLETE),
+                   json.dumps({"step": step, "time": time.time(), "manifest_sha256": digest, "geometry": geometry}))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -140,22 +261,41 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     return final
 
 
-def load(path: str, engines: dict, rank: int) -> tuple[dict, dict]:
-    """Load every engine from a complete checkpoint; returns (the student's client state, this rank's state)."""
+def load(path: str, engines: dict, rank: int, world_size: Optional[int] = None, barrier=lambda: None
+         ) -> tuple[dict, dict]:
+    """Load every engine from a complete checkpoint; returns (the student's client state, this rank's state).
+    A checkpoint written with another world size goes through DeepSpeed's universal checkpoint (reshard.py)."""
+    from . import reshard
+
+    geo = reshard.saved_geometry(path)
+    resharded = bool(geo and world_size and int(geo["world_size"]) != world_size)
     client_state: dict = {}
     for tag, engine in engines.items():
         if not os.path.isdir(os.path.join(path, tag)):
             raise KDError(f"checkpoint {path} has no '{tag}' engine state (was it written by another method?)")
-        load_path, cs = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+        if resharded:
+            load_path, cs = reshard.load_engine(path, tag, engine, rank, barrier)
+        else:
+            load_path, cs = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
         if load_path is None:
             raise KDError(f"could not load the '{tag}' engine from {path}")
         if tag == "student":
-            client_state = cs or {}
+            client_state = cs or {}  # checkpoints written before state.json kept it in DeepSpeed's client state
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
+            client_state = json.load(fh)
     rank_file = os.path.join(path, f"rank{rank}.pt")
-    if not os.path.isfile(rank_file):
+    if resharded and not os.path.isfile(rank_file):
+        logger.warning("rank %d did not exist when %s was written: it starts from rank 0's RNG state and no method "
+                       "state", rank, path)
+        rank_file = os.path.join(path, "rank0.pt")
+    elif not os.path.isfile(rank_file):
         raise KDError(f"checkpoint {path} has no state for rank {rank}: resume with the number of ranks it was "
                       "written with (or convert it with deepspeed.checkpoint.ds_to_universal)")
-    own = torch.load(rank_file, weights_only=False)
-    set_rng_state(own["rng"])
-    return client_state, own.get("method", {})
+    try:
+        own = torch.load(rank_file, weights_only=True)
+        set_rng_state(own["rng"])
+    except Exception as exc:  # unpickling refused, damaged file, old format
+        raise KDError(f"cannot read {rank_file}: {str(exc).splitlines()[0][:200]}") from None
+    return client_state, {} if resharded and rank_file.endswith("rank0.pt") and rank else own.get("method", {})

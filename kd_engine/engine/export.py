@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 
 from ..io import atomic_dir
+from . import faults
 
 
 def _full_params(engine):
@@ -20,7 +21,8 @@ def _full_params(engine):
 
 
 def export_student(engine, tokenizer, out_dir: str, rank: int, barrier, card: dict) -> None:
-    """Collective: every rank must call it. Rank 0 writes ``out_dir`` atomically (temp dir + rename)."""
+    """Collective: every rank must call it. Rank 0 writes ``out_dir`` atomically (temp dir + rename); a crash
+    leaves a ``.tmp-export-*`` folder next to it, which the next run in that output folder deletes."""
     model = engine.module
     with _full_params(engine):
         if rank == 0:
@@ -31,6 +33,7 @@ def export_student(engine, tokenizer, out_dir: str, rank: int, barrier, card: di
                     tokenizer.save_pretrained(tmp)
                 with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
                     fh.write(model_card(card))
+                faults.in_export(rank)
     barrier()
 
 

@@ -43,3 +43,20 @@ class Monitor:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    # ---- the JSONL log across a resume ------------------------------------------------------------------
+    @staticmethod
+    def log_size(output_dir: str) -> int:
+        """Bytes of train_log.jsonl now (stored in every checkpoint)."""
+        path = os.path.join(output_dir, "train_log.jsonl")
+        return os.path.getsize(path) if os.path.exists(path) else 0
+
+    @staticmethod
+    def truncate_log(output_dir: str, size, rank: int = 0) -> None:
+        """Cut train_log.jsonl back to what it held when the resumed checkpoint was written: lines logged after it
+        (the steps a crash lost, a final evaluation before a crashed export) are logged again by the resumed run,
+        so every step and evaluation appears once."""
+        path = os.path.join(output_dir, "train_log.jsonl")
+        if rank == 0 and size is not None and os.path.exists(path) and os.path.getsize(path) > int(size):
+            with open(path, "r+b") as fh:
+                fh.truncate(int(size))

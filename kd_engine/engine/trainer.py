@@ -27,16 +27,14 @@ from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, 
 from ..errors import KDError
 from ..models.loading import check_same_vocab, load_tokenizer
 from ..models.modes import eval_mode
-from . import autoresume, checkpoint, signals
+from . import autoresume, checkpoint, faults, reshard, signals
 from .context import Compute, Context
 from .export import count_params, export_student
+from .guard import NonFiniteGuard
 from .monitor import Monitor
 from .teacher import build_teacher_engine
 
 logger = logging.getLogger("kd_engine")
-
-# fault injection for the crash/resume tests: the process kills itself (SIGKILL) when this step begins
-_CRASH_ENV = "KD_ENGINE_CRASH_AT_STEP"
 
 
 class Trainer:
@@ -56,6 +54,7 @@ class Trainer:
         self.tokens_seen = 0
         self.samples_seen = 0
         self.final_metrics: dict[str, float] = {}
+        self.guard = NonFiniteGuard(self.cfg.max_nonfinite_steps)
 
     # ---- services offered to methods (through Context) ---------------------------------------------------
     @property
@@ -96,7 +95,7 @@ class Trainer:
         for _ in range(n):
             out = compute()
             terms, stats = out if isinstance(out, tuple) else (out, {})
-            loss = sum(terms.values())
+            loss = faults.poison_loss(sum(terms.values()), self.global_step + 1)
             engine.backward(loss)
             if engine is self.student:
                 self.student_step()
@@ -130,6 +129,7 @@ class Trainer:
             grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
             self._grad_norm = float(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+            self.guard.prepare_step(eng, self._grad_norm)  # non-finite: no update (ZeRO 1-3 skip by themselves)
         eng.step()
 
     def grad_norm(self) -> Optional[float]:
@@ -184,23 +184,19 @@ class Trainer:
         from transformers import set_seed
 
         cfg = self.cfg
-        self.rank, self.world_size, self.local_rank = dist.init_distributed()
+        self.rank, self.world_size, self.local_rank = dist.init_distributed(cfg.dist_timeout)
         self.device = dist.device()
         on_cpu = self.device.type == "cpu"
         set_seed(cfg.seed)
         # batch geometry first: everything below (sampler, step count, DeepSpeed config) follows from it
         ds_raw = load_ds_config(cfg.deepspeed or DEFAULT_DS_CONFIG)
+        reshard.adapt_accumulation(cfg, self.world_size)  # --resume on another world size keeps the global batch
         self.geometry = resolve_batch_geometry(cfg, ds_raw, self.world_size, cfg.deepspeed or DEFAULT_DS_CONFIG,
                                                self.explicit)
 
         # decide about the output folder on every rank before anything is written
         self.run_mode = autoresume.run_mode(cfg)  # --resume false|true|auto
         dist.barrier()
-        if self.is_main and self.run_mode == "overwrite":
-            checkpoint.clear_run(cfg.output_dir)
-        if self.is_main and self.run_mode != "resume":  # first write: marks the folder as ours
-            checkpoint.write_run_marker(cfg.output_dir, {"method": self.method.name, "teacher": cfg.teacher,
-                                                         "started": time.time(), "config": to_dict(cfg)})
 
         ctx = self.ctx
         self.tokenizer = self.method.load_tokenizer(ctx)
@@ -229,6 +225,10 @@ class Trainer:
         trainable = [p for p in student.parameters() if p.requires_grad]
         if not trainable:
             raise KDError("the student has no trainable parameters (everything frozen?)")
+        # the first write, once models, data and configs passed: a rejected run changes nothing
+        checkpoint.prepare_output_dir(cfg.output_dir, self.run_mode, self.method.name, to_dict(cfg), self.rank)
+        dist.barrier()
+        faults.install_poison(student, lambda: self.global_step + 1)
         self.student, *_ = deepspeed.initialize(model=student, model_parameters=trainable, config=self.ds_config,
                                                 lr_scheduler=client_lr_scheduler(self.ds_config, cfg, self.total_steps))
         self.engines["student"] = self.student
@@ -261,21 +261,25 @@ class Trainer:
         if self.run_mode != "resume":
             return
         step, path = checkpoint.latest_checkpoint(self.cfg.output_dir)
-        state, rank_state = checkpoint.load(path, self.engines, self.rank)
+        state, rank_state = checkpoint.load(path, self.engines, self.rank, self.world_size, dist.barrier)
         if state.get("method_name", self.method.name) != self.method.name:
             raise KDError(f"{path} was written by method '{state['method_name']}', not '{self.method.name}'")
         self.global_step = int(state.get("global_step", step))
-        self.sampler.load_state_dict(state["sampler"])
+        self.sampler.load_state_dict(reshard.sampler_state(state["sampler"], self.world_size))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
         self.method.load_state_dict(rank_state)
+        self.guard.reset_baseline(self.student)
+        Monitor.truncate_log(self.cfg.output_dir, state.get("log_bytes"), self.rank)  # drop the lost timeline's lines
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     def _save(self) -> None:
+        self.guard.check_weights(self.engines.values(), self.cfg.output_dir, self.global_step)  # no NaN ever saved
         state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
-                 "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "method_name": self.method.name}
+                 "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "method_name": self.method.name,
+                 "log_bytes": Monitor.log_size(self.cfg.output_dir)}
         checkpoint.save(self.cfg.output_dir, self.global_step, self.engines, state, self.rank, dist.barrier,
-                        self.cfg.save_total_limit, rank_state=self.method.state_dict())
+                        self.cfg.save_total_limit, self.method.state_dict(), dataclasses.asdict(self.geometry))
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -316,21 +320,19 @@ class Trainer:
                                cfg.disable_tqdm)
         if cfg.eval_on_start and self.global_step == 0:
             self.initial_metrics = self.evaluate()
-        crash_at = int(os.environ.get(_CRASH_ENV, "0") or 0)
         window = {"t": time.perf_counter(), "teacher": 0.0, "tokens": self.tokens_seen,
                   "samples": self.samples_seen, "steps": 0}
         sums: dict[str, float] = {}
         while self.global_step < self.total_steps:
             self.stopper.at_step_boundary(self)  # all ranks agree: checkpoint, requeue under SLURM, Stopped
-            if crash_at and self.global_step + 1 == crash_at:
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.at_step(self.global_step + 1, self.rank, self.student.module)
             t_teacher0 = self.teacher_seconds
             terms = self.method.train_step(self.ctx)
             self.global_step += 1
             window["teacher"] += self.teacher_seconds - t_teacher0
             window["steps"] += 1
+            if self.guard.after_step(self.student, self.global_step, terms.get("loss"), self._save, cfg.output_dir):
+                terms = {}  # skipped (non-finite, no update); max_nonfinite_steps in a row: saved, then raised
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             self.monitor.progress(self.global_step, {"loss": terms.get("loss", 0.0)})
@@ -350,6 +352,7 @@ class Trainer:
         values = {k: v / steps for k, v in sums.items()}
         lr = self.student.get_lr()
         values["lr"] = float(lr[0]) if lr else 0.0
+        values["skipped_steps"] = self.guard.total
         gn = self.grad_norm()
         if gn is not None:
             values["grad_norm"] = gn

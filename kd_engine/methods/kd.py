@@ -24,8 +24,8 @@ class KDOptions:
     task: str = "auto"  # auto | causal_lm | seq2seq_lm | sequence_classification
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0; got {self.temperature}")
+        if not 0.01 <= self.temperature <= 100:  # logits / T overflow fp32 below, every target is uniform above
+            raise ConfigError(f"temperature must be in [0.01, 100]; got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1]; got {self.alpha}")
 

@@ -1,0 +1,39 @@
+"""Pre-flight checks: what can be checked cheaply is checked before the heavy imports and before any write.
+
+The trainer's own setup loads models and data before its first write (the run marker), so everything checked
+later (vocabularies, empty corpora, batch sizes against the world size) is still checked before anything is
+written; this module makes the common mistakes fail in a second instead of after the imports.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+from .engine.checkpoint import check_output_dir
+
+
+def preflight(parsed) -> None:
+    """Raise KDError/ConfigError for bad input that needs neither the models nor the process group. Writes nothing."""
+    from .batch_geometry import resolve_batch_geometry
+    from .data.files import _looks_like_hub_id
+    from .ds_config import DEFAULT_DS_CONFIG, load_ds_config, resolve_ds_config
+    from .errors import KDError
+    from .models.loading import resolve
+
+    cfg = parsed.train
+    if cfg.resume in (True, False, "true", "false"):  # "auto" (--resume auto) is decided by the trainer
+        check_output_dir(cfg.output_dir, cfg.resume in (True, "true"), cfg.overwrite_output_dir)
+    for key in ("teacher", "student.name_or_path", "tokenizer"):
+        value = cfg.student.name_or_path if key == "student.name_or_path" else getattr(cfg, key)
+        if value:
+            resolve(value, require_config=key != "tokenizer")
+    for key in ("train_file", "eval_file"):
+        path = getattr(cfg, key)
+        if path and not os.path.exists(path) and not _looks_like_hub_id(path):
+            raise KDError(f"data file '{path}' does not exist")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    steps = cfg.max_steps if cfg.max_steps > 0 else 1
+    path = cfg.deepspeed or DEFAULT_DS_CONFIG
+    ds, probe = load_ds_config(path), copy.deepcopy(cfg)  # the trainer resolves the real ones later
+    resolve_batch_geometry(probe, ds, world, path, getattr(parsed, "explicit", None))
+    resolve_ds_config(ds, probe, world, steps, on_cpu=os.environ.get("DS_ACCELERATOR") == "cpu")
