@@ -140,7 +140,10 @@ def test_resume_auto_modes(tmp_path):
     ck = out / "checkpoints" / "step-00000004"
     ck.mkdir(parents=True)
     assert autoresume.run_mode(_cfg(out)) == "overwrite"  # incomplete checkpoint: not resumable
-    (ck / "COMPLETE").write_text("{}")
+    from kd_engine.engine import manifest
+    from kd_engine.io import write_text
+
+    (ck / "COMPLETE").write_text(json.dumps({"manifest_sha256": manifest.write(str(ck), write_text)}))
     assert autoresume.run_mode(_cfg(out, "--max_steps", "99")) == "resume"  # run length may change
     with pytest.raises(KDError, match="holds another run .student"):
         autoresume.run_mode(_cfg(out, "--student.layers", "3"))
