@@ -117,10 +117,14 @@ def trial(d: str, out: str, steps: int, delay: float) -> dict:
 
 
 def run_preemption_part(n: int):
-    """SLURM preemption (issue 12, benchmarks/slurm_preempt.py, written by the cluster engineer): the lead wires
-    ``run_preemptions(n)`` in here; its figures join this benchmark's summary. Returns None until then."""
-    # LEAD: from slurm_preempt import run_preemptions; return run_preemptions(n)
-    return None
+    """SLURM preemption (benchmarks/slurm_preempt.py): one 2-node job on the local cluster preempted ``n`` times;
+    None when ``n`` is 0."""
+    if n <= 0:
+        return None
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from slurm_preempt import run_preemptions
+
+    return run_preemptions(n)
 
 
 def main() -> int:
@@ -129,6 +133,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24, help="optimizer steps per run (a checkpoint after each)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--preemptions", type=int, default=3,
+                    help="SLURM preemptions of one job on the local cluster (0: skip; needs root for the cluster)")
     args = ap.parse_args()
     import torch
 
@@ -182,8 +188,9 @@ def main() -> int:
                "steps": args.steps, "seed": args.seed,
                "killed_during": {w: sum(1 for t in trials if t["killed_during"] == w)
                                  for w in sorted({t["killed_during"] for t in trials})}}
-    preempt = run_preemption_part(args.kills)
+    preempt = run_preemption_part(args.preemptions)
     if preempt is not None:
+        summary["preempt_requeue_ok"] = preempt.get("preempt_requeue_ok")
         summary["preemption"] = preempt
     os.makedirs(RESULTS, exist_ok=True)
     cmd = "nice -n 5 python benchmarks/fault_soak.py " + " ".join(sys.argv[1:])
