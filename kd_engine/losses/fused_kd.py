@@ -109,8 +109,12 @@ class _FusedKD(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gh = (grad_h * scale).to(h_dtype).reshape(h_shape)
         if ctx.needs_input_grad[1]:
-            gw = torch.zeros(w_shape, dtype=w_dtype, device=grad_w.device)
-            gw[:vocab] = grad_w * scale
+            grad_w.mul_(scale)  # in place: no second [V, H] buffer
+            if vocab == w_shape[0] and w_dtype == grad_w.dtype:
+                gw = grad_w
+            else:
+                gw = torch.zeros(w_shape, dtype=w_dtype, device=grad_w.device)
+                gw[:vocab] = grad_w
         return gh, gw, None, None, None, None, None, None, None, None, None
 
 
