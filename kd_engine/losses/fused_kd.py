@@ -135,6 +135,20 @@ def fused_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, te
     output-layer forward, where DeepSpeed's own module hooks have gathered the student weight (and reduce its
     gradient as for any layer), and gathers the teacher's weight with ``deepspeed.zero.GatheredParameters``.
     """
+    out = fused_kd_vector(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence,
+                          beta, temperature, alpha, vocab_size, chunk_rows)
+    return terms_of(out, alpha)
+
+
+def terms_of(vector: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+    """``{"kd", "ce"}`` from the loss vector (``ce`` only when ``alpha < 1``)."""
+    return {"kd": vector[0], "ce": vector[1]} if alpha < 1.0 else {"kd": vector[0]}
+
+
+def fused_kd_vector(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                    divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0, alpha: float = 1.0,
+                    vocab_size: Optional[int] = None, chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """``fused_kd_loss`` as one fp32 vector ``[kd, ce]`` (weighted terms), e.g. to return from a model's head."""
     check_divergence(divergence, beta)
     vocab = int(vocab_size or min(student_weight.shape[0], teacher_weight.shape[0]))
     if student_weight.shape[0] < vocab or teacher_weight.shape[0] < vocab:
@@ -144,7 +158,6 @@ def fused_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, te
         raise ValueError(f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} do not "
                          f"align with labels {tuple(labels.shape)}")
     div = effective_divergence(divergence, float(beta))
-    out = _FusedKD.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, div,
-                         float(beta), float(temperature), float(alpha), vocab, chunk_rows_for(vocab, chunk_rows))
-    return {"kd": out[0], "ce": out[1]} if alpha < 1.0 else {"kd": out[0]}
+    return _FusedKD.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, div,
+                          float(beta), float(temperature), float(alpha), vocab, chunk_rows_for(vocab, chunk_rows))
 

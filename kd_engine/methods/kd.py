@@ -11,7 +11,10 @@ import torch
 
 from ..data.supervised import build_supervised_data
 from ..errors import ConfigError
+from ..losses.divergences import check_divergence, distill_loss
+from ..losses.fused_kd import fused_kd_vector, terms_of
 from ..losses.kd import hard_cross_entropy, kl_div_rows, logit_kd_loss, shift_for_causal_lm
+from ..models import lm_head
 from ..models.build import load_or_build_student, load_teacher_model, resolve_task
 from .base import DataBundle, Method, register
 
@@ -21,12 +24,18 @@ class KDOptions:
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (KD) term; 1 - alpha goes to the hard-label cross-entropy
     task: str = "auto"  # auto | causal_lm | seq2seq_lm | sequence_classification
+    kd_loss_impl: str = "auto"  # auto (fused for LMs) | fused | naive: fused never materialises full-vocab logits
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd (generalized JSD with beta; LM tasks)
+    beta: float = 0.5  # jsd mixture weight: 0 = forward KL, 1 = reverse KL (TRL GKD convention)
 
     def validate(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0; got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1]; got {self.alpha}")
+        if self.kd_loss_impl not in ("auto", "fused", "naive"):
+            raise ConfigError(f"kd_loss_impl must be auto, fused or naive; got {self.kd_loss_impl!r}")
+        check_divergence(self.divergence, self.beta)
 
 
 def aligned_logits(task: str, logits: torch.Tensor, labels: torch.Tensor):
@@ -77,6 +86,10 @@ class LogitKD(Method):
                                   f"{student.config.num_labels}")
         self.vocab_size = len(ctx.tokenizer) if self._task() != "sequence_classification" else None
         self.label2id = getattr((teacher or student).config, "label2id", None)
+        if self._fused():  # fail before training: both output layers must be usable without their logits
+            lm_head.output_layer(student, "student")
+            if teacher is not None:
+                lm_head.output_layer(teacher, "teacher")
         return student
 
     def build_data(self, ctx) -> DataBundle:
@@ -87,14 +100,47 @@ class LogitKD(Method):
     def _inputs(self, model, batch):
         return seq2seq_inputs(model, batch) if self._task() == "seq2seq_lm" else model_inputs(batch)
 
+    def _fused(self) -> bool:
+        lm = self._task() in ("causal_lm", "seq2seq_lm")
+        if self.opts.kd_loss_impl == "fused" and not lm:
+            raise ConfigError("kd_loss_impl fused is for causal and seq2seq LMs; use naive for classification")
+        if self.opts.divergence != "forward_kl" and not lm:
+            raise ConfigError("divergence other than forward_kl is for causal and seq2seq LMs")
+        return lm and self.opts.kd_loss_impl != "naive"
+
     def compute_loss(self, ctx, batch):
+        if self._fused():
+            return self._fused_loss(ctx, batch)
         inputs = self._inputs(ctx.student.module, batch)
         s_logits = ctx.student(**inputs).logits
         t_logits = ctx.teacher_forward(**inputs).logits
         labels = batch.get("labels")
         s, lab = aligned_logits(self._task(), s_logits, labels)
         t, _ = aligned_logits(self._task(), t_logits, labels)
-        return logit_kd_loss(s, t, lab, self.opts.temperature, self.opts.alpha, self.vocab_size)
+        if self._task() == "sequence_classification":
+            return logit_kd_loss(s, t, lab, self.opts.temperature, self.opts.alpha, self.vocab_size)
+        o = self.opts
+        return distill_loss(s, t, lab, o.divergence, o.beta, o.temperature, o.alpha, self.vocab_size)
+
+    def _fused_loss(self, ctx, batch):
+        """Loss from both models' final hidden states, computed inside the student's output layer (ZeRO-3: see
+        ``models.lm_head``); the teacher's weight is gathered for the block."""
+        o, student = self.opts, ctx.student.module
+        inputs = self._inputs(student, batch)
+        t_hidden = lm_head.hidden_states(ctx.teacher_forward, ctx.teacher_module, "teacher", **inputs)
+        labels = batch["labels"]
+        causal = self._task() == "causal_lm"
+        lab, t_hidden = (labels[:, 1:], t_hidden[:, :-1]) if causal else (labels, t_hidden)
+        t_weight = lm_head.output_layer(ctx.teacher_module, "teacher").weight
+        head = lm_head.output_layer(student, "student")
+
+        def loss_in_head(h):
+            return fused_kd_vector(h[:, :-1] if causal else h, head.weight, t_hidden, t_weight, lab, o.divergence,
+                                   o.beta, o.temperature, o.alpha, self.vocab_size)
+
+        with lm_head.gathered(t_weight), lm_head.head_replaced(student, loss_in_head, "student"):
+            vector = ctx.student(**inputs).logits
+        return terms_of(vector, o.alpha)
 
     @torch.no_grad()
     def eval_step(self, ctx, batch):
@@ -107,7 +153,9 @@ class LogitKD(Method):
         return evaluation_metrics(self._task(), s, t, lab, self.vocab_size, self.opts.temperature)
 
     def card_info(self):
-        return {"task": self._task(), "temperature": self.opts.temperature, "alpha": self.opts.alpha}
+        o = self.opts
+        return {"task": self._task(), "temperature": o.temperature, "alpha": o.alpha, "divergence": o.divergence,
+                "beta": o.beta, "kd_loss_impl": "fused" if self._fused() else "naive"}
 
 
 def evaluation_metrics(task, s, t, labels, vocab_size, temperature) -> dict:
