@@ -118,3 +118,31 @@ def test_bad_options_exit_2_and_write_nothing(assets, tmp_path, capsys, flags, n
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error:") and needle in err[-1]
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_two_rank_zero3_fused_equals_naive(assets, tmp_path):
+    """2 ranks, ZeRO-3 student and ZeRO-3 teacher (all parameters partitioned): same losses fused and naive."""
+    import subprocess
+    import sys
+
+    from kd_engine.dist import free_port
+
+    z3 = json.load(open("ds_configs/zero3.json"))
+    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for impl in ("fused", "naive"):
+        argv = _causal(assets, tmp_path / impl, impl, "--deepspeed", str(tmp_path / "z3.json"),
+                       "--per_device_train_batch_size", "2")
+        cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               os.path.abspath("launch/train.py"), *argv]
+        r = subprocess.run(cmd, env=tiny.cpu_env({"KD_ENGINE_CACHE": str(tmp_path / "cache")}), capture_output=True,
+                           text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(tmp_path / "fused"), _losses(tmp_path / "naive")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
