@@ -6,6 +6,8 @@ seq2seq LMs (one row per target token). Only real rows count: labels != -100 (pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
+from typing import Optional
 
 import torch
 
@@ -13,6 +15,7 @@ from ..data.supervised import build_supervised_data
 from ..errors import ConfigError
 from ..losses.divergences import check_divergence, distill_loss
 from ..losses.fused_kd import fused_kd_vector, terms_of
+from ..losses.sparse_kd import sparse_kd_loss
 from ..losses.kd import hard_cross_entropy, kl_div_rows, logit_kd_loss, shift_for_causal_lm
 from ..models import lm_head
 from ..models.build import load_or_build_student, load_teacher_model, resolve_task
@@ -27,6 +30,7 @@ class KDOptions:
     kd_loss_impl: str = "auto"  # auto (fused for LMs) | fused | naive: fused never materialises full-vocab logits
     divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd (generalized JSD with beta; LM tasks)
     beta: float = 0.5  # jsd mixture weight: 0 = forward KL, 1 = reverse KL (TRL GKD convention)
+    teacher_cache: Optional[str] = None  # folder from python -m kd_engine.teacher_cache: train with no teacher loaded
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -36,6 +40,20 @@ class KDOptions:
         if self.kd_loss_impl not in ("auto", "fused", "naive"):
             raise ConfigError(f"kd_loss_impl must be auto, fused or naive; got {self.kd_loss_impl!r}")
         check_divergence(self.divergence, self.beta)
+        if self.teacher_cache:
+            from .. import teacher_cache_store as store
+
+            m = store.read_manifest(self.teacher_cache)
+            if self.divergence != "forward_kl":
+                raise ConfigError("teacher_cache trains with forward_kl only (top-k + tail bucket)")
+            if float(m["temperature"]) != float(self.temperature):
+                raise ConfigError(f"teacher_cache {self.teacher_cache} holds log-probs at temperature "
+                                  f"{m['temperature']}, this run uses {self.temperature}")
+
+    def check_against(self, cfg) -> None:
+        """Checks that need the engine config, before anything is written: the cache must match this run."""
+        if self.teacher_cache:
+            cached_run_check(self.teacher_cache, cfg, self.task)
 
 
 def aligned_logits(task: str, logits: torch.Tensor, labels: torch.Tensor):
@@ -69,6 +87,9 @@ class LogitKD(Method):
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
         self.task = None
+        self.cache = None
+        if opts.teacher_cache:
+            self.needs_teacher = False  # the cache replaces the teacher: nothing loaded
 
     def _task(self) -> str:
         if self.task is None:
@@ -109,6 +130,8 @@ class LogitKD(Method):
         return lm and self.opts.kd_loss_impl != "naive"
 
     def compute_loss(self, ctx, batch):
+        if self.opts.teacher_cache:
+            return self._cached_loss(ctx, batch)
         if self._fused():
             return self._fused_loss(ctx, batch)
         inputs = self._inputs(ctx.student.module, batch)
@@ -142,14 +165,25 @@ class LogitKD(Method):
             vector = ctx.student(**inputs).logits
         return terms_of(vector, o.alpha)
 
+    def _cached_loss(self, ctx, batch):
+        """Sparse KL over the cached top-k + tail bucket; rows found by the examples' content hashes."""
+        from .. import teacher_cache_store as store
+
+        if self.cache is None:
+            self.cache = store.TeacherCache(self.opts.teacher_cache)
+        inputs = self._inputs(ctx.student.module, batch)
+        s, lab = aligned_logits(self._task(), ctx.student(**inputs).logits, batch["labels"])
+        ids, logp, tail = self.cache.lookup(store.batch_keys(batch, self._task()), store.row_targets(lab))
+        return sparse_kd_loss(s, lab, ids, logp, tail, self.opts.temperature, self.opts.alpha, self.vocab_size)
+
     @torch.no_grad()
     def eval_step(self, ctx, batch):
         inputs = self._inputs(ctx.student.module, batch)
         s_logits = ctx.student(**inputs).logits
-        t_logits = ctx.teacher_forward(**inputs).logits
+        t_logits = ctx.teacher_forward(**inputs).logits if self.needs_teacher else None
         labels = batch["labels"]
         s, lab = aligned_logits(self._task(), s_logits, labels)
-        t, _ = aligned_logits(self._task(), t_logits, labels)
+        t = aligned_logits(self._task(), t_logits, labels)[0] if t_logits is not None else None
         return evaluation_metrics(self._task(), s, t, lab, self.vocab_size, self.opts.temperature)
 
     def card_info(self):
@@ -176,3 +210,26 @@ def evaluation_metrics(task, s, t, labels, vocab_size, temperature) -> dict:
         out["teacher_accuracy"] = (float(((t_v.argmax(-1) == labels) & mask).sum()), n)
         out["teacher_" + loss_key] = (float(hard_cross_entropy(t, labels, vocab_size)) * n, n)
     return out
+
+
+def cached_run_check(path: str, cfg, task_opt: str) -> None:
+    """ConfigError unless the cache at ``path`` was built for this tokenizer, corpus, columns, length and teacher."""
+    from .. import teacher_cache_store as store
+    from ..models.loading import load_tokenizer
+
+    m = store.read_manifest(path)
+    if not os.path.isfile(os.path.join(path, store.COMPLETE)):
+        raise ConfigError(f"teacher_cache {path} is unfinished (no complete.json); rerun its build to resume it")
+    if not cfg.train_file or not os.path.isfile(cfg.train_file):
+        raise ConfigError("teacher_cache needs --train_file (the file the cache was built from)")
+    if cfg.teacher and cfg.teacher != m["teacher"]:
+        raise ConfigError(f"teacher_cache {path} was built from teacher {m['teacher']}, not {cfg.teacher}")
+    tok = load_tokenizer(cfg.tokenizer or cfg.student.name_or_path or m["tokenizer"], cfg.trust_remote_code)
+    run = {"format": store.FORMAT, "tokenizer_sha256": store.tokenizer_sha256(tok), "vocab_size": len(tok),
+           "corpus_sha256": store.file_sha256(cfg.train_file), "text_column": cfg.text_column,
+           "target_column": cfg.target_column, "max_length": cfg.max_length, "temperature": m["temperature"],
+           "task": m["task"] if task_opt == "auto" else task_opt}
+    diff = store.mismatch(m, run)
+    if diff:
+        raise ConfigError(f"teacher_cache {path} was made for another run ({'; '.join(diff)}); build a cache for "
+                          f"this tokenizer/corpus/length")
