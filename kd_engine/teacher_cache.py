@@ -38,6 +38,7 @@ def parse(argv):
     ap.add_argument("--teacher_dtype", default="fp32", help="fp32 | bf16 (the teacher's compute dtype)")
     ap.add_argument("--logp_dtype", default="fp16", help="fp16 | bf16 | fp32: stored log-prob precision "
                     "(6k+6 bytes/token at fp16/bf16, 8k+8 at fp32)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
 
