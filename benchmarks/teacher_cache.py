@@ -12,7 +12,7 @@ Side by side in one run:
    student after the online run, and vs the initial student; T = 2, log-probs rounded to fp16 as stored), and
    bytes/token.
 
-    nice -n 5 python benchmarks/teacher_cache.py                 # ~10 min on 2 CPU cores
+    nice -n 5 python benchmarks/teacher_cache.py                 # 30 steps x 2 x 64 tokens, ~10 min on 2 cores
     python benchmarks/teacher_cache.py --steps 4 --examples 24    # quick
 
 Last line: JSON with ``cached_step_speedup`` (online / cached median step time; target >= 1.8), ``kl_rel_error``
@@ -109,8 +109,8 @@ def plot(summary: dict, path: str) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="training steps per run")
-    ap.add_argument("--batch", type=int, default=4, help="per-device batch size")
-    ap.add_argument("--max_length", type=int, default=128, help="tokens per example")
+    ap.add_argument("--batch", type=int, default=2, help="per-device batch size")
+    ap.add_argument("--max_length", type=int, default=64, help="tokens per example")
     ap.add_argument("--examples", type=int, default=0, help="training paragraphs (default steps x batch)")
     ap.add_argument("--eval_examples", type=int, default=32, help="held-out paragraphs for perplexity")
     ap.add_argument("--top_k", type=int, default=32, help="k of the cache used for training")
