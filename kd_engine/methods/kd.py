@@ -5,13 +5,19 @@ seq2seq LMs (one row per target token). Only real rows count: labels != -100 (pa
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..data.supervised import build_supervised_data
 from ..errors import ConfigError
+from ..losses.divergences import check_divergence, distill_loss
+from ..losses.fused_kd import fused_kd_vector, terms_of
+from ..losses.sparse_kd import sparse_kd_loss
 from ..losses.kd import logit_kd_loss
+from ..models import lm_head
 from ..models.build import load_or_build_student, load_teacher_model, resolve_task
 from ._supervised import aligned_logits, evaluation_metrics, model_inputs, seq2seq_inputs
 from .base import DataBundle, Method, register
@@ -22,12 +28,33 @@ class KDOptions:
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (KD) term; 1 - alpha goes to the hard-label cross-entropy
     task: str = "auto"  # auto | causal_lm | seq2seq_lm | sequence_classification
+    kd_loss_impl: str = "auto"  # auto (fused for LMs) | fused | naive: fused never materialises full-vocab logits
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd (generalized JSD with beta; LM tasks)
+    beta: float = 0.5  # jsd mixture weight: 0 = forward KL, 1 = reverse KL (TRL GKD convention)
+    teacher_cache: Optional[str] = None  # folder from python -m kd_engine.teacher_cache: train with no teacher loaded
 
     def validate(self) -> None:
         if not 0.01 <= self.temperature <= 100:  # logits / T overflow fp32 below, every target is uniform above
             raise ConfigError(f"temperature must be in [0.01, 100]; got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1]; got {self.alpha}")
+        if self.kd_loss_impl not in ("auto", "fused", "naive"):
+            raise ConfigError(f"kd_loss_impl must be auto, fused or naive; got {self.kd_loss_impl!r}")
+        check_divergence(self.divergence, self.beta)
+        if self.teacher_cache:
+            from .. import teacher_cache_store as store
+
+            m = store.read_manifest(self.teacher_cache)
+            if self.divergence != "forward_kl":
+                raise ConfigError("teacher_cache trains with forward_kl only (top-k + tail bucket)")
+            if float(m["temperature"]) != float(self.temperature):
+                raise ConfigError(f"teacher_cache {self.teacher_cache} holds log-probs at temperature "
+                                  f"{m['temperature']}, this run uses {self.temperature}")
+
+    def check_against(self, cfg) -> None:
+        """Checks that need the engine config, before anything is written: the cache must match this run."""
+        if self.teacher_cache:
+            cached_run_check(self.teacher_cache, cfg, self.task)
 
 
 @register("kd")
@@ -40,6 +67,9 @@ class LogitKD(Method):
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
         self.task = None
+        self.cache = None
+        if opts.teacher_cache:
+            self.needs_teacher = False  # the cache replaces the teacher: nothing loaded
 
     def _task(self) -> str:
         if self.task is None:
@@ -57,6 +87,10 @@ class LogitKD(Method):
                                   f"{student.config.num_labels}")
         self.vocab_size = len(ctx.tokenizer) if self._task() != "sequence_classification" else None
         self.label2id = getattr((teacher or student).config, "label2id", None)
+        if self._fused():  # fail before training: both output layers must be usable without their logits
+            lm_head.output_layer(student, "student")
+            if teacher is not None:
+                lm_head.output_layer(teacher, "teacher")
         return student
 
     def build_data(self, ctx) -> DataBundle:
@@ -67,24 +101,95 @@ class LogitKD(Method):
     def _inputs(self, model, batch):
         return seq2seq_inputs(model, batch) if self._task() == "seq2seq_lm" else model_inputs(batch)
 
+    def _fused(self) -> bool:
+        lm = self._task() in ("causal_lm", "seq2seq_lm")
+        if self.opts.kd_loss_impl == "fused" and not lm:
+            raise ConfigError("kd_loss_impl fused is for causal and seq2seq LMs; use naive for classification")
+        if self.opts.divergence != "forward_kl" and not lm:
+            raise ConfigError("divergence other than forward_kl is for causal and seq2seq LMs")
+        return lm and self.opts.kd_loss_impl != "naive"
+
     def compute_loss(self, ctx, batch):
+        if self.opts.teacher_cache:
+            return self._cached_loss(ctx, batch)
+        if self._fused():
+            return self._fused_loss(ctx, batch)
         inputs = self._inputs(ctx.student.module, batch)
         s_logits = ctx.student(**inputs).logits
         t_logits = ctx.teacher_forward(**inputs).logits
         labels = batch.get("labels")
         s, lab = aligned_logits(self._task(), s_logits, labels)
         t, _ = aligned_logits(self._task(), t_logits, labels)
-        return logit_kd_loss(s, t, lab, self.opts.temperature, self.opts.alpha, self.vocab_size)
+        if self._task() == "sequence_classification":
+            return logit_kd_loss(s, t, lab, self.opts.temperature, self.opts.alpha, self.vocab_size)
+        o = self.opts
+        return distill_loss(s, t, lab, o.divergence, o.beta, o.temperature, o.alpha, self.vocab_size)
+
+    def _fused_loss(self, ctx, batch):
+        """Loss from both models' final hidden states, computed inside the student's output layer (ZeRO-3: see
+        ``models.lm_head``); the teacher's weight is gathered for the block."""
+        o, student = self.opts, ctx.student.module
+        inputs = self._inputs(student, batch)
+        t_hidden = lm_head.hidden_states(ctx.teacher_forward, ctx.teacher_module, "teacher", **inputs)
+        labels = batch["labels"]
+        causal = self._task() == "causal_lm"
+        lab, t_hidden = (labels[:, 1:], t_hidden[:, :-1]) if causal else (labels, t_hidden)
+        t_weight = lm_head.output_layer(ctx.teacher_module, "teacher").weight
+        head = lm_head.output_layer(student, "student")
+
+        def loss_in_head(h):
+            return fused_kd_vector(h[:, :-1] if causal else h, head.weight, t_hidden, t_weight, lab, o.divergence,
+                                   o.beta, o.temperature, o.alpha, self.vocab_size)
+
+        with lm_head.gathered(t_weight), lm_head.head_replaced(student, loss_in_head, "student"):
+            vector = ctx.student(**inputs).logits
+        return terms_of(vector, o.alpha)
+
+    def _cached_loss(self, ctx, batch):
+        """Sparse KL over the cached top-k + tail bucket; rows found by the examples' content hashes."""
+        from .. import teacher_cache_store as store
+
+        if self.cache is None:
+            self.cache = store.TeacherCache(self.opts.teacher_cache)
+        inputs = self._inputs(ctx.student.module, batch)
+        s, lab = aligned_logits(self._task(), ctx.student(**inputs).logits, batch["labels"])
+        ids, logp, tail = self.cache.lookup(store.batch_keys(batch, self._task()), store.row_targets(lab))
+        return sparse_kd_loss(s, lab, ids, logp, tail, self.opts.temperature, self.opts.alpha, self.vocab_size)
 
     @torch.no_grad()
     def eval_step(self, ctx, batch):
         inputs = self._inputs(ctx.student.module, batch)
         s_logits = ctx.student(**inputs).logits
-        t_logits = ctx.teacher_forward(**inputs).logits
+        t_logits = ctx.teacher_forward(**inputs).logits if self.needs_teacher else None
         labels = batch["labels"]
         s, lab = aligned_logits(self._task(), s_logits, labels)
-        t, _ = aligned_logits(self._task(), t_logits, labels)
+        t = aligned_logits(self._task(), t_logits, labels)[0] if t_logits is not None else None
         return evaluation_metrics(self._task(), s, t, lab, self.vocab_size, self.opts.temperature)
 
     def card_info(self):
-        return {"task": self._task(), "temperature": self.opts.temperature, "alpha": self.opts.alpha}
+        o = self.opts
+        return {"task": self._task(), "temperature": o.temperature, "alpha": o.alpha, "divergence": o.divergence,
+                "beta": o.beta, "kd_loss_impl": "fused" if self._fused() else "naive"}
+
+
+def cached_run_check(path: str, cfg, task_opt: str) -> None:
+    """ConfigError unless the cache at ``path`` was built for this tokenizer, corpus, columns, length and teacher."""
+    from .. import teacher_cache_store as store
+    from ..models.loading import load_tokenizer
+
+    m = store.read_manifest(path)
+    if not os.path.isfile(os.path.join(path, store.COMPLETE)):
+        raise ConfigError(f"teacher_cache {path} is unfinished (no complete.json); rerun its build to resume it")
+    if not cfg.train_file or not os.path.isfile(cfg.train_file):
+        raise ConfigError("teacher_cache needs --train_file (the file the cache was built from)")
+    if cfg.teacher and cfg.teacher != m["teacher"]:
+        raise ConfigError(f"teacher_cache {path} was built from teacher {m['teacher']}, not {cfg.teacher}")
+    tok = load_tokenizer(cfg.tokenizer or cfg.student.name_or_path or m["tokenizer"], cfg.trust_remote_code)
+    run = {"format": store.FORMAT, "tokenizer_sha256": store.tokenizer_sha256(tok), "vocab_size": len(tok),
+           "corpus_sha256": store.file_sha256(cfg.train_file), "text_column": cfg.text_column,
+           "target_column": cfg.target_column, "max_length": cfg.max_length, "temperature": m["temperature"],
+           "task": m["task"] if task_opt == "auto" else task_opt}
+    diff = store.mismatch(m, run)
+    if diff:
+        raise ConfigError(f"teacher_cache {path} was made for another run ({'; '.join(diff)}); build a cache for "
+                          f"this tokenizer/corpus/length")

@@ -1,0 +1,196 @@
+"""Build an offline top-k teacher cache: ``python -m kd_engine.teacher_cache --teacher T --train_file F --top_k K
+--output_dir C`` (also under torchrun / deepspeed / mpirun: one shard per rank).
+
+The training file is tokenized exactly as ``--method kd`` does (same columns, max length, tokenizer); for every
+real target token the teacher's top-k token ids, log-probabilities at ``--temperature`` and the log of the
+remaining mass are stored (format and bytes/token: ``teacher_cache_store``). Rank r takes examples
+``r, r + W, ...`` of each chunk of ``--chunk_size`` examples and writes one part file per chunk; a killed build
+rerun with the same arguments skips the parts already written; when all are done each rank merges its parts into
+``shard-r.pt`` and rank 0 writes ``complete.json``. Train with ``--method kd --teacher_cache C`` (no teacher loaded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger("kd_engine")
+LOGP_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m kd_engine.teacher_cache", description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", required=True, help="teacher model (path, hub id or offline:NAME)")
+    ap.add_argument("--train_file", required=True, help="training data, as passed to --method kd")
+    ap.add_argument("--output_dir", required=True, help="cache folder to create (or resume)")
+    ap.add_argument("--top_k", type=int, default=32, help="teacher tokens kept per position (1..vocab)")
+    ap.add_argument("--temperature", type=float, default=2.0, help="temperature of the cached log-probs "
+                    "(must equal the training run's --temperature)")
+    ap.add_argument("--max_length", type=int, default=128, help="max tokens per example (as in training)")
+    ap.add_argument("--text_column", default="text", help="text (or prompt / source) column")
+    ap.add_argument("--target_column", default=None, help="response / target column (prompt-response or seq2seq)")
+    ap.add_argument("--task", default="auto", help="auto | causal_lm | seq2seq_lm")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer (default: the teacher's)")
+    ap.add_argument("--batch_size", type=int, default=8, help="examples per teacher forward")
+    ap.add_argument("--chunk_size", type=int, default=256, help="examples per part file (resume granularity)")
+    ap.add_argument("--teacher_dtype", default="fp32", help="fp32 | bf16 (the teacher's compute dtype)")
+    ap.add_argument("--logp_dtype", default="fp16", help="fp16 | bf16 | fp32: stored log-prob precision "
+                    "(6k+6 bytes/token at fp16/bf16, 8k+8 at fp32)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
+    return ap.parse_args(argv)
+
+
+def _validate(a, tokenizer) -> None:
+    from .errors import ConfigError
+
+    if not os.path.isfile(a.train_file):
+        raise ConfigError(f"--train_file {a.train_file}: no such file")
+    if a.top_k <= 0 or (tokenizer is not None and a.top_k > len(tokenizer)):
+        raise ConfigError(f"top_k must be in [1, vocab size{f' {len(tokenizer)}' if tokenizer else ''}]; got "
+                          f"{a.top_k}")
+    if a.temperature <= 0:
+        raise ConfigError(f"temperature must be > 0; got {a.temperature}")
+    for key in ("max_length", "batch_size", "chunk_size"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"{key} must be >= 1; got {getattr(a, key)}")
+    if a.task not in ("auto", "causal_lm", "seq2seq_lm"):
+        raise ConfigError(f"task must be auto, causal_lm or seq2seq_lm; got {a.task!r}")
+    if a.logp_dtype not in LOGP_DTYPES:
+        raise ConfigError(f"logp_dtype must be fp16, bf16 or fp32; got {a.logp_dtype!r}")
+    if a.teacher_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"teacher_dtype must be fp32 or bf16; got {a.teacher_dtype!r}")
+
+
+def train_config(a):
+    """The engine config ``--method kd`` would have for the same data options (tokenization must be identical)."""
+    from .config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.teacher, cfg.train_file, cfg.max_length = a.teacher, a.train_file, a.max_length
+    cfg.text_column, cfg.target_column, cfg.eval_split, cfg.eval_file = a.text_column, a.target_column, 0.0, None
+    return cfg
+
+
+def build(a, rank: int = 0, world: int = 1) -> dict:
+    import torch
+
+    from . import teacher_cache_store as store
+    from .data.supervised import build_supervised_data
+    from .dist import barrier, broadcast_object
+    from .errors import KDError
+    from .losses.kd import shift_for_causal_lm
+    from .losses.sparse_kd import top_k_rows
+    from .methods.kd import model_inputs, seq2seq_inputs
+    from .models.build import load_teacher_model, resolve_task
+    from .models.loading import load_tokenizer
+
+    _validate(a, None)  # cheap checks first
+    tok = load_tokenizer(a.tokenizer or a.teacher)
+    _validate(a, tok)
+    cfg = train_config(a)
+    task = resolve_task(a.task, cfg)
+    if task not in ("causal_lm", "seq2seq_lm"):
+        raise KDError(f"teacher caches are for causal and seq2seq LMs; {a.teacher} is {task}")
+    manifest = store.make_manifest(teacher=a.teacher, tokenizer=tok, tokenizer_name=a.tokenizer or a.teacher,
+                                   train_file=a.train_file, text_column=a.text_column, target_column=a.target_column,
+                                   task=task, max_length=a.max_length, top_k=a.top_k, temperature=a.temperature,
+                                   logp_dtype=a.logp_dtype)
+    data = build_supervised_data(cfg, tok, task)  # bad/empty data fails here, before anything is written
+    if len(data.train) == 0:
+        raise KDError(f"{a.train_file}: no examples")
+    error = None
+    if rank == 0:
+        try:
+            store.open_for_build(a.output_dir, manifest)
+        except KDError as e:
+            error = str(e)
+    error = broadcast_object(error)  # every rank stops on rank 0's error (no rank left waiting)
+    if error:
+        raise KDError(error)
+    done = os.path.join(a.output_dir, store.COMPLETE)
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            return json.load(f)
+    teacher = load_teacher_model(cfg, task).eval()
+    if a.teacher_dtype == "bf16":
+        teacher = teacher.to(torch.bfloat16)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    vocab, n = len(tok), len(data.train)
+    ldt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.logp_dtype]
+    for start in range(0, n, a.chunk_size):
+        path = store.part_path(a.output_dir, start, rank)
+        if os.path.exists(path):
+            continue
+        mine = list(range(start + rank, min(n, start + a.chunk_size), world))
+        parts = {"keys": [], "offsets": [0], "ids": [], "logp": [], "log_tail": [], "targets": []}
+        for b in range(0, len(mine), a.batch_size):
+            idx = mine[b:b + a.batch_size]
+            batch = data.collate_fn([data.train[i] for i in idx])
+            inputs = seq2seq_inputs(teacher, batch) if task == "seq2seq_lm" else model_inputs(batch)
+            with torch.no_grad():
+                logits = teacher(**inputs).logits
+            labels = batch["labels"]
+            if task == "causal_lm":
+                logits, labels = shift_for_causal_lm(logits, labels)
+            mask = labels != -100
+            ids, logp, tail = top_k_rows(logits[mask], a.top_k, a.temperature, vocab)
+            parts["keys"] += store.batch_keys(batch, task)
+            for row in mask:
+                parts["offsets"].append(parts["offsets"][-1] + int(row.sum()))
+            parts["ids"].append(ids.to(torch.int32))
+            parts["logp"].append(logp.to(ldt))
+            parts["log_tail"].append(tail.to(ldt))
+            parts["targets"].append(labels[mask].to(torch.int32))
+        def cat(name, shape, dt):
+            return torch.cat(parts[name]) if parts[name] else torch.empty(shape, dtype=dt)
+
+        merged = {"keys": parts["keys"], "offsets": torch.tensor(parts["offsets"], dtype=torch.int64),
+                  "ids": cat("ids", (0, a.top_k), torch.int32), "logp": cat("logp", (0, a.top_k), ldt),
+                  "log_tail": cat("log_tail", (0,), ldt), "targets": cat("targets", (0,), torch.int32)}
+        store.save(merged, path)
+        logger.info("teacher cache: examples %d-%d done (rank %d)", start, min(n, start + a.chunk_size), rank)
+    starts = list(range(0, n, a.chunk_size))
+    pieces = [torch.load(store.part_path(a.output_dir, s, rank), weights_only=True) for s in starts]
+    store.save(store.concat_parts(pieces, a.top_k, ldt), store.shard_path(a.output_dir, rank))
+    barrier()
+    for s in starts:
+        os.remove(store.part_path(a.output_dir, s, rank))
+    info = None
+    if rank == 0:
+        tokens = sum(int(torch.load(store.shard_path(a.output_dir, r), weights_only=True, mmap=True)["offsets"][-1])
+                     for r in range(world))
+        info = {"shards": [os.path.basename(store.shard_path(a.output_dir, r)) for r in range(world)],
+                "examples": n, "tokens": tokens, "bytes_per_token": (4 + ldt.itemsize) * (a.top_k + 1),
+                "logp_dtype": a.logp_dtype, "top_k": a.top_k}
+        store.save(info, os.path.join(a.output_dir, store.COMPLETE))
+    return broadcast_object(info)
+
+
+def main(argv=None) -> int:
+    from .errors import KDError
+
+    a = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        from .dist import init_distributed, setup_environment
+
+        setup_environment()  # launcher variables (torchrun, deepspeed, mpirun), CPU accelerator when no GPU
+        rank, world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            rank, world, _ = init_distributed()
+        info = build(a, rank, world)
+    except KDError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if rank == 0:
+        print(f"teacher cache: {info['examples']} examples, {info['tokens']} tokens, top-{info['top_k']}, "
+              f"{info['bytes_per_token']} bytes/token -> {a.output_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Offline top-k teacher cache: sparse loss, build (sharded, resumable), training from it with no teacher, refusals."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tiny
+from kd_engine.cli import main as cli_main
+from kd_engine.losses.kd import kl_div_rows
+from kd_engine.losses.sparse_kd import sparse_kd_loss, sparse_kl_rows, top_k_rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(tmp_path_factory):
+    tiny.single_process_env(str(tmp_path_factory.mktemp("kdcache")))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache_assets")
+    tiny.make_llama(str(d / "teacher"), layers=3)
+    tiny.make_llama(str(d / "student"), layers=1, seed=1)
+    tiny.write_lines(str(d / "train.txt"), tiny.sentences(24))
+    return d
+
+
+def test_sparse_kl_with_k_equal_vocab_is_the_full_kl_and_smaller_k_is_a_lower_bound():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 20), torch.randn(6, 20) * 2
+    full = kl_div_rows(s, t, 2.0) / 4.0
+    for k, check in ((20, "eq"), (5, "le"), (1, "le")):
+        ids, logp, tail = top_k_rows(t, k, 2.0)
+        got = sparse_kl_rows(s, ids, logp, tail, 2.0).mean()
+        if check == "eq":
+            assert got.item() == pytest.approx(full.item(), rel=1e-5)
+        else:
+            assert 0 <= got.item() <= full.item() + 1e-6
+    # gradients flow to the student; masked rows and an empty mask
+    s = s.requires_grad_(True)
+    labels = torch.tensor([1, -100, 2, 3, -100, 4])
+    ids, logp, tail = top_k_rows(t[labels != -100], 4, 1.0)
+    terms = sparse_kd_loss(s, labels, ids, logp, tail, temperature=1.0, alpha=0.5)
+    sum(terms.values()).backward()
+    assert s.grad[1].abs().max().item() == 0.0 and s.grad[0].abs().max().item() > 0
+    empty = sparse_kd_loss(s, torch.full((6,), -100), ids[:0], logp[:0], tail[:0], alpha=0.5)
+    assert sum(empty.values()).item() == 0.0
+
+
+def _build(assets, out, *extra):
+    return cli_main_cache(["--teacher", str(assets / "teacher"), "--train_file", str(assets / "train.txt"),
+                           "--output_dir", str(out), "--temperature", "2.0", "--max_length", "32", *extra])
+
+
+def cli_main_cache(argv):
+    from kd_engine.teacher_cache import main
+
+    return main(argv)
+
+
+def _train(assets, out, *extra):
+    return ["--method", "kd", "--student", str(assets / "student"), "--train_file", str(assets / "train.txt"),
+            "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4", "--max_length", "32",
+            "--learning_rate", "1e-2", "--logging_steps", "1", "--disable_tqdm", "true", "--temperature", "2.0",
+            *extra]
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    return [(r["kd"], r["ce"]) for r in rows if r["split"] == "train"]
+
+
+def test_cache_with_k_vocab_trains_like_online_kd_without_a_teacher(assets, tmp_path):
+    from kd_engine.engine.trainer import Trainer
+    from kd_engine.config import build_config
+
+    assert _build(assets, tmp_path / "c", "--top_k", str(tiny.vocab_size()), "--chunk_size", "7", "--logp_dtype",
+                  "fp32") == 0
+    info = json.load(open(tmp_path / "c" / "complete.json"))
+    assert info["examples"] == 24 and info["bytes_per_token"] == 8 * (tiny.vocab_size() + 1)
+    cached = Trainer(build_config(_train(assets, tmp_path / "cached", "--teacher_cache", str(tmp_path / "c"))))
+    cached.fit()
+    assert cached.teacher_model is None  # trained with no teacher loaded
+    Trainer(build_config(_train(assets, tmp_path / "online", "--teacher", str(assets / "teacher")))).fit()
+    a, b = _losses(tmp_path / "cached"), _losses(tmp_path / "online")
+    assert len(a) == 3
+    for (ka, ca), (kb, cb) in zip(a, b):
+        assert ka == pytest.approx(kb, rel=1e-4) and ca == pytest.approx(cb, rel=1e-4)
+
+
+def test_lookup_by_content_finds_the_right_rows_in_any_order(assets, tmp_path):
+    from kd_engine import teacher_cache_store as store
+    from kd_engine.config import TrainConfig
+    from kd_engine.data.supervised import build_supervised_data
+    from kd_engine.losses.kd import shift_for_causal_lm
+    from kd_engine.models.loading import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    assert _build(assets, tmp_path / "c", "--top_k", "5", "--chunk_size", "5") == 0
+    cache = store.TeacherCache(str(tmp_path / "c"))
+    cfg = TrainConfig()
+    cfg.train_file, cfg.max_length, cfg.teacher = str(assets / "train.txt"), 32, str(assets / "teacher")
+    data = build_supervised_data(cfg, load_tokenizer(str(assets / "teacher")), "causal_lm")
+    teacher = AutoModelForCausalLM.from_pretrained(str(assets / "teacher")).eval()
+    order = [17, 3, 22, 0, 9]  # shuffled
+    batch = data.collate_fn([data.train[i] for i in order])
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, lab = shift_for_causal_lm(logits, batch["labels"])
+    ids, logp, tail = cache.lookup(store.batch_keys(batch, "causal_lm"), store.row_targets(lab))
+    want_ids, want_logp, _ = top_k_rows(logits[lab != -100], 5, 2.0, tiny.vocab_size())
+    assert torch.equal(ids, want_ids)
+    assert torch.allclose(logp, want_logp, atol=2e-3)
+    # a batch from another corpus is not silently served
+    other = dict(batch, input_ids=batch["input_ids"].flip(1))
+    with pytest.raises(Exception, match="no entry"):
+        cache.lookup(store.batch_keys(other, "causal_lm"), store.row_targets(lab))
+
+
+def test_interrupted_build_resumes_and_equals_a_straight_build(assets, tmp_path, monkeypatch):
+    from kd_engine import teacher_cache_store as store
+    from kd_engine.losses import sparse_kd
+
+    calls = {"n": 0}
+    real = sparse_kd.top_k_rows
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(sparse_kd, "top_k_rows", counting)
+    assert _build(assets, tmp_path / "straight", "--top_k", "4", "--chunk_size", "6", "--batch_size", "3") == 0
+    straight_calls, calls["n"] = calls["n"], 0
+    real_save = store.save
+
+    def crash_on_third_part(obj, path):
+        if os.path.basename(path).startswith("part-0000000012"):
+            raise KeyboardInterrupt  # killed while building the third part
+        real_save(obj, path)
+
+    monkeypatch.setattr(store, "save", crash_on_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        _build(assets, tmp_path / "resumed", "--top_k", "4", "--chunk_size", "6", "--batch_size", "3")
+    names = sorted(os.listdir(tmp_path / "resumed"))
+    assert "complete.json" not in names and sum(n.startswith("part-") for n in names) == 2
+    from kd_engine.errors import KDError
+    with pytest.raises(KDError, match="unfinished"):
+        store.TeacherCache(str(tmp_path / "resumed"))
+    monkeypatch.setattr(store, "save", real_save)
+    calls["n"] = 0
+    assert _build(assets, tmp_path / "resumed", "--top_k", "4", "--chunk_size", "6", "--batch_size", "3") == 0
+    assert 0 < calls["n"] < straight_calls  # the two finished parts were not recomputed
+    a = torch.load(tmp_path / "straight" / "shard-00000.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "shard-00000.pt", weights_only=True)
+    assert a["keys"] == b["keys"] and all(torch.equal(a[k], b[k]) for k in ("ids", "logp", "log_tail", "offsets"))
+    assert not any(n.startswith("part-") for n in os.listdir(tmp_path / "resumed"))
+
+
+def test_bad_input_exit_2_and_nothing_written(assets, tmp_path, capsys):
+    v = tiny.vocab_size()
+    for k in ("0", str(v + 1)):
+        assert _build(assets, tmp_path / f"c{k}", "--top_k", k) == 2
+        assert "top_k" in capsys.readouterr().err and not (tmp_path / f"c{k}").exists()
+    assert _build(assets, tmp_path / "c", "--top_k", "4") == 0
+    # not a cache
+    (tmp_path / "notcache").mkdir()
+    assert cli_main(_train(assets, tmp_path / "o1", "--teacher_cache", str(tmp_path / "notcache"))) == 2
+    assert "not a teacher cache" in capsys.readouterr().err and not (tmp_path / "o1").exists()
+    # mismatched manifest: another max length, another temperature, another corpus
+    assert cli_main(_train(assets, tmp_path / "o2", "--teacher_cache", str(tmp_path / "c"), "--max_length",
+                           "16")) == 2
+    assert "max_length" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    assert cli_main(_train(assets, tmp_path / "o3", "--teacher_cache", str(tmp_path / "c"), "--temperature",
+                           "1.0")) == 2
+    assert "temperature" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+    other = tmp_path / "other.txt"
+    tiny.write_lines(str(other), tiny.sentences(24, seed=9))
+    argv = _train(assets, tmp_path / "o4", "--teacher_cache", str(tmp_path / "c"))
+    argv[argv.index("--train_file") + 1] = str(other)
+    assert cli_main(argv) == 2
+    assert "corpus_sha256" in capsys.readouterr().err and not (tmp_path / "o4").exists()
+    # a build into the cache folder with other settings is refused, the cache kept
+    assert _build(assets, tmp_path / "c", "--top_k", "8") == 2
+    assert "top_k" in capsys.readouterr().err and (tmp_path / "c" / "complete.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_two_rank_build_and_shuffled_two_rank_training_read_the_right_rows(assets, tmp_path):
+    """Built on 2 ranks (one shard each), trained on 2 ranks with shuffling: every lookup checks the cached target
+    tokens against the batch (a wrong row raises), and the losses equal the online 2-rank run's."""
+    from kd_engine.dist import free_port
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = tiny.cpu_env({"KD_ENGINE_CACHE": str(tmp_path / "kc")})
+
+    def launch(module_or_script, argv):
+        cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        cmd += (["-m", module_or_script] if module_or_script.startswith("kd_engine") else [module_or_script])
+        r = subprocess.run(cmd + argv, env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    launch("kd_engine.teacher_cache", ["--teacher", str(assets / "teacher"), "--train_file",
+                                       str(assets / "train.txt"), "--output_dir", str(tmp_path / "c"), "--top_k",
+                                       str(tiny.vocab_size()), "--temperature", "2.0", "--max_length", "32",
+                                       "--chunk_size", "8", "--logp_dtype", "fp32"])
+    assert sorted(n for n in os.listdir(tmp_path / "c") if n.startswith("shard")) == ["shard-00000.pt",
+                                                                                     "shard-00001.pt"]
+    train = os.path.abspath("launch/train.py")
+    launch(train, _train(assets, tmp_path / "cached", "--teacher_cache", str(tmp_path / "c"),
+                         "--per_device_train_batch_size", "2"))
+    launch(train, _train(assets, tmp_path / "online", "--teacher", str(assets / "teacher"),
+                         "--per_device_train_batch_size", "2"))
+    a, b = _losses(tmp_path / "cached"), _losses(tmp_path / "online")
+    assert len(a) == 3
+    for (ka, ca), (kb, cb) in zip(a, b):
+        assert ka == pytest.approx(kb, rel=1e-4) and ca == pytest.approx(cb, rel=1e-4)
