@@ -120,7 +120,7 @@ def warmup_mlm(gen: torch.nn.Module, tokenizer, files, steps: int, *, lr: float,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     opt.zero_grad(set_to_none=True)
     if losses:
         logger.info("generator MLM warm-up: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])

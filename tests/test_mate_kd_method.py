@@ -1,0 +1,284 @@
+"""--method mate_kd end to end in-process with real DeepSpeed on CPU (tiny random BERT / RoBERTa classifiers):
+schedule counts and LR schedules per model, a generator step moves only the generator, ZeRO 0-3, RoBERTa and
+sequence pairs, --generator PATH, export through pipeline("text-classification"), bad input (exit 2, nothing
+written). Crash/resume and 2-rank runs are in test_mate_kd_launch.py."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import tiny
+from kd_engine.cli import main as cli_main
+from kd_engine.config import build_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_process_env(tmp_path_factory):
+    old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                          "KD_ENGINE_CACHE")}
+    tiny.single_process_env(str(tmp_path_factory.mktemp("kdcache")))
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def make_classifier(path, arch="bert", layers=4, seed=0, num_labels=2, vocab_size=None):
+    """A tiny classifier with a wide init (initializer_range 0.5) so that its logits depend on the input."""
+    from transformers import (BertConfig, BertForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size or tiny.vocab_size(), hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=layers, num_attention_heads=4, num_labels=num_labels, initializer_range=0.5,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if arch == "bert":
+        model = BertForSequenceClassification(BertConfig(max_position_embeddings=128, **common))
+    else:
+        model = RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=130, pad_token_id=0, **common))
+    model.save_pretrained(path)
+    tiny.make_tokenizer(path, "bert")
+    return model
+
+
+def write_pairs(path, n, seed=0):
+    a, b = tiny.sentences(n, seed), tiny.sentences(n, seed + 7)
+    rows = ["premise\thypothesis\tlabel"] + [f"{x}\t{y}\t{int(len(x) > len(y))}" for x, y in zip(a, b)]
+    return tiny.write_lines(path, rows)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mate_assets")
+    make_classifier(str(d / "teacher"))
+    make_classifier(str(d / "roberta"), arch="roberta")
+    tiny.write_classification_tsv(str(d / "train.tsv"), 64)
+    tiny.write_classification_tsv(str(d / "eval.tsv"), 16, seed=1)
+    write_pairs(str(d / "pairs.tsv"), 48)
+    tiny.write_lines(str(d / "corpus.txt"), tiny.sentences(300, seed=5))
+    return d
+
+
+def args(assets, out, *extra, teacher="teacher"):
+    return ["--method", "mate_kd", "--teacher", str(assets / teacher), "--student.layers", "2",
+            "--generator.layers", "1", "--train_file", str(assets / "train.tsv"), "--eval_file",
+            str(assets / "eval.tsv"), "--text_column", "sentence", "--label_column", "label", "--max_length", "32",
+            "--output_dir", str(out), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--generator_lr", "1e-2", "--generator_steps", "2", "--student_steps", "3", "--max_steps", "5",
+            "--logging_steps", "1", "--disable_tqdm", "true", "--report_to", "none", *extra]
+
+
+def run(argv, spy=None):
+    from kd_engine.engine.trainer import Trainer
+
+    tr = Trainer(build_config(argv))
+    if spy is not None:
+        spy(tr)
+    tr.fit()
+    return tr
+
+
+def mate_log(out):
+    return [json.loads(x) for x in open(os.path.join(out, "train_log.jsonl")) if '"split": "mate"' in x]
+
+
+def test_schedule_counts_and_per_model_lr_schedules(assets, tmp_path):
+    """10:100 by default: steps 0-9 are generator steps, 10-109 student steps; each LR schedule counts only its own
+    model's steps, so both linear schedules reach 0 exactly at the end (the reference's student schedule would
+    stop at 10/110 of the peak)."""
+    from kd_engine.methods.mate_kd import schedule_counts
+
+    seen = {"generator": [], "student": []}
+
+    def spy(tr):
+        m = tr.method
+        for kind in seen:
+            orig = getattr(m, f"{kind}_step")
+            setattr(m, f"{kind}_step", lambda ctx, orig=orig, kind=kind: (seen[kind].append(ctx.global_step),
+                                                                          orig(ctx))[1])
+
+    a = [x for x in args(assets, tmp_path / "o") if x not in ()]
+    for k in ("--generator_steps", "--student_steps", "--max_steps"):
+        i = a.index(k)
+        del a[i:i + 2]
+    tr = run(a + ["--max_steps", "110", "--warmup_steps", "5", "--logging_steps", "50"], spy)
+    assert seen["generator"] == list(range(10)) and seen["student"] == list(range(10, 110))
+    gen, student = tr.engines["generator"], tr.student
+    assert gen.global_steps == 10 and student.global_steps == 100
+    assert gen.lr_scheduler.last_epoch == 10 and student.lr_scheduler.last_epoch == 100
+    assert gen.get_lr()[0] == 0.0 and student.get_lr()[0] == 0.0
+    log = mate_log(tmp_path / "o")
+    assert [r["step_type_generator"] for r in log] == [1.0] * 10 + [0.0] * 100
+    # lr after each step: 0 through the generator steps, warmup over the first 5 student steps (peak after global
+    # step 14), then linear decay over the remaining 95 student steps to 0 after the last one
+    lrs = {r["step"]: r["student_lr"] for r in log}
+    assert all(lrs[i] == 0.0 for i in range(10))
+    assert lrs[10] == pytest.approx(0.2e-3) and lrs[14] == pytest.approx(1e-3)
+    assert lrs[15] == pytest.approx(1e-3 * 94 / 95) and lrs[109] == 0.0
+    assert schedule_counts(110, 10, 100) == (10, 100) and schedule_counts(115, 10, 100) == (15, 100)
+    assert schedule_counts(125, 10, 100) == (20, 105) and schedule_counts(5, 10, 100) == (5, 0)
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(a, b):
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_generator_step_moves_only_the_generator(assets, tmp_path):
+    """A generator step (through the frozen student and teacher) changes the generator only; a student step changes
+    the student only; D > 0 and some tokens get replaced."""
+    record = []
+
+    def spy(tr):
+        m = tr.method
+        orig_train_step = m.train_step
+
+        def train_step(ctx):
+            before = [_snapshot(x) for x in (ctx.student.module, m.gen.module, ctx.teacher_model)]
+            out = orig_train_step(ctx)
+            after = [_snapshot(x) for x in (ctx.student.module, m.gen.module, ctx.teacher_model)]
+            record.append((m.is_generator_step(ctx.global_step), [bool(_changed(b, a)) for b, a in zip(before, after)],
+                           out))
+            return out
+
+        m.train_step = train_step
+
+    run(args(assets, tmp_path / "o"), spy)
+    kinds = [r[0] for r in record]
+    assert kinds == [True, True, False, False, False]
+    for is_gen, (student_moved, gen_moved, teacher_moved), out in record:
+        assert not teacher_moved
+        assert (student_moved, gen_moved) == ((False, True) if is_gen else (True, False))
+        assert 0 < out["changed_fraction"] <= 1
+        if is_gen:
+            assert out["generator_D"] > 1e-4
+        else:
+            assert {"ce", "adv", "kd", "loss"} <= set(out) and out["adv"] > 0
+
+
+@pytest.mark.parametrize("ds", ["zero1.json", "zero2.json", "zero3.json", "zero2_bf16.json"])
+def test_zero_stages(assets, tmp_path, ds):
+    tr = run(args(assets, tmp_path / "o", "--deepspeed", f"ds_configs/{ds}"))
+    log = mate_log(tmp_path / "o")
+    gen_d = [r["generator_generator_D"] for r in log if r["step_type_generator"] == 1.0]
+    adv = [r["student_adv"] for r in log if r["step_type_generator"] == 0.0]
+    assert len(gen_d) == 2 and len(adv) == 3
+    assert all(torch.isfinite(torch.tensor(x)) for x in gen_d + adv) and max(gen_d) > 1e-4
+    assert tr.engines["generator"].global_steps == 2 and tr.student.global_steps == 3
+    assert os.path.isfile(tmp_path / "o" / "final" / "model.safetensors")
+
+
+def test_roberta_pairs_given_generator_and_export_pipeline(assets, tmp_path):
+    """RoBERTa teacher/student (padding-offset position ids), sequence pairs (MNLI-style), a --generator folder,
+    MLM warm-up through the corpus cache; the export loads with pipeline("text-classification")."""
+    from transformers import pipeline
+
+    from kd_engine.models.generator import build_from_teacher
+    from transformers import AutoModelForSequenceClassification
+
+    gen_dir = tmp_path / "gen"
+    build_from_teacher(AutoModelForSequenceClassification.from_pretrained(assets / "roberta"), 2).save_pretrained(gen_dir)
+    tiny.make_tokenizer(str(gen_dir), "bert")
+    a = args(assets, tmp_path / "o", "--train_file", str(assets / "pairs.tsv"), "--text_column", "premise",
+             "--text_pair_column", "hypothesis", "--eval_file", str(assets / "pairs.tsv"),
+             "--max_eval_samples", "8", "--generator_warmup_steps", "3", "--generator_corpus",
+             str(assets / "corpus.txt"), teacher="roberta")
+    i = a.index("--generator.layers")
+    a[i:i + 2] = ["--generator", str(gen_dir)]
+    tr = run(a)
+    assert type(tr.engines["generator"].module).__name__ == "RobertaForMaskedLM"
+    assert "masked-LM warm-up 3 steps" in tr.method.generator_source
+    assert {"accuracy", "teacher_agreement"} <= set(tr.final_metrics)
+    clf = pipeline("text-classification", model=str(tmp_path / "o" / "final"), device=-1)
+    out = clf([{"text": "the cat runs", "text_pair": "a dog sleeps"}, "good red house"])
+    assert len(out) == 2 and all(r["label"] in ("LABEL_0", "LABEL_1") for r in out)
+    card = open(tmp_path / "o" / "final" / "README.md").read()
+    assert "mate_kd" in card and "generator" in card
+
+
+# ---- bad input: one clear message, exit 2, nothing written ---------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_assets(assets, tmp_path_factory):
+    from transformers import BertConfig, BertForMaskedLM
+
+    d = tmp_path_factory.mktemp("mate_bad")
+    make_classifier(str(d / "big_vocab_teacher"), vocab_size=tiny.vocab_size() + 20)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=tiny.vocab_size() + 8, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=4)).save_pretrained(d / "other_gen")
+    other = tiny.make_tokenizer(str(d / "other_gen"), "bert")
+    other.add_tokens([f"extra{i}" for i in range(8)])
+    other.save_pretrained(d / "other_gen")
+    tiny.make_llama(str(d / "causal"), layers=1)
+    from transformers import LlamaConfig
+
+    make_classifier(str(d / "no_mask"))
+    tiny.make_tokenizer(str(d / "no_mask"), "causal")  # a tokenizer without a mask token
+    del LlamaConfig
+    return d
+
+
+@pytest.mark.parametrize("case", ["gen_vocab", "gen_no_mlm_head", "no_mask_token", "mask_prob", "zero_student",
+                                  "no_labels", "two_generators", "warmup_no_corpus", "too_few_steps"])
+def test_bad_input_exits_2_and_writes_nothing(assets, bad_assets, tmp_path, capsys, case):
+    out = tmp_path / "o"
+    a = args(assets, out)
+    gen_i = a.index("--generator.layers")
+    expect = {
+        "gen_vocab": "vocabularies differ",
+        "gen_no_mlm_head": "no masked-LM head",
+        "no_mask_token": "no mask token",
+        "mask_prob": "mask_prob must be in (0, 1)",
+        "zero_student": "student_steps must be >= 1",
+        "no_labels": "no labels",
+        "two_generators": "exactly one of --generator",
+        "warmup_no_corpus": "needs --generator_corpus",
+        "too_few_steps": "holds no student step",
+    }[case]
+    if case == "gen_vocab":
+        a[gen_i:gen_i + 2] = ["--generator", str(bad_assets / "other_gen")]
+    elif case == "gen_no_mlm_head":
+        a[gen_i:gen_i + 2] = ["--generator", str(assets / "teacher")]
+    elif case == "no_mask_token":
+        a[a.index("--teacher") + 1] = str(bad_assets / "no_mask")
+    elif case == "mask_prob":
+        a += ["--mask_prob", "1.5"]
+    elif case == "zero_student":
+        a += ["--student_steps", "0"]
+    elif case == "no_labels":
+        i = a.index("--label_column")
+        del a[i:i + 2]
+    elif case == "two_generators":
+        a += ["--generator", str(bad_assets / "other_gen")]
+    elif case == "warmup_no_corpus":
+        a += ["--generator_warmup_steps", "5"]
+    elif case == "too_few_steps":
+        a += ["--max_steps", "2"]
+    rc = cli_main(a)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.strip().splitlines()[-1].startswith("error: ") and expect in err, err
+    assert not out.exists()
+
+
+def test_generator_vocab_rows_differ_from_teacher(assets, bad_assets, tmp_path, capsys):
+    """A generator folder without a tokenizer whose embedding rows differ from the teacher's."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=tiny.vocab_size() + 3, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=4)).save_pretrained(tmp_path / "g")
+    a = args(assets, tmp_path / "o")
+    i = a.index("--generator.layers")
+    a[i:i + 2] = ["--generator", str(tmp_path / "g")]
+    rc = cli_main(a)
+    err = capsys.readouterr().err
+    assert rc == 2 and "vocabularies differ" in err and not (tmp_path / "o").exists()
