@@ -142,9 +142,9 @@ def test_generator_step_moves_only_the_generator(assets, tmp_path):
         orig_train_step = m.train_step
 
         def train_step(ctx):
-            before = [_snapshot(x) for x in (ctx.student.module, m.gen.module, ctx.teacher_model)]
+            before = [_snapshot(x) for x in (ctx.student.module, m.gen.module, ctx.teacher_module)]
             out = orig_train_step(ctx)
-            after = [_snapshot(x) for x in (ctx.student.module, m.gen.module, ctx.teacher_model)]
+            after = [_snapshot(x) for x in (ctx.student.module, m.gen.module, ctx.teacher_module)]
             record.append((m.is_generator_step(ctx.global_step), [bool(_changed(b, a)) for b, a in zip(before, after)],
                            out))
             return out

@@ -222,7 +222,7 @@ class MateKD(Method):
                           f"{o.generator_steps} generator steps)")
         self.n_gen, self.n_student = n_gen, n_student
         self._reschedule_student(ctx, n_student)
-        opt = copy.deepcopy(ctx.ds_config["optimizer"])
+        opt = copy.deepcopy(ctx.student.config["optimizer"])
         opt.setdefault("params", {})["lr"] = o.generator_lr
         from transformers import get_scheduler
 
@@ -244,9 +244,9 @@ class MateKD(Method):
         from ..ds_config import client_lr_scheduler
 
         eng = ctx.student
-        sched = ctx.ds_config.get("scheduler")
+        sched = ctx.student.config.get("scheduler")
         if sched is None:
-            eng.lr_scheduler = client_lr_scheduler(ctx.ds_config, ctx.cfg, n_student)(eng.basic_optimizer)
+            eng.lr_scheduler = client_lr_scheduler(ctx.student.config, ctx.cfg, n_student)(eng.basic_optimizer)
             return
         from deepspeed.runtime import lr_schedules
 
@@ -294,36 +294,37 @@ class MateKD(Method):
             inputs["position_ids"] = position_ids_for(model.config.model_type, x_sub, pad)
         return call(**inputs).logits
 
-    def _teacher_grad(self, ctx, **inputs):
-        if "grad" in inspect.signature(ctx.teacher_forward).parameters:
-            return ctx.teacher_forward(grad=True, **inputs)
-        # the module, not its engine: a ZeRO-3 teacher engine (no optimizer) hooks its outputs and refuses a backward
-        # it does not run itself; the module keeps ZeRO-3's gather hooks. Frozen parameters: only activations carry
-        # gradient (to the generator's sample).
-        return ctx.teacher_model(**inputs)
-
     def generator_step(self, ctx) -> dict[str, float]:
-        totals = {"generator_D": 0.0, "changed_fraction": 0.0}
+        """Maximise D(student(x~), teacher(x~)) over the generator, through the frozen student and teacher.
+
+        The teacher runs as its module (``teacher_hooks(grad=True)``), not through its engine: a ZeRO-3 teacher
+        engine (no optimizer) hooks its outputs and refuses a backward it does not run itself, while the module
+        keeps ZeRO-3's gather hooks. Its parameters are frozen: only activations carry gradient, to the sample."""
+        micro = iter(range(ctx.cfg.gradient_accumulation_steps))
+
+        def compute():
+            batch = ctx.next_batch()
+            m, y, x_sub = self._sample(batch, self._rng(ctx, next(micro)), with_grad=True)
+            s = self._perturbed_logits(student, student, batch, m, y, x_sub)
+            with ctx.teacher_hooks(grad=True) as teacher:
+                t = self._perturbed_logits(teacher, teacher, batch, m, y, x_sub)
+            d = divergence(s, t, self.kind, self.opts.temperature)
+            return {"neg_D": -d}, {"generator_D": d.detach(), "changed_fraction": changed_fraction(
+                batch["input_ids"], x_sub, m)}
+
         with ctx.frozen(ctx.student) as student:
-            for micro in range(ctx.grad_accum):
-                batch = ctx.next_batch()
-                m, y, x_sub = self._sample(batch, self._rng(ctx, micro), with_grad=True)
-                s = self._perturbed_logits(student, student, batch, m, y, x_sub)
-                t = self._perturbed_logits(ctx.teacher_model, lambda **kw: self._teacher_grad(ctx, **kw), batch,
-                                           m, y, x_sub)
-                d = divergence(s, t, self.kind, self.opts.temperature)
-                self.gen.backward(-d)
-                self.gen.step()
-                totals["generator_D"] += float(d.detach()) / ctx.grad_accum
-                totals["changed_fraction"] += float(changed_fraction(batch["input_ids"], x_sub, m)) / ctx.grad_accum
-        return totals
+            out = ctx.accumulate(compute, engine=self.gen)
+        out.pop("neg_D", None)
+        out.pop("loss", None)
+        return out
 
     def student_step(self, ctx) -> dict[str, float]:
         o = self.opts
-        totals: dict[str, float] = {}
-        for micro in range(ctx.grad_accum):
+        micro = iter(range(ctx.cfg.gradient_accumulation_steps))
+
+        def compute():
             batch = ctx.next_batch()
-            m, _, x_sub = self._sample(batch, self._rng(ctx, micro), with_grad=False)
+            m, _, x_sub = self._sample(batch, self._rng(ctx, next(micro)), with_grad=False)
             extra = self._extra(ctx.student.module, batch)
             both = {"input_ids": torch.cat([batch["input_ids"], x_sub])}
             both.update({k: torch.cat([v, v]) for k, v in extra.items() if v is not None})
@@ -336,14 +337,9 @@ class MateKD(Method):
                 terms["adv"] = o.w_adv * divergence(s_adv, t_adv.detach(), self.kind, o.temperature)
             if o.w_kd > 0:
                 terms["kd"] = o.w_kd * divergence(s_orig, t_orig.detach(), self.kind, o.temperature)
-            loss = sum(terms.values())
-            ctx.student.backward(loss)
-            ctx.student_step()
-            terms["loss"] = loss
-            terms["changed_fraction"] = changed_fraction(batch["input_ids"], x_sub, m)
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / ctx.grad_accum
-        return totals
+            return terms, {"changed_fraction": changed_fraction(batch["input_ids"], x_sub, m)}
+
+        return ctx.accumulate(compute)
 
     def train_step(self, ctx) -> dict[str, float]:
         gen_step = self.is_generator_step(ctx.global_step)
