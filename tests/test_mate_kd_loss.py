@@ -220,3 +220,18 @@ def test_generator_built_from_teacher_layers(tmp_path):
     bert().save_pretrained(tmp_path / "clf")
     with pytest.raises(KDError, match="no masked-LM head"):
         check_generator_source(str(tmp_path / "clf"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_generator_head_on_masked_rows_equals_full_forward(arch):
+    """The plugin runs the generator's masked-LM head on the masked rows only; same logits as the full forward."""
+    from kd_engine.models.generator import build_from_teacher
+
+    gen = build_from_teacher(bert(layers=2) if arch == "bert" else roberta(layers=2), 2).eval()
+    head = gen.cls if arch == "bert" else gen.lm_head
+    ids, am = batch()
+    m = mask_positions(ids, am, SPECIAL, 0.3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = gen(input_ids=ids, attention_mask=am).logits[m]
+        rows = head(gen.base_model(input_ids=ids, attention_mask=am)[0][m])
+    torch.testing.assert_close(rows, full)

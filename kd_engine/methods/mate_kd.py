@@ -273,9 +273,19 @@ class MateKD(Method):
         if "token_type_ids" in batch and _accepts(self.gen.module, "token_type_ids"):
             inputs["token_type_ids"] = batch["token_type_ids"]
         with torch.set_grad_enabled(with_grad):
-            logits = self.gen(**inputs).logits
-            y = gumbel_softmax_st(logits[m], self.opts.gumbel_tau, self.vocab, rng)
+            y = gumbel_softmax_st(self._generator_logits(inputs, m), self.opts.gumbel_tau, self.vocab, rng)
         return m, y, substitute(ids, m, y.argmax(-1))
+
+    def _generator_logits(self, inputs: dict, m: torch.Tensor) -> torch.Tensor:
+        """The generator's vocabulary logits at the masked positions only ``[K, V]``: its encoder, then its masked-LM
+        head on the masked rows (the head's |V|-wide projection of every position would cost more than the encoder
+        for a small generator). Generators without a known single head module run whole."""
+        model = self.gen.module
+        head = next((getattr(model, n) for n in ("cls", "lm_head") if isinstance(getattr(model, n, None),
+                                                                            torch.nn.Module)), None)
+        if head is None:
+            return self.gen(**inputs).logits[m]
+        return head(model.base_model(**inputs)[0][m])
 
     @staticmethod
     def _extra(model, batch: dict) -> dict:
