@@ -282,3 +282,22 @@ def test_generator_vocab_rows_differ_from_teacher(assets, bad_assets, tmp_path, 
     rc = cli_main(a)
     err = capsys.readouterr().err
     assert rc == 2 and "vocabularies differ" in err and not (tmp_path / "o").exists()
+
+
+def test_bare_encoder_student_gets_a_head_with_the_teachers_labels(assets, tmp_path):
+    """--student FOLDER that is no classifier (e.g. distilroberta-base): a fresh head with the teacher's classes."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kd_engine.models.generator import build_from_teacher
+
+    build_from_teacher(AutoModelForSequenceClassification.from_pretrained(assets / "teacher"), 2).save_pretrained(
+        tmp_path / "mlm")
+    tiny.make_tokenizer(str(tmp_path / "mlm"), "bert")
+    a = args(assets, tmp_path / "o")
+    i = a.index("--student.layers")
+    a[i:i + 2] = ["--student", str(tmp_path / "mlm")]
+    tr = run(a)
+    model = tr.student.module
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 2
+    assert model.config.label2id == AutoModelForSequenceClassification.from_pretrained(
+        assets / "teacher").config.label2id

@@ -178,7 +178,16 @@ class MateKD(Method):
         return teacher
 
     def load_student(self, ctx, teacher):
-        student = load_or_build_student(self.cfg, teacher, "sequence_classification")
+        extra = {}
+        if self.cfg.student.name_or_path:  # a bare encoder / MLM checkpoint gets a fresh head with the teacher's labels
+            from ..models.build import detect_task
+            from ..models.loading import load_config
+
+            if detect_task(load_config(self.cfg.student.name_or_path, self.cfg.trust_remote_code)) \
+                    != "sequence_classification":
+                extra = {"num_labels": teacher.config.num_labels, "id2label": dict(teacher.config.id2label),
+                         "label2id": dict(teacher.config.label2id)}
+        student = load_or_build_student(self.cfg, teacher, "sequence_classification", **extra)
         if student.config.num_labels != teacher.config.num_labels:
             raise KDError(f"teacher has {teacher.config.num_labels} outputs, student {student.config.num_labels}")
         self.regression = teacher.config.num_labels == 1
