@@ -301,3 +301,28 @@ def test_bare_encoder_student_gets_a_head_with_the_teachers_labels(assets, tmp_p
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 2
     assert model.config.label2id == AutoModelForSequenceClassification.from_pretrained(
         assets / "teacher").config.label2id
+
+
+def test_regression_teacher_uses_mse(assets, tmp_path):
+    """STS-B style: a one-output teacher, float scores, sentence pairs; D is MSE on the logits, CE is MSE on the
+    scores; a non-numeric score is a clear error."""
+    from kd_engine.errors import KDError
+
+    make_classifier(str(tmp_path / "reg"), num_labels=1)
+    a, b = tiny.sentences(40, 1), tiny.sentences(40, 2)
+    tiny.write_lines(str(tmp_path / "sts.tsv"), ["s1\ts2\tscore"] + [f"{x}\t{y}\t{(len(x) % 50) / 10:.2f}"
+                                                                     for x, y in zip(a, b)] + ["\tempty first\t1.0"])
+    argv = args(assets, tmp_path / "o", "--train_file", str(tmp_path / "sts.tsv"), "--eval_file",
+                str(tmp_path / "sts.tsv"), "--text_column", "s1", "--text_pair_column", "s2", "--label_column",
+                "score")
+    argv[argv.index("--teacher") + 1] = str(tmp_path / "reg")
+    tr = run(argv)
+    assert tr.method.kind == "mse" and len(tr.data.train) == 40  # the row without a first text is dropped
+    assert tr.data.train[0]["labels"] == pytest.approx((len(a[0]) % 50) / 10)
+    assert {"mse", "teacher_mse"} <= set(tr.final_metrics) and tr.final_metrics["mse"] > 0
+    gen_d = [r["generator_generator_D"] for r in mate_log(tmp_path / "o") if r["step_type_generator"] == 1.0]
+    assert len(gen_d) == 2 and max(gen_d) > 0
+    tiny.write_lines(str(tmp_path / "bad.tsv"), ["s1\ts2\tscore", "a cat\ta dog\thigh"])
+    argv2 = argv + ["--train_file", str(tmp_path / "bad.tsv"), "--output_dir", str(tmp_path / "o2")]  # last wins
+    with pytest.raises(KDError, match="is not a number"):
+        run(argv2)

@@ -221,6 +221,10 @@ class MateKD(Method):
         return gen
 
     def build_data(self, ctx) -> DataBundle:
+        if self.regression:  # one output (STS-B style): float scores, MSE
+            from ..data.regression import build_regression_data
+
+            return build_regression_data(self.cfg, ctx.tokenizer)
         return build_supervised_data(self.cfg, ctx.tokenizer, "classification", self.label2id)
 
     def setup(self, ctx) -> None:
