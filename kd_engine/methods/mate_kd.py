@@ -60,7 +60,6 @@ class MateKDOptions:
     w_ce: float = 1.0 / 3.0
     w_adv: float = 1.0 / 3.0
     w_kd: float = 1.0 / 3.0
-    eval_before_training: bool = False
 
     def validate(self) -> None:
         if not 0.0 < self.mask_prob < 1.0:
