@@ -326,3 +326,19 @@ def test_regression_teacher_uses_mse(assets, tmp_path):
     argv2 = argv + ["--train_file", str(tmp_path / "bad.tsv"), "--output_dir", str(tmp_path / "o2")]  # last wins
     with pytest.raises(KDError, match="is not a number"):
         run(argv2)
+
+
+def test_deepspeed_json_scheduler_counts_student_steps_only(assets, tmp_path):
+    """A scheduler named in the DeepSpeed JSON (WarmupDecayLR, total "auto") also runs over the student steps only:
+    10 global steps = 6 student steps, so total_num_steps is 6 and the lr after the last student step (DeepSpeed's
+    iteration 5) is (6 - 5) / (6 - 2) of the peak, not (10 - 5) / (10 - 2)."""
+    ds = json.load(open("ds_configs/zero0.json"))
+    ds["scheduler"] = {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto",
+                                                           "warmup_max_lr": "auto", "warmup_min_lr": 0}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    tr = run(args(assets, tmp_path / "o", "--deepspeed", str(tmp_path / "ds.json"), "--warmup_steps", "2",
+                  "--max_steps", "10"))
+    assert type(tr.student.lr_scheduler).__name__ == "WarmupDecayLR"
+    assert tr.student.lr_scheduler.total_num_steps == 6 and tr.student.lr_scheduler.last_batch_iteration == 5
+    lrs = [r["student_lr"] for r in mate_log(tmp_path / "o")]
+    assert lrs[-1] == pytest.approx(1e-3 * 1 / 4)
