@@ -163,7 +163,7 @@ class MateKD(Method):
                                   f"teacher {embedding_rows(sources[0][2])}") from None
             if own is not None and tokenizer_fingerprint(own) != tokenizer_fingerprint(tok):
                 raise KDError(f"vocabularies differ: the {which}'s tokenizer ({src}, {len(own)} tokens) is not the "
-                              f"teacher's ({n} tokens); MATE-KD needs one vocabulary for all three models")
+                              f"run's ({n} tokens); MATE-KD needs one vocabulary for teacher, student and generator")
         if o.generator_warmup_steps > 0:
             from ..data.corpus import resolve_files
 
