@@ -289,15 +289,9 @@ class MateKD(Method):
         return m, y, substitute(ids, m, y.argmax(-1))
 
     def _generator_logits(self, inputs: dict, m: torch.Tensor) -> torch.Tensor:
-        """The generator's vocabulary logits at the masked positions only ``[K, V]``: its encoder, then its masked-LM
-        head on the masked rows (the head's |V|-wide projection of every position would cost more than the encoder
-        for a small generator). Generators without a known single head module run whole."""
-        model = self.gen.module
-        head = next((getattr(model, n) for n in ("cls", "lm_head") if isinstance(getattr(model, n, None),
-                                                                            torch.nn.Module)), None)
-        if head is None:
-            return self.gen(**inputs).logits[m]
-        return head(model.base_model(**inputs)[0][m])
+        from ..models.generator import masked_lm_logits
+
+        return masked_lm_logits(self.gen.module, m, **inputs)
 
     @staticmethod
     def _extra(model, batch: dict) -> dict:

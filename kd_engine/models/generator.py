@@ -84,9 +84,20 @@ def build_from_teacher(teacher: torch.nn.Module, layers: int) -> torch.nn.Module
     return gen
 
 
+def masked_lm_logits(gen: torch.nn.Module, mask: torch.Tensor, **inputs) -> torch.Tensor:
+    """Vocabulary logits at the masked positions only ``[K, V]``: the encoder, then the masked-LM head on the masked
+    rows (the head's |V|-wide projection of every position costs more than a small generator's encoder). Models
+    without a known single head module (``cls``: BERT, ``lm_head``: RoBERTa) run whole."""
+    head = next((getattr(gen, n) for n in ("cls", "lm_head") if isinstance(getattr(gen, n, None), torch.nn.Module)),
+                None)
+    if head is None:
+        return gen(**inputs).logits[mask]
+    return head(gen.base_model(**inputs)[0][mask])
+
+
 def warmup_mlm(gen: torch.nn.Module, tokenizer, files, steps: int, *, lr: float, batch_size: int, block_size: int,
                mask_prob: float, seed: int, cache_dir: str, rank: int = 0, world_size: int = 1,
-               progress: bool = False) -> list[float]:
+               progress: bool = False, num_workers: Optional[int] = None) -> list[float]:
     """Masked-LM warm-up of ``gen`` in place (plain AdamW, identical on every rank: same seed, same blocks).
 
     Blocks come from the corpus pipeline (``build_or_load`` + ``PackedBlocks``); each step masks ``mask_prob`` of
@@ -95,7 +106,8 @@ def warmup_mlm(gen: torch.nn.Module, tokenizer, files, steps: int, *, lr: float,
     from ..data.corpus import PackedBlocks, build_or_load
     from ..losses.mate_kd import mask_positions
 
-    cache = build_or_load(files, tokenizer, cache_dir, rank=rank, world_size=world_size, progress=progress)
+    cache = build_or_load(files, tokenizer, cache_dir, rank=rank, world_size=world_size, progress=progress,
+                          num_workers=num_workers)
     blocks = PackedBlocks(cache, block_size)
     g = torch.Generator().manual_seed(seed)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -111,11 +123,10 @@ def warmup_mlm(gen: torch.nn.Module, tokenizer, files, steps: int, *, lr: float,
         m = mask_positions(ids, None, special, mask_prob, g)
         if not bool(m.any()):
             continue
-        labels = torch.where(m, ids, torch.full_like(ids, -100))
         inputs = ids.masked_fill(m, tokenizer.mask_token_id)
-        logits = gen(input_ids=inputs.to(device)).logits[..., :vocab]
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), labels.to(device).reshape(-1),
-                                                 ignore_index=-100)
+        m = m.to(device)
+        logits = masked_lm_logits(gen, m, input_ids=inputs.to(device))[:, :vocab]
+        loss = torch.nn.functional.cross_entropy(logits.float(), ids.to(device)[m])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
