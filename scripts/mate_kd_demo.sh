@@ -82,7 +82,7 @@ for p in "${pids[@]}"; do wait "$p" || fail=1; done
 
 # 3. held-out accuracy (binomial std) and agreement with the teacher, one pass per model
 OMP_NUM_THREADS=2 $PY - "$WORK/eval.tsv" "$OUT" "$MAXLEN" "$STEPS" "$MATE_STEPS" "$TEACHER_STEPS" <<'EOF'
-import csv, json, math, os, sys
+import csv, json, math, os, re, sys
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -111,9 +111,11 @@ for base in ("sft", "kd"):
     wins, losses = int((a & ~b).sum()), int((~a & b).sum())
     res["mate_kd"][f"vs_{base}"] = {"mate_only_right": wins, "base_only_right": losses,
                                     "diff": (wins - losses) / n, "paired_std": math.sqrt(wins + losses) / n}
+    a, b = preds["mate_kd"] == preds["teacher"], preds[base] == preds["teacher"]
+    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+    res["mate_kd"][f"agreement_vs_{base}"] = {"mate_only_agrees": wins, "base_only_agrees": losses,
+                                              "diff": (wins - losses) / n, "paired_std": math.sqrt(wins + losses) / n}
 res["setup"] = {"eval_rows": n, "student_steps": steps, "mate_kd_global_steps": mate_steps, "teacher_steps": t_steps}
-os.makedirs("benchmarks/results", exist_ok=True)
-json.dump(res, open("benchmarks/results/mate_kd_sst2.json", "w"), indent=2)
 md = ["# SST-2: sft vs kd vs mate_kd (3-layer students of a fine-tuned all-MiniLM-L6-v2)", "",
       f"`nice -n 5 bash scripts/mate_kd_demo.sh` (settings in the script header; {steps} student steps each, mate_kd "
       f"{mate_steps} global steps incl. generator steps; teacher {t_steps} steps). Held-out: {n} SST-2 rows never "
@@ -123,12 +125,27 @@ for name in ("teacher", "sft", "kd", "mate_kd"):
     r = res[name]
     md.append(f"| {name} | {100 * r['accuracy']:.1f}% | {100 * r['std']:.1f} | {100 * r['agreement']:.1f}% |")
 md.append("")
+log = open(os.path.join(out, "mate_kd.log"), encoding="utf-8", errors="replace").read()
+gen = re.search(r"mate_kd: generator = (.*?); (\d+) generator \+ (\d+) student steps", log)
+warm = re.search(r"generator MLM warm-up: (\d+) steps, loss (\S+) -> (\S+)", log)
+if gen:
+    md += [f"Generator in this run: {gen.group(1)}" + (f" (MLM loss {warm.group(2)} -> {warm.group(3)})" if warm else "")
+           + f"; {gen.group(2)} generator and {gen.group(3)} student steps.", ""]
+    res["setup"]["generator"] = gen.group(1)
 for base in ("sft", "kd"):
     v = res["mate_kd"][f"vs_{base}"]
     inside = abs(v["diff"]) <= 2 * v["paired_std"]
     md.append(f"mate_kd - {base}: {100 * v['diff']:+.1f} points (paired: {v['mate_only_right']} rows only mate_kd "
               f"right, {v['base_only_right']} only {base} right; paired std {100 * v['paired_std']:.1f} points): "
               + ("inside the noise (|diff| <= 2 std)." if inside else "outside 2 std."))
+for base in ("sft", "kd"):
+    v = res["mate_kd"][f"agreement_vs_{base}"]
+    inside = abs(v["diff"]) <= 2 * v["paired_std"]
+    md.append(f"agreement with the teacher, mate_kd - {base}: {100 * v['diff']:+.1f} points ({v['mate_only_agrees']} "
+              f"rows only mate_kd agrees, {v['base_only_agrees']} only {base}; paired std {100 * v['paired_std']:.1f}"
+              " points): " + ("inside the noise (|diff| <= 2 std)." if inside else "outside 2 std."))
+os.makedirs("benchmarks/results", exist_ok=True)
+json.dump(res, open("benchmarks/results/mate_kd_sst2.json", "w"), indent=2)
 open("benchmarks/results/mate_kd_sst2.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 print("results: benchmarks/results/mate_kd_sst2.md, benchmarks/results/mate_kd_sst2.json")
