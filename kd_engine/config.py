@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .io import load_mapping
 
 
 @dataclass
@@ -28,7 +27,7 @@ class StudentConfig:
     hidden: Optional[int] = None  # width; a different width forces random init
     heads: Optional[int] = None
     intermediate: Optional[int] = None  # feed-forward size; defaults to 4 x hidden when hidden changes
-    init: str = "teacher_layers"  # "teacher_layers" (copy alternating teacher layers) or "random"
+    init: str = "auto"  # "teacher_layers" (copy alternating teacher layers), "random", or auto: the method's default
 
 
 @dataclass
@@ -175,24 +174,7 @@ def unknown_key_error(key: str, known: list[str], where: str = "") -> ConfigErro
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {exc}")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    return _flatten_mapping(data)
+    return _flatten_mapping(load_mapping(path, "config file"))
 
 
 # flags the launchers add that are not ours to configure
@@ -281,7 +263,12 @@ def build_config(argv: list[str]) -> ParsedConfig:
         else:
             raise unknown_key_error(key, sorted(train_keys) + sorted(opt_keys) + ["config"],
                                     f" for method '{method_name}'")
+    if train.student.init == "auto":
+        train.student.init = method_cls.default_student_init
     validate_train_config(train)
+    from .data.split import check_data_options
+
+    check_data_options(train, method_name, method_cls.data_options)
     if hasattr(opts, "validate"):
         opts.validate()
     return ParsedConfig(train=train, method_options=opts, method_cls=method_cls,

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from typing import Any
 
 from .batch_geometry import resolve_batch_geometry
 from .errors import ConfigError
+from .io import load_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -17,18 +17,7 @@ DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath
 
 
 def load_ds_config(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"DeepSpeed config not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
-                          f"column {exc.colno}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
-    return cfg
+    return load_mapping(path, "DeepSpeed config")
 
 
 def _is_auto(v: Any) -> bool:
@@ -77,7 +66,7 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, on_cpu: 
             params[k] = v
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     if on_cpu and opt.get("type", "").lower() in ("adam", "adamw") and not offload:
-        # FusedAdam needs a compiled op; torch's AdamW is the right choice on CPU (see deepspeed-on-cpu.md)
+        # FusedAdam is a compiled (CUDA) op; torch's AdamW is the right choice on CPU
         params.setdefault("torch_adam", True)
 
     sched = ds.get("scheduler")

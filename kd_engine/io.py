@@ -32,6 +32,16 @@ def write_text(path: str, text: str) -> None:
         fh.write(text)
 
 
+def fsync_dir(path: str) -> None:
+    """Make a folder's entries (a rename into it, new files) durable; a no-op where folders cannot be fsynced."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str, replace: bool = True, prefix: str | None = None) -> Iterator[str]:
     """Yield a temporary folder next to ``target``; on a clean exit it is renamed to ``target`` (an existing
@@ -40,6 +50,7 @@ def atomic_dir(target: str, replace: bool = True, prefix: str | None = None) -> 
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix or f".tmp-{os.path.basename(target)}-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; what we publish (models, caches) is meant to be shared
     try:
         yield tmp
         if os.path.isdir(target):
@@ -47,7 +58,39 @@ def atomic_dir(target: str, replace: bool = True, prefix: str | None = None) -> 
                 shutil.rmtree(tmp)
                 return
             shutil.rmtree(target)
+        fsync_dir(tmp)
         os.replace(tmp, target)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def load_mapping(path: str, what: str) -> dict:
+    """A JSON (``.json``) or YAML file holding a mapping; one ``ConfigError`` naming ``what`` and the file when it
+    is missing, does not parse, or holds something else (an empty YAML file is an empty mapping)."""
+    import json
+
+    from .errors import ConfigError
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
+            from None
+    except Exception as exc:  # yaml.YAMLError
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys to values")
+    return data

@@ -1,4 +1,4 @@
-"""ANLI -> MiniLLM prompt files in the instruction format of the Flan-T5 ANLI setting (methods.md §3.3).
+"""ANLI -> MiniLLM prompt files in the instruction format of the Flan-T5 ANLI setting (Fabio-Klinge/MiniLLM_Seq2Seq).
 
     python scripts/anli_prompts.py ../shared/data/anli/R1/dev.jsonl ../shared/data/anli/R2/dev.jsonl \
         --out data/anli_prompts.jsonl [--with_reason]

@@ -2,7 +2,7 @@
 # DistilBART-MNLI "shrink and fine-tune" (no teacher), for GPU machines.
 #
 #   1. bart-large-mnli (12 encoder + 12 decoder layers) -> 12-N student: all encoder layers, decoder layers
-#      picked by the methods.md §6 map (12-6: teacher decoder layers 0,2,4,7,9,11), via kd_engine.shrink.
+#      picked by make_student.py's map (12-6: teacher decoder layers 0,2,4,7,9,11), via kd_engine.shrink.
 #   2. Supervised fine-tuning (--method sft: cross-entropy on the MNLI labels) under DeepSpeed ZeRO-2 with the
 #      seed's settings (distilbart-mnli args.json): lr 3e-5, batch 32 x grad accumulation 4, 2 epochs,
 #      warmup 500, max length 128, weight decay 0.01, Adam beta2 0.98, encoder and embeddings frozen.

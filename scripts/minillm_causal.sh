@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MiniLLM for causal LMs with the reference GPT-2 settings (microsoft/LMOps minillm scripts, methods.md §3.2):
+# MiniLLM for causal LMs with the reference GPT-2 settings (microsoft/LMOps minillm scripts):
 # lr 5e-6, ppo_epochs 4, alpha 0.2, gamma 0.95, PPO clip 0.2, reward scaling 0.5, reward clip 100, length norm,
 # single-step term on, pretraining batch with kd_ratio 0.5, prompts <= 256 tokens, <= 256 new tokens, AdamW.
 #   TEACHER=path STUDENT=path TRAIN=prompts.jsonl PT=corpus.txt bash scripts/minillm_causal.sh [more options]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# MiniLLM on Flan-T5 + ANLI with the seed's setting (Fabio-Klinge/MiniLLM_Seq2Seq train_large_large.sh, methods.md
-# §3.3): lr 7e-5, batch 12 x grad_acc 6, ZeRO-2, fp32, 100 steps, ppo_epochs 2, 32 rollouts, alpha 0.2, reward
+# MiniLLM on Flan-T5 + ANLI with the seed's setting (Fabio-Klinge/MiniLLM_Seq2Seq train_large_large.sh):
+# lr 7e-5, batch 12 x grad_acc 6, ZeRO-2, fp32, 100 steps, ppo_epochs 2, 32 rollouts, alpha 0.2, reward
 # scaling 0.5, reward clip 100, length norm, kd_ratio 0.5, prompts <= 180 tokens, <= 180 new tokens, no single-step
 # term (the seed ran without --single-step-reg; pass --single_step_reg true for the paper's estimator).
 #   TEACHER=google/flan-t5-xl STUDENT=google/flan-t5-small bash scripts/minillm_flan_t5_anli.sh [--pt_file F ...]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MiniLMv2 (self-attention relation distillation) with the bloomberg run.sh settings (methods.md §2.3):
+# MiniLMv2 (self-attention relation distillation) with the bloomberg run.sh settings (bloomberg/minilmv2.bb run.sh):
 # teacher bert-base-uncased (last layer), 6L x 384H x 12-head student initialised at random, 48 relation heads,
 # lr 6e-4, 4000 warmup steps, 400k steps, batch 256 per device, AdamW eps 1e-6, wd 0.01, sequences of 512 tokens
 # (PaddleNLP uses 128), raw-text corpus packed into blocks. The only signal is the Q-Q + K-K + V-V relation KL.
@@ -26,7 +26,7 @@ ARGS=(--method minilmv2 --teacher "$TEACHER" --train_file "$TRAIN" --deepspeed "
       --student.init random --relation_heads "${RELATION_HEADS:-48}"
       --learning_rate "${LR:-6e-4}" --warmup_steps "${WARMUP:-4000}" --max_steps "${STEPS:-400000}"
       --per_device_train_batch_size "$BATCH" --max_length "${MAX_LENGTH:-512}"
-      --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-6 --weight_decay 0.01 --pack_blocks true)
+      --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-6 --weight_decay 0.01 --blocks packed)
 [ -n "${TEACHER_LAYER:-}" ] && ARGS+=(--teacher_layer "$TEACHER_LAYER")
 if [ "$GPU" = 1 ]; then
   NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}

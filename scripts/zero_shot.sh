@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Zero-shot classifier distillation (methods.md §5): a zero-shot teacher labels unlabeled text once (sharded over
-# the ranks, cached, resumable), a small K-way classifier learns its soft labels.
+# Zero-shot classifier distillation (HF zero-shot-distillation example): a zero-shot teacher labels unlabeled text
+# once (sharded over the ranks, cached, resumable), a small K-way classifier learns its soft labels.
 #
 # Defaults reproduce the AG News setup offline on this project's machines: embedding teacher all-MiniLM-L6-v2
 # (offline:all-minilm-l6-v2), the seed's class names and template, a 2-layer student built from the teacher's

@@ -56,6 +56,8 @@ def test_relation_loss_falls_and_student_exports(assets, tmp_path):
     losses = _losses(out)
     assert len(losses) == 8 and all(x == x and x >= 0 for x in losses)
     assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses  # the relation loss falls
+    rows = [json.loads(line) for line in open(out / "train_log.jsonl") if '"train"' in line]
+    assert all(r["teacher_ms"] > 0 for r in rows)  # the Q/K/V teacher pass (ctx.teacher_hooks) is timed
     from transformers import AutoModel
 
     student = AutoModel.from_pretrained(str(out / "final"))

@@ -1,7 +1,6 @@
 """The plugin API carries methods with their own step structure and extra trainable engines (MATE-KD-like):
 a toy method with a generator engine and alternating generator/student steps, checkpointed and resumed exactly."""
 import json
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -128,3 +127,21 @@ def test_context_offers_exactly_the_documented_members():
     assert public == {"cfg", "opts", "tokenizer", "device", "rank", "world_size", "is_main", "student",
                       "next_batch", "teacher_forward", "teacher_hooks", "teacher_module", "accumulate",
                       "student_step", "add_engine", "frozen", "log_scalars", "global_step", "total_steps"}
+
+
+def test_eval_on_start_is_an_engine_option_for_every_method():
+    from kd_engine.methods import method_names
+
+    for name in method_names():
+        assert build_config(["--method", name, "--eval_on_start"]).train.eval_on_start
+    assert build_config(["--method", "sft", "--eval_before_training", "true"]).train.eval_on_start  # old name
+
+
+def test_perplexity_comes_from_the_loss_the_method_names():
+    import math
+
+    from kd_engine.engine.trainer import perplexities
+
+    got = perplexities({"nll": 2.0, "teacher_nll": 1.0, "lm_loss": 5.0}, "nll")
+    assert got == {"perplexity": math.exp(2.0), "teacher_perplexity": math.exp(1.0)}
+    assert perplexities({"lm_loss": 5.0}, None) == {}  # no LM loss named: no perplexity

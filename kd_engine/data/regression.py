@@ -10,9 +10,10 @@ import math
 
 from ..dist import main_process_first
 from ..errors import KDError
-from ..methods.base import DataBundle
+from .bundle import DataBundle
 from .collate import PadCollator
 from .files import load_table, require_columns
+from .split import split_rows
 from .tokenize import _is_blank, tokenize_dataset
 
 
@@ -30,15 +31,13 @@ def _scores(ds, column: str, name: str) -> list[float]:
     return out
 
 
-def _encode(ds, cfg, tokenizer, name: str, limit):
+def _encode(ds, cfg, tokenizer, name: str):
     from .supervised import _cache_dir
 
     text_cols = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
     require_columns(ds, text_cols + [cfg.label_column], name)
     key = hashlib.sha256(f"{ds._fingerprint}-regression-nonblank-{text_cols}".encode()).hexdigest()[:32]
     ds = ds.filter(lambda r: not any(_is_blank(r[c]) for c in text_cols), new_fingerprint=key)
-    if limit is not None and limit < len(ds):
-        ds = ds.select(range(limit))
     if len(ds) == 0:
         raise KDError(f"{name}: no rows with text")
     scores = _scores(ds, cfg.label_column, name)
@@ -48,19 +47,22 @@ def _encode(ds, cfg, tokenizer, name: str, limit):
 
 
 def build_regression_data(cfg, tokenizer) -> DataBundle:
+    """Train / eval rows by the one split rule (``data/split.py``), then scores + tokens per split."""
+    from .supervised import _take
+
     if not cfg.train_file:
         raise KDError("no training data: pass --train_file PATH")
     if not cfg.label_column:
         raise KDError("regression needs --label_column (the column holding the scores)")
     train_raw = load_table(cfg.train_file)
     eval_raw = load_table(cfg.eval_file, split="validation") if cfg.eval_file else None
-    if eval_raw is None and cfg.eval_split > 0:
-        parts = train_raw.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
-        train_raw, eval_raw = parts["train"], parts["test"]
+    rows = split_rows(cfg, len(train_raw), len(eval_raw) if eval_raw is not None else None)
+    if rows.eval is not None:
+        eval_raw = _take(train_raw if rows.held_out else eval_raw, rows.eval)
+    train_raw = _take(train_raw, rows.train)
     with main_process_first():  # rank 0 tokenizes into the cache, the other ranks load it
-        train = _encode(train_raw, cfg, tokenizer, cfg.train_file, cfg.max_train_samples)
-        ev = _encode(eval_raw, cfg, tokenizer, cfg.eval_file or cfg.train_file, cfg.max_eval_samples) \
-            if eval_raw is not None else None
+        train = _encode(train_raw, cfg, tokenizer, cfg.train_file)
+        ev = _encode(eval_raw, cfg, tokenizer, cfg.eval_file or cfg.train_file) if eval_raw is not None else None
     return DataBundle(train=train, eval=ev, collate_fn=PadCollator(tokenizer.pad_token_id, padding_side="right"),
                       train_lengths=list(train["length"]),
                       info={"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0})

@@ -17,6 +17,7 @@ from ..paths import cache_dir
 from .bundle import DataBundle
 from .collate import PadCollator
 from .files import load_table, require_columns
+from .split import split_rows
 from .tokenize import tokenize_dataset
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ def _cache_dir() -> str:
     return cache_dir("tokenized")
 
 
-def _limit(ds, n: Optional[int]):
-    return ds.select(range(min(n, len(ds)))) if n is not None and n < len(ds) else ds
+def _take(ds, idx: list[int]):
+    return ds if idx == list(range(len(ds))) else ds.select(idx)
 
 
 def _pair_encode(ds, tokenizer, cfg, task: str, name: str):
@@ -82,15 +83,15 @@ def build_supervised_data(cfg, tokenizer, task: str, label2id: Optional[dict] = 
         raise KDError("classification needs --label_column (the column holding the labels)")
     train_raw = load_table(cfg.train_file)
     eval_raw = load_table(cfg.eval_file, split="validation") if cfg.eval_file else None
-    if eval_raw is None and cfg.eval_split > 0:
-        parts = train_raw.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
-        train_raw, eval_raw = parts["train"], parts["test"]
-    train_raw = _limit(train_raw, cfg.max_train_samples)
+    rows = split_rows(cfg, len(train_raw), len(eval_raw) if eval_raw is not None else None)
+    if rows.eval is not None:
+        eval_raw = _take(train_raw if rows.held_out else eval_raw, rows.eval)
+    train_raw = _take(train_raw, rows.train)
     ev = None
     with main_process_first():  # rank 0 tokenizes into the cache, the other ranks load it
         train = _tokenize(train_raw, tokenizer, cfg, task, label2id, cfg.train_file)
         if eval_raw is not None:
-            ev = _tokenize(_limit(eval_raw, cfg.max_eval_samples), tokenizer, cfg, task, label2id,
+            ev = _tokenize(eval_raw, tokenizer, cfg, task, label2id,
                            cfg.eval_file or f"{cfg.train_file} (held-out {cfg.eval_split:.0%})")
     collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
     return DataBundle(train=train, eval=ev, collate_fn=collate, train_lengths=train.with_format("arrow")["length"].to_pylist(),

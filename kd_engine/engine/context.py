@@ -27,7 +27,7 @@ reads configuration, runs the teacher and the student through these calls, and r
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar, Union
 
 import torch
 
@@ -37,6 +37,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LossTerms = dict[str, torch.Tensor]
 Compute = Callable[[], Union[LossTerms, tuple[LossTerms, dict[str, Any]]]]
+T = TypeVar("T")
+
+
+class _Read(Generic[T]):
+    """A read-only member of ``Context``: the trainer's attribute ``attr`` (typed ``T``)."""
+
+    def __init__(self, attr: str):
+        self.attr = attr
+
+    def __get__(self, ctx: Optional["Context"], owner: Any = None) -> T:
+        if ctx is None:
+            return self  # type: ignore[return-value]  (class access: the descriptor itself)
+        return getattr(ctx._trainer, self.attr)
 
 
 class Context:
@@ -47,52 +60,23 @@ class Context:
     def __init__(self, trainer: "Trainer"):
         self._trainer = trainer
 
-    # ---- configuration and placement ---------------------------------------------------------------------
-    @property
-    def cfg(self) -> "TrainConfig":
-        return self._trainer.cfg
-
-    @property
-    def opts(self) -> Any:
-        return self._trainer.opts
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._trainer.tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return self._trainer.device
-
-    @property
-    def rank(self) -> int:
-        return self._trainer.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._trainer.world_size
+    # ---- configuration and placement (read-only) ---------------------------------------------------------
+    cfg: _Read["TrainConfig"] = _Read("cfg")
+    opts: _Read[Any] = _Read("opts")  # the method's Options dataclass instance
+    tokenizer: _Read[Any] = _Read("tokenizer")
+    device: _Read[torch.device] = _Read("device")
+    rank: _Read[int] = _Read("rank")
+    world_size: _Read[int] = _Read("world_size")
+    global_step: _Read[int] = _Read("global_step")  # optimizer steps done so far
+    total_steps: _Read[int] = _Read("total_steps")  # global steps this run takes (per-model LR schedules size from it)
 
     @property
     def is_main(self) -> bool:
         return self._trainer.rank == 0
 
-    @property
-    def global_step(self) -> int:
-        return self._trainer.global_step
-
-    @property
-    def total_steps(self) -> int:
-        """Global steps this run will take (``--max_steps``, or epochs x optimizer steps per epoch)."""
-        return self._trainer.total_steps
-
     # ---- models ------------------------------------------------------------------------------------------
-    @property
-    def student(self) -> Any:
-        return self._trainer.student
-
-    @property
-    def teacher_module(self) -> Optional[torch.nn.Module]:
-        return self._trainer.teacher_model
+    student: _Read[Any] = _Read("student")  # the student's DeepSpeed engine
+    teacher_module: _Read[Optional[torch.nn.Module]] = _Read("teacher_model")  # None without a teacher
 
     def teacher_forward(self, grad: bool = False, **inputs) -> Any:
         return self._trainer.teacher_forward(grad=grad, **inputs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Optional
 
 logger = logging.getLogger("kd_engine")
@@ -21,7 +20,6 @@ class Monitor:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-        self._last = time.perf_counter()
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         """Write scalars to TensorBoard (rank 0, via the DeepSpeed monitor) and the JSONL log."""

@@ -26,6 +26,7 @@ from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, 
     zero_stage
 from ..errors import KDError
 from ..models.loading import check_same_vocab, load_tokenizer
+from ..models.modes import eval_mode
 from . import checkpoint
 from .context import Compute, Context
 from .export import count_params, export_student
@@ -284,24 +285,17 @@ class Trainer:
         bs = self.cfg.per_device_eval_batch_size
         mine = list(range(self.rank, n, self.world_size))
         sums: dict[str, tuple[float, float]] = {}
-        for model in [e.module for e in self.engines.values()]:
-            model.eval()
         # every rank runs the same number of batches (collectives inside ZeRO-3 forwards must match)
         n_batches = math.ceil(math.ceil(n / self.world_size) / bs)
-        for b in range(n_batches):
-            idx = mine[b * bs:(b + 1) * bs]
-            real = len(idx) > 0
-            batch = to_device(self.collate(self.data.eval, idx if real else [0]), self.device)
-            out = self.method.eval_step(self.ctx, batch)
-            if real:
+        with eval_mode(*[e.module for e in self.engines.values()]):
+            for b in range(n_batches):
+                idx = mine[b * bs:(b + 1) * bs]
+                real = len(idx) > 0
+                batch = to_device(self.collate(self.data.eval, idx if real else [0]), self.device)
+                out = self.method.eval_step(self.ctx, batch)
                 for k, (s, c) in out.items():
                     s0, c0 = sums.get(k, (0.0, 0.0))
-                    sums[k] = (s0 + float(s), c0 + float(c))
-            else:
-                for k in out:
-                    sums.setdefault(k, (0.0, 0.0))
-        for e in self.engines.values():
-            e.module.train()
+                    sums[k] = (s0 + float(s), c0 + float(c)) if real else (s0, c0)
         sums = dist.all_reduce_sums(sums)
         metrics = {k: s / c for k, (s, c) in sums.items() if c > 0}
         metrics.update(perplexities(metrics, self.method.lm_loss_key))

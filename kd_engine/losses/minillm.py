@@ -7,17 +7,18 @@ reductions are ``sum(x * mask) / max(sum(mask), 1)``, so an all-masked batch giv
 log-softmax / KL arithmetic runs in fp32. ``inf_mask`` (bool ``[B, T, V]``) marks vocabulary entries removed by
 top-k / top-p at sampling time; those entries get -inf logits and are zeroed before any ``p * log q`` product.
 
-Where we follow the paper (methods.md §3.1) and where the reference code ``microsoft/LMOps`` (§3.2):
-- rewards r_t = log p - log q, divided by reward_scaling and clipped: reference code (§3.2 rollout step 5).
+Where we follow the paper (Gu et al., ICLR 2024) and where the reference code ``microsoft/LMOps/minillm``:
+- rewards r_t = log p - log q, divided by reward_scaling and clipped: reference code (``reward.py``, rollout phase).
 - advantages: discounted (gamma) sum that INCLUDES r_t, divided by #valid tokens from t to the end: reference code
-  (§3.2 optimisation step 2); ``include_current=False, gamma=1, length_norm=False`` gives the paper's R_{t+1}.
+  (``losses.py``); ``include_current=False, gamma=1, length_norm=False`` gives the paper's R_{t+1}.
 - whitening: reference code, except that we whiten over real tokens only (masked) where the reference also
   counts padded positions.
-- PPO clipped loss with the importance weight inside the ratio: reference code (§3.2 step 3).
+- PPO clipped loss with the importance weight inside the ratio: reference code (``losses.py``).
 - single-step term = exact per-token KL(q || p) over V, gradient through the student only: paper (a) and code.
 - importance weight w_t = q / (alpha p + (1 - alpha) q) per token: paper (b) approximation, as in the code.
-- pretraining loss (1 - kd_ratio) LM + kd_ratio softCE(teacher) with -inf masking: reference code (§3.2 step 5).
-- k3 estimator exp(d) - 1 - d of the reverse KL for logging: reference code (§3.2 rollout step 6).
+- pretraining loss (1 - kd_ratio) LM + kd_ratio softCE(teacher) with -inf masking: reference code (``losses.py``,
+  the pt term).
+- k3 estimator exp(d) - 1 - d of the reverse KL for logging: reference code (``sampler.py``, rollout phase).
 """
 from __future__ import annotations
 
@@ -66,13 +67,8 @@ def log_softmax_fp32(
     return F.log_softmax(logits, dim=-1)
 
 
-def token_logprobs(
-    logits: torch.Tensor,
-    tokens: torch.Tensor,
-    mask: torch.Tensor,
-    vocab_size: Optional[int] = None,
-    inf_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, vocab_size: Optional[int] = None,
+                   inf_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """log q(y_t) of the given tokens ``[B, T]``; 0 at masked positions (their tokens may be anything, e.g. pad)."""
     logp = log_softmax_fp32(logits, vocab_size, inf_mask)
     valid = mask.bool()
@@ -182,13 +178,8 @@ def ppo_policy_loss(
     return loss, stats
 
 
-def single_step_reverse_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    mask: torch.Tensor,
-    vocab_size: Optional[int] = None,
-    inf_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def single_step_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                           vocab_size: Optional[int] = None, inf_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Token mean of the exact KL(q_t || p_t) = sum_v q (log q - log p); gradient through the student only.
 
     Entries that are -inf for either model (or in ``inf_mask``) contribute 0 (no 0 * -inf = NaN).

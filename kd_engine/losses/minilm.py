@@ -1,4 +1,5 @@
-"""MiniLMv2 self-attention relation loss (methods.md §2.1), as pure functions of tensors.
+"""MiniLMv2 self-attention relation loss (Wang et al. 2021; reference code bloomberg/minilmv2.bb), as pure
+functions of tensors.
 
 For each pair (a, b) in {(Q,Q), (K,K), (V,V)} the concatenated-head tensors ``(B, n, d_h)`` are re-split into
 ``A_r`` relation heads of width ``d_r = d_h / A_r`` (teacher and student each with their own ``d_r``), and
@@ -172,7 +173,8 @@ def relation_kl(
     num_relation_heads: int,
     chunk_size: ChunkSize = None,
 ) -> torch.Tensor:
-    """KL(teacher relation || student relation) for one (a, b) pair, averaged as in methods.md §2.1 item 5.
+    """KL(teacher relation || student relation) for one (a, b) pair, averaged as in the reference code
+    (bloomberg/minilmv2.bb, ``minilmv2.py``).
 
     ``t_*``: teacher ``(B, n, d_t)``; ``s_*``: student ``(B, n, d_s)``; ``attention_mask``: ``(B, n)`` (1 = real
     token, any padding side) or None. ``chunk_size``: (batch x relation head) pairs per chunk, ``"auto"``, or

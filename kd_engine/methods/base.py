@@ -31,6 +31,7 @@ from typing import ClassVar, Optional
 import torch
 
 from ..data.bundle import DataBundle  # noqa: F401  (plugins import it from here)
+from ..data.split import DATA_OPTIONS
 
 
 @dataclass
@@ -48,6 +49,11 @@ class Method:
     requires_same_vocab: ClassVar[bool] = True
     # the evaluation metric that is a mean token cross-entropy: the engine reports exp(it) as perplexity
     lm_loss_key: ClassVar[Optional[str]] = None
+    # how a student built from the teacher is initialised unless --student.init says otherwise
+    default_student_init: ClassVar[str] = "teacher_layers"
+    # the data options this method's build_data honours, by the rule of kd_engine/data/split.py (split_rows);
+    # using any other one is a configuration error, never silently ignored
+    data_options: ClassVar[tuple[str, ...]] = DATA_OPTIONS
 
     def __init__(self, cfg, opts):
         self.cfg = cfg

@@ -11,8 +11,9 @@ import torch
 
 from ..data.supervised import build_supervised_data
 from ..errors import ConfigError
-from ..losses.kd import hard_cross_entropy, kl_div_rows, logit_kd_loss, shift_for_causal_lm
+from ..losses.kd import logit_kd_loss
 from ..models.build import load_or_build_student, load_teacher_model, resolve_task
+from ._supervised import aligned_logits, evaluation_metrics, model_inputs, seq2seq_inputs
 from .base import DataBundle, Method, register
 
 
@@ -27,27 +28,6 @@ class KDOptions:
             raise ConfigError(f"temperature must be > 0; got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1]; got {self.alpha}")
-
-
-def aligned_logits(task: str, logits: torch.Tensor, labels: torch.Tensor):
-    """Logit rows and the labels they predict (causal LMs predict the next token)."""
-    if task == "causal_lm":
-        return shift_for_causal_lm(logits, labels)
-    return logits, labels
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids",
-                                                     "decoder_input_ids", "decoder_attention_mask")}
-
-
-def seq2seq_inputs(model, batch: dict) -> dict:
-    """Decoder inputs from the labels, start token once (``prepare_decoder_input_ids_from_labels``)."""
-    inputs = model_inputs(batch)
-    if "labels" in batch and "decoder_input_ids" not in inputs:
-        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-        inputs["decoder_attention_mask"] = (batch["labels"] != -100).long()
-    return inputs
 
 
 @register("kd")
@@ -108,23 +88,3 @@ class LogitKD(Method):
 
     def card_info(self):
         return {"task": self._task(), "temperature": self.opts.temperature, "alpha": self.opts.alpha}
-
-
-def evaluation_metrics(task, s, t, labels, vocab_size, temperature) -> dict:
-    """Student loss, accuracy and agreement with the teacher, as (sum, count) pairs over real rows."""
-    mask = labels != -100
-    n = float(mask.sum())
-    if n == 0:
-        return {}
-    s_v = s[..., :vocab_size] if vocab_size else s
-    pred = s_v.argmax(-1)
-    loss_key = "lm_loss" if task != "sequence_classification" else "ce_loss"
-    out = {loss_key: (float(hard_cross_entropy(s, labels, vocab_size)) * n, n),
-           "accuracy": (float(((pred == labels) & mask).sum()), n)}
-    if t is not None:
-        t_v = t[..., :vocab_size] if vocab_size else t
-        out["teacher_agreement"] = (float(((pred == t_v.argmax(-1)) & mask).sum()), n)
-        out["kd_kl"] = (float(kl_div_rows(s, t, temperature, mask, vocab_size)) * n, n)
-        out["teacher_accuracy"] = (float(((t_v.argmax(-1) == labels) & mask).sum()), n)
-        out["teacher_" + loss_key] = (float(hard_cross_entropy(t, labels, vocab_size)) * n, n)
-    return out

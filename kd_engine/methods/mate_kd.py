@@ -32,7 +32,7 @@ from ..losses.mate_kd import (DIVERGENCES, changed_fraction, divergence, gumbel_
                               perturbed_embeddings, position_ids_for, substitute, supervised_loss)
 from ..models.build import load_or_build_student, load_teacher_model
 from .base import DataBundle, Method, register
-from .kd import evaluation_metrics
+from ._supervised import evaluation_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,8 @@ class MateKDOptions:
             raise ConfigError("w_ce, w_adv and w_kd are all 0: the student would learn nothing")
         if self.divergence not in ("auto",) + DIVERGENCES:
             raise ConfigError(f"divergence must be auto, {', '.join(DIVERGENCES)}; got '{self.divergence}'")
-        g = self.generator
-        if (g.name_or_path is None) == (g.layers is None):
-            raise ConfigError("pass exactly one of --generator PATH_OR_ID (a masked LM) or --generator.layers N "
-                              "(built from the teacher's first N layers)")
-        if g.layers is not None and g.layers < 1:
-            raise ConfigError(f"generator.layers must be >= 1; got {g.layers}")
+        if self.generator.layers is not None and self.generator.layers < 1:
+            raise ConfigError(f"generator.layers must be >= 1; got {self.generator.layers}")
         if self.generator_warmup_steps < 0:
             raise ConfigError(f"generator_warmup_steps must be >= 0; got {self.generator_warmup_steps}")
         if self.generator_warmup_steps > 0 and not self.generator_corpus:
@@ -130,6 +126,9 @@ class MateKD(Method):
         from ..models.loading import load_config, load_tokenizer, tokenizer_fingerprint
 
         o, cfg = self.opts, self.cfg
+        if (o.generator.name_or_path is None) == (o.generator.layers is None):
+            raise ConfigError("pass exactly one of --generator PATH_OR_ID (a masked LM) or --generator.layers N "
+                              "(built from the teacher's first N layers)")
         if not cfg.teacher:
             raise KDError("mate_kd needs a teacher: pass --teacher PATH_OR_ID (a sequence classifier)")
         if o.w_ce > 0 and not cfg.label_column:

@@ -7,7 +7,7 @@ Every round the student samples responses to ``num_rollouts`` prompts per rank w
 micro-batch, the PPO-clipped policy loss ``pg`` (importance weight inside the ratio), the single-step exact
 per-token reverse KL ``reg`` and, with ``--pt_file``, the pretraining loss ``pt`` (LM mixed with forward KD,
 ``kd_ratio``) on a separate corpus batch. Equations and which parts follow the paper vs the reference code:
-``kd_engine/losses/minillm.py`` and methods.md §3.
+``kd_engine/losses/minillm.py``.
 
 Data: ``--train_file`` rows with the prompt in ``--text_column``; prompts longer than ``max_prompt_length``
 tokens are truncated from the LEFT (the instruction's end is kept) and counted. ``--pt_file`` is plain text: LM
@@ -28,77 +28,23 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ..data.collate import PadCollator, to_device
 from ..data.rollout_buffer import RolloutBuffer
 from ..data.span_corruption import sentinel_ids, span_corrupt
+from ..data.split import split_rows
 from ..errors import ConfigError, KDError
 from ..losses import minillm as L
 from ..models.build import load_or_build_student, load_teacher_model, resolve_task
+from ..models.modes import eval_mode
 from ..models.response_logits import response_logits
 from ..models.sampling import mixed_sample
+from ._minillm_options import MiniLLMOptions, first_word
 from .base import DataBundle, Method, register
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class MiniLLMOptions:
-    task: str = "auto"  # auto | causal_lm | seq2seq_lm
-    teacher_mixed_alpha: float = 0.2
-    ppo_epochs: int = 4
-    num_rollouts: int = 64  # prompts per rollout round on each rank (reference: 256 over 16 GPUs)
-    max_prompt_length: int = 256
-    max_new_tokens: int = 256
-    gen_temperature: float = 1.0
-    gen_top_k: int = 0
-    gen_top_p: float = 1.0
-    gamma: float = 0.95
-    cliprange: float = 0.2
-    reward_scaling: float = 0.5
-    cliprange_reward: float = 100.0
-    length_norm: bool = True
-    whiten_advantages: bool = True
-    single_step_reg: bool = True
-    pt_file: Optional[str] = None  # pretraining corpus (plain text); None: no pt term
-    pt_text_column: str = "text"
-    pt_max_length: int = 512
-    pt_objective: str = "auto"  # encoder-decoder: span_corruption | prefix_lm | auto (span corruption when the
-    # tokenizer has <extra_id_*> sentinels); causal LMs: the LM loss (auto / lm)
-    pt_noise_density: float = 0.15  # span corruption: share of corrupted tokens (T5)
-    pt_mean_span_length: float = 3.0  # span corruption: mean corrupted span length (T5)
-    kd_ratio: float = 0.5
-    lm_coef: float = 1.0
-    answer_max_tokens: int = 8  # eval: greedy answer length for answer accuracy / teacher agreement
-
-    def validate(self) -> None:
-        if not 0.0 <= self.teacher_mixed_alpha <= 1.0:
-            raise ConfigError(f"teacher_mixed_alpha must be in [0, 1]; got {self.teacher_mixed_alpha}")
-        for k in ("ppo_epochs", "num_rollouts", "max_prompt_length", "max_new_tokens", "pt_max_length",
-                  "answer_max_tokens"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{k} must be >= 1; got {getattr(self, k)}")
-        if self.reward_scaling <= 0 or self.cliprange <= 0 or self.gen_temperature <= 0:
-            raise ConfigError("reward_scaling, cliprange and gen_temperature must be > 0")
-        if not 0.0 <= self.kd_ratio <= 1.0:
-            raise ConfigError(f"kd_ratio must be in [0, 1]; got {self.kd_ratio}")
-        if self.pt_objective not in ("auto", "lm", "span_corruption", "prefix_lm"):
-            raise ConfigError(f"pt_objective must be auto, lm, span_corruption or prefix_lm; got {self.pt_objective!r}")
-        if not 0.0 < self.pt_noise_density < 1.0 or self.pt_mean_span_length < 1.0:
-            raise ConfigError("pt_noise_density must be in (0, 1) and pt_mean_span_length >= 1")
-        if not 0.0 < self.gen_top_p <= 1.0 or self.gen_top_k < 0:
-            raise ConfigError("gen_top_p must be in (0, 1] and gen_top_k >= 0")
-
-
-def first_word(text: str) -> str:
-    """Lower-cased first run of letters (``"\\n Contradiction. Because"`` -> ``"contradiction"``); '' if none."""
-    m = re.search(r"[a-z]+", text.lower())
-    return m.group(0) if m else ""
 
 
 @register("minillm")
@@ -144,12 +90,9 @@ class MiniLLM(Method):
         self.vocab_size = len(ctx.tokenizer)
         return student
 
-    def _prompt_dataset(self, path: str, ctx, split: str, max_rows, with_targets: bool = False):
-        from ..data.files import load_table, require_columns
+    def _prompt_dataset(self, ds, path: str, ctx, with_targets: bool = False):
+        from ..data.files import require_columns
 
-        ds = load_table(path, split=split)
-        if max_rows is not None and max_rows < len(ds):
-            ds = ds.select(range(max_rows))
         tgt_col = self.cfg.target_column if with_targets and self.cfg.target_column in ds.column_names else None
         require_columns(ds, [self.cfg.text_column], path)
         tok, limit = ctx.tokenizer, self.opts.max_prompt_length
@@ -170,10 +113,17 @@ class MiniLLM(Method):
     def build_data(self, ctx) -> DataBundle:
         if not self.cfg.train_file:
             raise KDError("minillm needs prompts: pass --train_file (one prompt per row in --text_column)")
-        train, n_trunc = self._prompt_dataset(self.cfg.train_file, ctx, "train", self.cfg.max_train_samples)
-        ev, ev_trunc = (self._prompt_dataset(self.cfg.eval_file, ctx, "validation", self.cfg.max_eval_samples, True)
-                        if self.cfg.eval_file
-                        else (None, 0))
+        from ..data.files import load_table
+
+        cfg = self.cfg
+        train_ds = load_table(cfg.train_file, split="train")
+        eval_ds = load_table(cfg.eval_file, split="validation") if cfg.eval_file else None
+        rows = split_rows(cfg, len(train_ds), len(eval_ds) if eval_ds is not None else None)
+        ev, ev_trunc = None, 0
+        if rows.eval is not None:
+            src, src_path = (train_ds, cfg.train_file) if rows.held_out else (eval_ds, cfg.eval_file)
+            ev, ev_trunc = self._prompt_dataset(src.select(rows.eval), src_path, ctx, True)
+        train, n_trunc = self._prompt_dataset(train_ds.select(rows.train), cfg.train_file, ctx)
         if n_trunc or ev_trunc:
             logger.warning(
                 "minillm: %d training and %d eval prompts longer than max_prompt_length=%d were truncated from the "
@@ -348,14 +298,10 @@ class MiniLLM(Method):
         return {"pt": self.opts.lm_coef * out["pt"]}, {"pt_lm": out["lm"], "pt_kd": out["kd"]}
 
     def train_step(self, ctx) -> dict[str, float]:
-        module = ctx.student.module
-        was_training = module.training
-        module.eval()  # dropout off for the whole RL step (reference: the policy runs in eval mode), so that the
-        # first minibatch of a fresh buffer recomputes exactly the rollout's log q (ratio == w)
-        try:
+        # dropout off for the whole RL step (reference: the policy runs in eval mode), so that the first minibatch
+        # of a fresh buffer recomputes exactly the rollout's log q (ratio == w)
+        with eval_mode(ctx.student.module):
             totals = ctx.accumulate(lambda: self._micro_step(ctx))
-        finally:
-            module.train(was_training)
         totals.update(self.round_stats)
         return totals
 

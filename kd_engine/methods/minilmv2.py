@@ -1,13 +1,16 @@
 """MiniLMv2 (Wang et al. 2021): distil self-attention relations (Q-Q, K-K, V-V) on a raw-text corpus.
 
-methods.md §2: teacher layer L (default: the last layer), student last layer; Q/K/V of each re-split into
+Teacher layer L (default: the last layer for teachers of up to 12 layers; for deeper ones the paper's upper-middle
+choice, 7/8 of the depth: layer 21 of BERT-large's 24), student last layer; Q/K/V of each re-split into
 ``relation_heads`` relation heads; KL(teacher relation || student relation) per row, averaged over real tokens.
 The loss is the only training signal (no MLM). Teacher and student are encoders loaded with ``AutoModel``;
-the student is built from the teacher (``--student.layers 6 --student.hidden 384``: random init when the width
-changes, as the reference code; teacher layers copied when it does not) or loaded (``--student PATH``). The
-corpus (``--train_file``: text / jsonl / WikiExtractor files, directories or globs) is tokenized once into a
-memory-mapped cache and served as packed ``max_length`` blocks (default) or one truncated document per example
-with dynamic padding, as the reference code (``--pack_blocks false``).
+the student is built from the teacher, randomly initialised by default as in the paper and the reference code
+(bloomberg/minilmv2.bb; ``--student.init teacher_layers`` copies teacher layers instead, possible only at the
+teacher's width), or loaded (``--student PATH``). The corpus (``--train_file``: text / jsonl / WikiExtractor files,
+directories or globs) is tokenized once into a memory-mapped cache and served as ``--blocks``: ``packed``
+``max_length`` blocks of the token stream (default), ``documents`` (every document in ``max_length`` blocks, none
+crossing a document boundary) or ``truncated`` (one document per example cut at ``max_length``: what the paper's
+reference code does).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 
 from .. import paths
 from ..data.collate import PadCollator
-from ..data.corpus import FORMATS, DocumentBlocks, PackedBlocks, build_or_load
+from ..data.corpus import FORMATS, DocumentBlocks, DocumentChunks, PackedBlocks, build_or_load
+from ..data.split import split_rows
 from ..errors import ConfigError, KDError
 from ..losses.minilm import minilm_v2_loss
 from ..models.build import load_or_build_student, load_teacher_model
@@ -30,19 +34,30 @@ from .base import DataBundle, Method, register
 logger = logging.getLogger(__name__)
 
 
+BLOCKS = ("packed", "documents", "truncated")
+
+
+def default_teacher_layer(num_layers: int) -> int:
+    """1-based teacher layer: the last for teachers of up to 12 layers (the reference recipe for base models);
+    for deeper ones the paper's upper-middle layer, 7/8 of the depth (21 of 24 for BERT-large)."""
+    return num_layers if num_layers <= 12 else round(num_layers * 7 / 8)
+
+
 @dataclass
 class MiniLMv2Options:
     relation_heads: int = 48  # A_r: must divide the Q/K/V width of teacher and student (48 base, 64 large)
-    teacher_layer: Optional[int] = None  # 1-based as in the paper (12 = last of BERT-base); None = last layer
+    teacher_layer: Optional[int] = None  # 1-based as in the paper; None: last layer (<= 12), else 7/8 of the depth
     qq_weight: float = 1.0
     kk_weight: float = 1.0
     vv_weight: float = 1.0
     relation_chunk_size: str = "auto"  # (batch x relation head) pairs per chunk: an integer, "auto" or "none"
     corpus_format: str = "auto"  # auto | lines | paragraphs | jsonl | wiki
     corpus_cache_dir: Optional[str] = None  # default $KD_ENGINE_CACHE/corpus (shared by runs and ranks)
-    # fixed max_length blocks of the token stream (no text wasted on long documents such as Wikipedia articles);
-    # false: one document per example truncated to max_length, dynamically padded (the reference code's way)
-    pack_blocks: bool = True
+    # packed: max_length blocks of the token stream (no text wasted on long documents such as Wikipedia articles);
+    # documents: every document in max_length blocks, none crossing a document boundary (padded per batch);
+    # truncated: one document per example cut at max_length, padded per batch (the reference code's way)
+    blocks: str = "packed"
+    pack_blocks: Optional[bool] = None  # old name: true = --blocks packed, false = --blocks truncated
     tokenize_workers: Optional[int] = None  # tokenizer processes for the first build (default: cores, up to 8)
 
     def validate(self) -> None:
@@ -54,6 +69,13 @@ class MiniLMv2Options:
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise ConfigError(f"qq_weight, kk_weight, vv_weight must be >= 0 and not all 0; got {weights}")
         self.chunk_size()
+        if self.pack_blocks is not None:
+            old = "packed" if self.pack_blocks else "truncated"
+            if self.blocks not in ("packed", old):
+                raise ConfigError(f"--pack_blocks {str(self.pack_blocks).lower()} contradicts --blocks {self.blocks}")
+            self.blocks = old
+        if self.blocks not in BLOCKS:
+            raise ConfigError(f"blocks must be one of {', '.join(BLOCKS)}; got '{self.blocks}'")
         if self.corpus_format not in FORMATS:
             raise ConfigError(f"corpus_format must be one of {', '.join(FORMATS)}; got '{self.corpus_format}'")
 
@@ -72,6 +94,7 @@ class MiniLMv2(Method):
     """Self-attention relation distillation into a smaller encoder."""
 
     Options = MiniLMv2Options
+    default_student_init = "random"
 
     def load_teacher(self, ctx):
         return load_teacher_model(self.cfg, "encoder")
@@ -98,11 +121,7 @@ class MiniLMv2(Method):
     def _teacher_index(self, adapter) -> int:
         L = self.opts.teacher_layer
         if L is None:
-            if adapter.num_layers > 12:
-                logger.warning("teacher has %d layers and --teacher_layer is not set: using the last one; "
-                               "MiniLMv2 uses an upper-middle layer for large teachers (e.g. 21 of 24)",
-                               adapter.num_layers)
-            return adapter.num_layers - 1
+            return default_teacher_layer(adapter.num_layers) - 1
         if not 1 <= L <= adapter.num_layers:
             raise KDError(f"teacher_layer {L} is out of range: the teacher has {adapter.num_layers} layers "
                           f"(1..{adapter.num_layers})")
@@ -112,35 +131,28 @@ class MiniLMv2(Method):
     def _blocks(self, ctx, files):
         o = self.opts
         cache_dir = o.corpus_cache_dir or paths.cache_dir("corpus")
-        # the trainer runs build_data on rank 0 first, then on the other ranks: they find the cache complete
+        # every rank calls this at once: rank 0 builds the cache, the others wait for its COMPLETE marker
         cache = build_or_load(files, ctx.tokenizer, cache_dir, format=o.corpus_format, text_field=self.cfg.text_column,
-                              max_length=None if o.pack_blocks else self.cfg.max_length,
+                              max_length=self.cfg.max_length if o.blocks == "truncated" else None,
                               num_workers=o.tokenize_workers, rank=ctx.rank, world_size=ctx.world_size,
                               progress=ctx.is_main)
-        if o.pack_blocks:
+        if o.blocks == "packed":
             return PackedBlocks(cache, self.cfg.max_length), None
-        ds = DocumentBlocks(cache, self.cfg.max_length)
+        ds = (DocumentChunks if o.blocks == "documents" else DocumentBlocks)(cache, self.cfg.max_length)
         return ds, ds.lengths
 
     def build_data(self, ctx) -> DataBundle:
         cfg = self.cfg
         if not cfg.train_file:
             raise KDError("minilmv2 needs a corpus: pass --train_file FILE|DIR|GLOB (text, jsonl or WikiExtractor)")
-        train, lengths = self._blocks(ctx, cfg.train_file)
+        corpus, lengths = self._blocks(ctx, cfg.train_file)
+        eval_corpus = self._blocks(ctx, cfg.eval_file)[0] if cfg.eval_file else None
+        rows = split_rows(cfg, len(corpus), len(eval_corpus) if eval_corpus is not None else None)
         evaluation = None
-        if cfg.eval_file:
-            evaluation, _ = self._blocks(ctx, cfg.eval_file)
-        elif cfg.eval_split > 0:  # the last examples of the corpus, deterministic
-            n_eval = max(1, int(len(train) * cfg.eval_split))
-            keep = len(train) - n_eval
-            evaluation = torch.utils.data.Subset(train, range(keep, len(train)))
-            train = torch.utils.data.Subset(train, range(keep))
-            lengths = lengths[:keep] if lengths is not None else None
-        if cfg.max_train_samples and cfg.max_train_samples < len(train):
-            train = torch.utils.data.Subset(train, range(cfg.max_train_samples))
-            lengths = lengths[: cfg.max_train_samples] if lengths is not None else None
-        if evaluation is not None and cfg.max_eval_samples and cfg.max_eval_samples < len(evaluation):
-            evaluation = torch.utils.data.Subset(evaluation, range(cfg.max_eval_samples))
+        if rows.eval is not None:
+            evaluation = torch.utils.data.Subset(corpus if rows.held_out else eval_corpus, rows.eval)
+        train = corpus if len(rows.train) == len(corpus) else torch.utils.data.Subset(corpus, rows.train)
+        lengths = [lengths[i] for i in rows.train] if lengths is not None and train is not corpus else lengths
         pad = ctx.tokenizer.pad_token_id
         if pad is None:
             raise KDError("the tokenizer has no pad token")

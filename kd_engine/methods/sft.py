@@ -14,8 +14,8 @@ from ..data.supervised import build_supervised_data
 from ..errors import ConfigError, KDError
 from ..losses.kd import hard_cross_entropy
 from ..models.build import load_or_build_student, load_teacher_model, resolve_task
+from ._supervised import aligned_logits, evaluation_metrics, model_inputs, seq2seq_inputs
 from .base import DataBundle, Method, register
-from .kd import aligned_logits, evaluation_metrics, model_inputs, seq2seq_inputs
 
 
 @dataclass

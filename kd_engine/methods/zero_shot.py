@@ -1,5 +1,6 @@
-"""Zero-shot classifier distillation (methods.md §5): a zero-shot teacher labels unlabeled text once, a small
-K-way classifier learns its soft labels.
+"""Zero-shot classifier distillation (the Hugging Face transformers example
+examples/research_projects/zero-shot-distillation): a zero-shot teacher labels unlabeled text once, a small K-way
+classifier learns its soft labels.
 
     python launch/train.py --method zero_shot --data_file unlabeled.txt --class_names_file classes.txt \\
         --teacher <NLI model | bi-encoder> --hypothesis_template "This text is about {}." \\
@@ -35,6 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..data.split import split_rows
 from ..errors import ConfigError, KDError
 from ..paths import cache_dir
 from ..losses.kd import soft_cross_entropy_rows
@@ -180,8 +182,8 @@ class ZeroShot(Method):
     # ---- student ------------------------------------------------------------------------------------------
     def load_student(self, ctx, teacher):
         student = self._build_student(ctx)
-        # Label here, not in build_data: the engine calls load_student on every rank at once, but build_data on
-        # rank 0 first and on the others after a barrier, and labeling is collective (sharded + gathered).
+        # Labeling is collective (sharded over the ranks, then gathered): every rank runs load_student at the same
+        # point of the setup, so the labels are made here and build_data only tokenizes them.
         self._prepared = self._prepare_labels(ctx)
         return student
 
@@ -268,8 +270,6 @@ class ZeroShot(Method):
         if not path:
             raise KDError("zero_shot needs --data_file (unlabeled texts, one per line)")
         texts, blank = self._read(path)
-        if cfg.max_train_samples:
-            texts = texts[:cfg.max_train_samples]
         eval_texts, eval_labels = None, None
         if cfg.eval_file:
             if cfg.label_column:
@@ -280,15 +280,11 @@ class ZeroShot(Method):
                 eval_texts, eval_labels = list(ds[cfg.text_column]), self._eval_labels(list(ds[cfg.label_column]))
             else:
                 eval_texts, _ = self._read(cfg.eval_file)
-        elif cfg.eval_split > 0:
-            n_eval = max(1, int(len(texts) * cfg.eval_split))
-            g = torch.Generator().manual_seed(cfg.seed)
-            perm = torch.randperm(len(texts), generator=g).tolist()
-            eval_texts = [texts[i] for i in perm[:n_eval]]
-            texts = [texts[i] for i in sorted(perm[n_eval:])]
-        if eval_texts is not None and cfg.max_eval_samples:
-            eval_texts = eval_texts[:cfg.max_eval_samples]
-            eval_labels = eval_labels[:cfg.max_eval_samples] if eval_labels else None
+        rows = split_rows(cfg, len(texts), len(eval_texts) if eval_texts is not None else None)
+        if rows.eval is not None:
+            eval_texts = [(texts if rows.held_out else eval_texts)[i] for i in rows.eval]
+            eval_labels = [eval_labels[i] for i in rows.eval] if eval_labels is not None else None
+        texts = [texts[i] for i in rows.train]
 
         teacher = self._zero_shot_teacher(ctx)
         soft = self._label(ctx, teacher, texts, "train")
@@ -314,7 +310,7 @@ class ZeroShot(Method):
         if p["eval_texts"] is not None:
             ev = self._rows(ctx, p["eval_texts"], p["eval_soft"], p["eval_labels"])
         else:  # the reference's metric: agreement on (part of) the training set
-            k = min(len(p["texts"]), 1000)
+            k = min(len(p["texts"]), self.cfg.max_eval_samples or 1000)
             ev = self._rows(ctx, p["texts"][:k], p["soft"][:k])
         self.info["eval_texts"] = len(ev)
         lengths = [len(x) for x in train.columns["input_ids"]]

@@ -54,4 +54,5 @@ def load_or_build_student(cfg, teacher: Optional[torch.nn.Module], task: str, **
     from .student import create_student
 
     return create_student(teacher, layers=s.layers, decoder_layers=s.decoder_layers, hidden=s.hidden,
-                          heads=s.heads, intermediate=s.intermediate, init=s.init)
+                          heads=s.heads, intermediate=s.intermediate,
+                          init="teacher_layers" if s.init == "auto" else s.init)

@@ -4,7 +4,8 @@
 attention heads concatenated, exactly the tensors the layer's attention multiplies. They are captured with
 forward hooks on the layer's own q/k/v ``nn.Linear`` modules during a normal forward pass. The hooked Linear
 receives the layer's input hidden state, after the input norm in pre-LN families, so the result is the
-methods.md §2.1 definition (``query(hidden_states[L-1])``, or ``q_proj(input_layernorm(...))`` for Llama) without
+reference code's definition (bloomberg/minilmv2.bb: ``query(hidden_states[L-1])``, or
+``q_proj(input_layernorm(...))`` for Llama) without
 running the projections a second time. Nothing depends on the attention implementation (sdpa, eager, flash).
 
 Architectures (``model.config.model_type``):

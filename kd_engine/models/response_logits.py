@@ -4,7 +4,8 @@ Causal LMs: the model reads ``[prompt; response]`` (prompt left-padded, response
 ``cumsum(mask) - 1``, and the logits at positions ``P-1 .. P+T-2`` are returned (one forward, only the last
 ``T+1`` positions projected to the vocabulary).
 
-Encoder-decoder models (T5, BART; methods.md §3.3 "correct mapping"): the prompt goes to the model's OWN encoder,
+Encoder-decoder models (T5, BART; as the seq2seq MiniLLM reference code, Fabio-Klinge/MiniLLM_Seq2Seq): the prompt
+goes to the model's OWN encoder,
 ``decoder_input_ids = [decoder_start] + response[:-1]`` (the start token exactly once, never taken from the
 response), the decoder mask comes from the response mask (never from the encoder mask), and logit t predicts
 response token t with no prompt offset.

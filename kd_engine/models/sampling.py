@@ -20,7 +20,6 @@ Models are put in eval() for the rollout (dropout off, as the reference code) an
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import KDError
 from ..losses.minillm import importance_weights
+from .modes import eval_mode
 from .response_logits import (
     accepts_logits_to_keep,
     decoder_start_token_id,
@@ -236,18 +236,6 @@ def _all_finished(finished: torch.Tensor, synced_ranks: bool) -> bool:
     return bool(done)
 
 
-@contextlib.contextmanager
-def _eval_mode(*models):
-    states = [(m, m.training) for m in models if m is not None]
-    for m, _ in states:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was in states:
-            m.train(was)
-
-
 def _check_vocab(s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], vocab_size: Optional[int]) -> int:
     Vs = s_logits.shape[-1]
     if t_logits is not None and vocab_size is None and t_logits.shape[-1] != Vs:
@@ -311,7 +299,7 @@ def mixed_sample(
     toks, lqs, lps, ws, infs = [], [], [], [], []
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     alive_masks = []
-    with _eval_mode(student, teacher):
+    with eval_mode(student, teacher):
         s_state = State(student, input_ids, attention_mask, use_cache)
         t_state = State(teacher, input_ids, attention_mask, use_cache) if teacher is not None else None
         s_logits = s_state.first()

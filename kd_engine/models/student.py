@@ -1,8 +1,9 @@
 """Build a smaller student from a teacher: copy selected teacher layers (DistilBART / DistilBERT style) or
 initialise a narrower/shallower model at random (MiniLMv2 style).
 
-Layer maps follow methods.md §6 (``LAYERS_TO_COPY``, the table of HF ``make_student.py``); depths not in the
-table get evenly spaced layers that keep the first and the last one.
+Layer maps follow ``LAYERS_TO_COPY``, the table of Hugging Face's ``make_student.py`` (transformers
+examples/research_projects/seq2seq-distillation); depths not in the table get evenly spaced layers that keep the
+first and the last one.
 
 Supported families (``config.model_type``): BERT-family encoders (bert, roberta, xlm-roberta, distilbert),
 BART, T5 / Flan-T5 / mT5 and Llama-style causal LMs (llama, mistral, qwen2, qwen3). Any head class of those
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-# methods.md §6: LAYERS_TO_COPY[n_teacher][n_student] -> teacher layer indices kept (0-based).
+# Hugging Face make_student.py: LAYERS_TO_COPY[n_teacher][n_student] -> teacher layer indices kept (0-based).
 LAYERS_TO_COPY: dict[int, dict[int, list[int]]] = {
     12: {
         1: [0],

@@ -1,6 +1,6 @@
 """Zero-shot teachers: turn N unlabeled texts and K class names into an N x K matrix of soft labels.
 
-Two teachers (methods.md §5):
+Two teachers (as the Hugging Face zero-shot-distillation example, plus a bi-encoder):
 
 - ``NLITeacher``: a cross-encoder NLI model scores the N*K pairs (premise = text, hypothesis =
   ``template.format(class)``). Single-label: softmax over the K entailment logits / temperature (rows sum to 1).
@@ -17,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import Any, Optional, Sequence
 
 import torch
 
 from ..errors import KDError
+from ..models.modes import eval_mode
 from .labeling import label_corpus  # noqa: F401  (re-exported: the labeling entry point)
+from .zero_shot_inputs import (check_class_names, check_template, load_class_names, read_texts,  # noqa: F401
+                               resolve_nli_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -33,99 +35,6 @@ DEFAULT_TEMPLATE = "This example is {}."
 # is almost uniform. 0.05 (= the 20x scale sentence-transformers trains these models with) gives peaked but not
 # one-hot targets; see benchmarks/embedding_teacher_accuracy.py for the measured accuracy / NLL per value.
 EMBEDDING_TEMPERATURE = 0.05
-
-
-# ---------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def check_template(template: str) -> str:
-    """The hypothesis template must contain ``{}`` exactly once (and no other format fields)."""
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise KDError(f"hypothesis template {template!r} must contain '{{}}' exactly once, e.g. "
-                      f"'This text is about {{}}.'")
-    try:
-        template.format("x")
-    except (IndexError, KeyError, ValueError) as e:
-        raise KDError(f"hypothesis template {template!r} has stray braces besides '{{}}': {e}") from None
-    return template
-
-
-def check_class_names(names: Sequence[str], source: str = "class names") -> list[str]:
-    """Strip, then refuse empty names, duplicates and fewer than 2 classes."""
-    names = [str(n).strip() for n in names]
-    if any(not n for n in names):
-        raise KDError(f"{source}: empty class name")
-    seen: dict[str, int] = {}
-    for i, n in enumerate(names):
-        if n in seen:
-            raise KDError(f"{source}: duplicate class name '{n}' (entries {seen[n] + 1} and {i + 1})")
-        seen[n] = i
-    if len(names) < 2:
-        raise KDError(f"{source}: need at least 2 classes, got {len(names)}")
-    return names
-
-
-def load_class_names(path: str) -> list[str]:
-    """One class name per line; blank lines are ignored. KDError for a missing/empty file, duplicates, < 2."""
-    if not os.path.isfile(path):
-        raise KDError(f"class names file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
-        raise KDError(f"class names file {path} is empty")
-    return check_class_names(names, source=f"class names file {path}")
-
-
-def read_texts(path: str) -> tuple[list[str], int]:
-    """Unlabeled texts, one per line. Blank lines are skipped and counted: returns (texts, n_blank).
-
-    KDError when the file is missing or holds no text at all.
-    """
-    if not os.path.isfile(path):
-        raise KDError(f"data file not found: {path}")
-    texts: list[str] = []
-    blank = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\r\n")
-            if line.strip():
-                texts.append(line)
-            else:
-                blank += 1
-    if not texts:
-        raise KDError(f"data file {path} has no text ({blank} blank lines)")
-    if blank:
-        logger.warning("%s: skipped %d blank lines", path, blank)
-    return texts, blank
-
-
-def resolve_nli_ids(config: Any) -> tuple[int, Optional[int]]:
-    """(entailment id, contradiction id) from the model's ``label2id``, case-insensitive prefix match.
-
-    Entailment: the label starting with "entail". Contradiction: the label starting with "contradict"; for a
-    2-way model (e.g. entailment / not_entailment) the other label; otherwise None (only multi-label needs it).
-    Unlike the reference script (which falls back to id -1 and assumes contradiction at 0 or last), a model
-    without an entailment label is an error.
-    """
-    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
-    if not any(k.lower().startswith("entail") for k in label2id):
-        # some checkpoints fill only id2label
-        id2label = getattr(config, "id2label", None) or {}
-        label2id = {str(v): int(k) for k, v in id2label.items()} or label2id
-
-    def find(prefix: str) -> Optional[int]:
-        hits = sorted(v for k, v in label2id.items() if k.lower().startswith(prefix))
-        return hits[0] if hits else None
-
-    entail = find("entail")
-    if entail is None:
-        raise KDError(f"the teacher is not an NLI model with an entailment label: label2id = {label2id}; set "
-                      f"config.label2id to name its classes (e.g. contradiction / neutral / entailment)")
-    contr = find("contradict")
-    if contr is None and len(set(label2id.values())) == 2:
-        contr = next(v for v in label2id.values() if v != entail)
-    return entail, contr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,13 +257,10 @@ class NLITeacher:
         ids, types = self.encode_pairs(texts)
         K = len(self.class_names)
         model = self.model
-        module = _hf_module(model)
-        was_training = module.training
-        module.eval()
         device = _device(model)
         side = getattr(self.tokenizer, "padding_side", "right")
         out: Optional[torch.Tensor] = None
-        try:
+        with eval_mode(_hf_module(model)):
             for idx in sorted_batches([len(x) for x in ids], batch_size):
                 rows = idx.tolist()
                 input_ids, mask = pad_batch([ids[r] for r in rows], self.pad_id, side)
@@ -365,13 +271,11 @@ class NLITeacher:
                 if out is None:
                     out = torch.empty(len(ids), logits.shape[-1], dtype=torch.float32)
                 out[idx] = logits.cpu()
-        finally:
-            module.train(was_training)
         assert out is not None
         return out.view(len(texts), K, -1)
 
     def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """N x K x C logits -> N x K soft labels (methods.md §5 step 4), float32."""
+        """N x K x C logits -> N x K soft labels (the zero-shot-distillation example's teacher probabilities), float32."""
         logits = logits.float()
         if self.multi_label:
             two = logits[..., [self.contr_id, self.entail_id]] / self.temperature  # N x K x 2
@@ -420,13 +324,10 @@ class EmbeddingTeacher:
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised mean-pooled embeddings, float32, N x hidden, in input order."""
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, verbose=False)["input_ids"]
-        module = _hf_module(self.model)
-        was_training = module.training
-        module.eval()
         device = _device(self.model)
         side = getattr(self.tokenizer, "padding_side", "right")
         out: Optional[torch.Tensor] = None
-        try:
+        with eval_mode(_hf_module(self.model)):
             for idx in sorted_batches([len(x) for x in ids], batch_size):
                 input_ids, mask = pad_batch([ids[r] for r in idx.tolist()], self.pad_id, side)
                 inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
@@ -439,8 +340,6 @@ class EmbeddingTeacher:
                 if out is None:
                     out = torch.empty(len(ids), emb.shape[-1], dtype=torch.float32)
                 out[idx] = emb.cpu()
-        finally:
-            module.train(was_training)
         assert out is not None
         return out
 

@@ -1,0 +1,47 @@
+"""Helpers shared by the supervised methods (kd, sft): model inputs, logit/label alignment, evaluation metrics."""
+from __future__ import annotations
+
+import torch
+
+from ..losses.kd import hard_cross_entropy, kl_div_rows, shift_for_causal_lm
+
+
+def aligned_logits(task: str, logits: torch.Tensor, labels: torch.Tensor):
+    """Logit rows and the labels they predict (causal LMs predict the next token)."""
+    if task == "causal_lm":
+        return shift_for_causal_lm(logits, labels)
+    return logits, labels
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids",
+                                                     "decoder_input_ids", "decoder_attention_mask")}
+
+
+def seq2seq_inputs(model, batch: dict) -> dict:
+    """Decoder inputs from the labels, start token once (``prepare_decoder_input_ids_from_labels``)."""
+    inputs = model_inputs(batch)
+    if "labels" in batch and "decoder_input_ids" not in inputs:
+        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        inputs["decoder_attention_mask"] = (batch["labels"] != -100).long()
+    return inputs
+
+
+def evaluation_metrics(task, s, t, labels, vocab_size, temperature) -> dict:
+    """Student loss, accuracy and agreement with the teacher, as (sum, count) pairs over real rows."""
+    mask = labels != -100
+    n = float(mask.sum())
+    if n == 0:
+        return {}
+    s_v = s[..., :vocab_size] if vocab_size else s
+    pred = s_v.argmax(-1)
+    loss_key = "lm_loss" if task != "sequence_classification" else "ce_loss"
+    out = {loss_key: (float(hard_cross_entropy(s, labels, vocab_size)) * n, n),
+           "accuracy": (float(((pred == labels) & mask).sum()), n)}
+    if t is not None:
+        t_v = t[..., :vocab_size] if vocab_size else t
+        out["teacher_agreement"] = (float(((pred == t_v.argmax(-1)) & mask).sum()), n)
+        out["kd_kl"] = (float(kl_div_rows(s, t, temperature, mask, vocab_size)) * n, n)
+        out["teacher_accuracy"] = (float(((t_v.argmax(-1) == labels) & mask).sum()), n)
+        out["teacher_" + loss_key] = (float(hard_cross_entropy(t, labels, vocab_size)) * n, n)
+    return out
