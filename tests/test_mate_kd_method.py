@@ -217,12 +217,8 @@ def bad_assets(assets, tmp_path_factory):
     other = tiny.make_tokenizer(str(d / "other_gen"), "bert")
     other.add_tokens([f"extra{i}" for i in range(8)])
     other.save_pretrained(d / "other_gen")
-    tiny.make_llama(str(d / "causal"), layers=1)
-    from transformers import LlamaConfig
-
     make_classifier(str(d / "no_mask"))
     tiny.make_tokenizer(str(d / "no_mask"), "causal")  # a tokenizer without a mask token
-    del LlamaConfig
     return d
 
 
@@ -342,3 +338,26 @@ def test_deepspeed_json_scheduler_counts_student_steps_only(assets, tmp_path):
     assert tr.student.lr_scheduler.total_num_steps == 6 and tr.student.lr_scheduler.last_batch_iteration == 5
     lrs = [r["student_lr"] for r in mate_log(tmp_path / "o")]
     assert lrs[-1] == pytest.approx(1e-3 * 1 / 4)
+
+
+def test_padded_vocab_rows_are_never_sampled_end_to_end(assets, bad_assets, tmp_path):
+    """A teacher (hence student and generator) with 20 padded embedding rows beyond the tokenizer trains, and no
+    perturbed text ever holds an id >= len(tokenizer)."""
+    seen = []
+
+    def spy(tr):
+        m = tr.method
+        orig = m._sample
+
+        def sample(batch, rng, with_grad):
+            out = orig(batch, rng, with_grad)
+            seen.append(int(out[2].max()))
+            return out
+
+        m._sample = sample
+
+    a = args(assets, tmp_path / "o")
+    a[a.index("--teacher") + 1] = str(bad_assets / "big_vocab_teacher")
+    tr = run(a, spy)
+    assert tr.method.gen.module.get_output_embeddings().weight.shape[0] == tiny.vocab_size() + 20
+    assert len(seen) == 5 and max(seen) < tiny.vocab_size()
