@@ -361,3 +361,27 @@ def test_padded_vocab_rows_are_never_sampled_end_to_end(assets, bad_assets, tmp_
     tr = run(a, spy)
     assert tr.method.gen.module.get_output_embeddings().weight.shape[0] == tiny.vocab_size() + 20
     assert len(seen) == 5 and max(seen) < tiny.vocab_size()
+
+
+def test_tensorboard_holds_the_per_step_mate_scalars(assets, tmp_path):
+    """Step type, both learning rates, the student's terms, the generator's D and the changed fraction reach
+    TensorBoard (through the DeepSpeed monitor), one point per step of each kind."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    a = args(assets, tmp_path / "o")
+    a[a.index("--report_to") + 1] = "tensorboard"
+    run(a)
+    files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "o" / "tensorboard") for f in fs
+             if f.startswith("events")]
+    assert files
+    tags, points = set(), {}
+    for f in files:
+        acc = EventAccumulator(f)
+        acc.Reload()
+        for t in acc.Tags()["scalars"]:
+            tags.add(t)
+            points[t] = points.get(t, 0) + len(acc.Scalars(t))
+    want = {"mate/step_type_generator": 5, "mate/generator_lr": 5, "mate/student_lr": 5,
+            "mate/generator_generator_D": 2, "mate/generator_changed_fraction": 2, "mate/student_ce": 3,
+            "mate/student_adv": 3, "mate/student_kd": 3, "mate/student_changed_fraction": 3}
+    assert {t: points.get(t) for t in want} == want, sorted(tags)
