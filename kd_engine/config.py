@@ -253,6 +253,10 @@ def build_config(argv: list[str]) -> ParsedConfig:
     method_name = str(values.get("method", TrainConfig.method))
     method_cls = get_method(method_name)
     opt_keys = flat_fields(method_cls.Options)
+    for key in [k for k in values if k not in train_keys and f"{k}.name_or_path" in opt_keys]:
+        values[f"{key}.name_or_path"] = values.pop(key)  # "--generator PATH" = --generator.name_or_path PATH
+        if key in source:
+            source[f"{key}.name_or_path"] = source.pop(key)
     clash = set(opt_keys) & set(train_keys)
     if clash:  # a plugin bug, not a user error
         raise RuntimeError(f"method '{method_name}' options shadow engine keys: {sorted(clash)}")

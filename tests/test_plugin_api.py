@@ -126,7 +126,7 @@ def test_context_offers_exactly_the_documented_members():
     public = {n for n in dir(Context) if not n.startswith("_")}
     assert public == {"cfg", "opts", "tokenizer", "device", "rank", "world_size", "is_main", "student",
                       "next_batch", "teacher_forward", "teacher_hooks", "teacher_module", "accumulate",
-                      "student_step", "add_engine", "frozen", "log_scalars", "global_step"}
+                      "student_step", "add_engine", "frozen", "log_scalars", "global_step", "total_steps"}
 
 
 def test_eval_on_start_is_an_engine_option_for_every_method():

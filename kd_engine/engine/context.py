@@ -4,7 +4,8 @@ The trainer builds one ``Context`` and keeps the bookkeeping (timing, counters, 
 reads configuration, runs the teacher and the student through these calls, and returns loss terms. Members:
 
 - ``cfg`` (``TrainConfig``), ``opts`` (the method's ``Options``), ``tokenizer``, ``device``, ``rank``,
-  ``world_size``, ``is_main``, ``global_step`` (optimizer steps done so far).
+  ``world_size``, ``is_main``, ``global_step`` (optimizer steps done so far), ``total_steps`` (global steps this
+  run takes: methods whose steps alternate between models size each model's LR schedule from it).
 - ``student``: the student's DeepSpeed engine (call it for the forward; the HF model is ``ctx.student.module``).
 - ``next_batch()``: the next training micro-batch of this rank, collated and on ``device``.
 - ``teacher_forward(**inputs, grad=False)``: the frozen teacher's forward, timed as teacher time. ``grad=True``
@@ -67,6 +68,7 @@ class Context:
     rank: _Read[int] = _Read("rank")
     world_size: _Read[int] = _Read("world_size")
     global_step: _Read[int] = _Read("global_step")  # optimizer steps done so far
+    total_steps: _Read[int] = _Read("total_steps")  # global steps this run takes (per-model LR schedules size from it)
 
     @property
     def is_main(self) -> bool:
