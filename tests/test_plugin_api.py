@@ -145,3 +145,16 @@ def test_perplexity_comes_from_the_loss_the_method_names():
     got = perplexities({"nll": 2.0, "teacher_nll": 1.0, "lm_loss": 5.0}, "nll")
     assert got == {"perplexity": math.exp(2.0), "teacher_perplexity": math.exp(1.0)}
     assert perplexities({"lm_loss": 5.0}, None) == {}  # no LM loss named: no perplexity
+
+
+def test_teacher_forward_with_grad_at_zero3(tmp_path):
+    """teacher_forward(grad=True) beside a ZeRO-3 student and a ZeRO-3 partitioned teacher: the generator's gradient
+    flows through the teacher's activations (its engine's forward wrapper refused that backward before)."""
+    tiny.make_llama(str(tmp_path / "teacher"), layers=2)
+    tiny.write_lines(str(tmp_path / "train.txt"), tiny.sentences(16))
+    a = _run(["--method", "toy_adversarial", "--teacher", str(tmp_path / "teacher"), "--student.layers", "1",
+              "--train_file", str(tmp_path / "train.txt"), "--output_dir", str(tmp_path / "z3"), "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--disable_tqdm", "true",
+              "--deepspeed", "ds_configs/zero3.json", "--export", "false"])
+    assert a.method.teacher_output_requires_grad == [False, True]
+    assert all(p.grad is None for p in a.teacher_model.parameters())

@@ -79,11 +79,13 @@ class Trainer:
             self.teacher_seconds += time.perf_counter() - t0
 
     def teacher_forward(self, grad: bool = False, **inputs):
-        """The teacher's forward pass through its engine: eval mode, timed; no autograd unless ``grad``."""
+        """The teacher's forward pass: eval mode, timed; no autograd unless ``grad``. With ``grad`` it calls the
+        module itself (ZeRO-3's parameter hooks live on the module): the inference engine's forward wrapper refuses
+        a backward it did not run ('Direct calls to tensor.backward() are not supported')."""
         if self.teacher is None:
             raise RuntimeError(f"method '{self.method.name}' has no teacher engine (needs_teacher = False)")
-        with self.teacher_block(grad):
-            return self.teacher(**inputs)
+        with self.teacher_block(grad) as module:
+            return (module if grad else self.teacher)(**inputs)
 
     def accumulate(self, compute: Compute, engine=None) -> dict[str, float]:
         """One optimizer step of ``engine`` (default the student) over ``gradient_accumulation_steps`` micro-batches:
