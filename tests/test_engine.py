@@ -3,6 +3,7 @@
 In-process runs share one process group (rank 0 of 1); multi-rank and crash/resume runs are in test_launch.py.
 """
 import json
+import math
 import os
 
 import pytest
@@ -112,6 +113,10 @@ def test_export_reloads_and_card_and_tensorboard(assets, tmp_path):
     card = (final / "README.md").read_text()
     assert str(assets / "teacher") in card and "`kd`" in card and "perplexity" in card
     assert "before training: perplexity" in card
+    # the teacher's own loss and perplexity are reported beside the student's
+    assert {"lm_loss", "perplexity", "teacher_lm_loss", "teacher_perplexity"} <= set(tr.final_metrics)
+    assert tr.final_metrics["teacher_perplexity"] == pytest.approx(math.exp(tr.final_metrics["teacher_lm_loss"]))
+    assert "before training: teacher_perplexity" in card
     # TensorBoard events hold every loss term and the throughput figures
     runs = [os.path.join(r, f) for r, _, fs in os.walk(out / "tensorboard") for f in fs if "tfevents" in f]
     assert runs
@@ -144,6 +149,31 @@ def test_grad_accumulation_and_epoch_count(assets, tmp_path):
                        "--gradient_accumulation_steps", "3"))
     # 48 examples / micro 4 = 12 micro-batches = 4 optimizer steps of 3
     assert tr.global_step == 4 and tr.sampler.epoch == 1 and tr.samples_seen == 48
+
+
+def test_deepspeed_json_batch_sizes_shape_sampler_and_epoch(assets, tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}))
+
+    def argv(out, *extra):
+        return ["--method", "kd", "--teacher", str(assets / "teacher"), "--student.layers", "2",
+                "--train_file", str(assets / "train.txt"), "--output_dir", str(tmp_path / out), "--num_train_epochs",
+                "1", "--deepspeed", str(ds), "--disable_tqdm", "true", "--export", "false", *extra]
+
+    tr = run(argv("a"))  # CLI defaults (micro 8, accumulation 1) give way to the JSON's explicit values
+    # 48 examples / micro 2 = 24 micro-batches = 6 optimizer steps of 4 x 2 samples: one pass over the data
+    assert tr.sampler.batch_size == 2 and tr.ds_config["train_batch_size"] == 8
+    assert tr.global_step == 6 and tr.samples_seen == 48 and tr.sampler.epoch == 1
+    # a YAML or command line that sets the same value agrees; a different value is one clear error, nothing written
+    yml = tmp_path / "run.yaml"
+    yml.write_text("per_device_train_batch_size: 2\ngradient_accumulation_steps: 4\nmax_steps: 1\n")
+    assert run(argv("b", "--config", str(yml))).sampler.batch_size == 2
+    yml.write_text("per_device_train_batch_size: 4\n")
+    rc, err = _cli(capsys, argv("c", "--config", str(yml)))
+    assert rc == 2 and f"per_device_train_batch_size=4 ({yml})" in err and "train_micro_batch_size_per_gpu=2" in err
+    rc, err = _cli(capsys, argv("d", "--gradient_accumulation_steps", "2"))
+    assert rc == 2 and "gradient_accumulation_steps=2 (the command line)" in err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 # ---- bad input: one clear message, exit 2, nothing destroyed ---------------------------------------------

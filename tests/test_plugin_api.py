@@ -1,5 +1,6 @@
 """The plugin API carries methods with their own step structure and extra trainable engines (MATE-KD-like):
 a toy method with a generator engine and alternating generator/student steps, checkpointed and resumed exactly."""
+import json
 import os
 from dataclasses import dataclass
 
@@ -41,32 +42,33 @@ class ToyAdversarial(Method):
         self.generator = ctx.add_engine("generator", gen, {"optimizer": {"type": "AdamW", "params": {
             "lr": 1e-2, "torch_adam": True}}})
         self.steps_done = 0
+        self.teacher_output_requires_grad: list[bool] = []
 
     def _divergence(self, ctx, batch, student, perturb_grad: bool):
         emb_s = student.get_input_embeddings()(batch["input_ids"])
-        emb_t = ctx.teacher_model.get_input_embeddings()(batch["input_ids"])
+        emb_t = ctx.teacher_module.get_input_embeddings()(batch["input_ids"])
         delta = 0.01 * torch.tanh(self.generator(emb_s.detach()))
         if not perturb_grad:
             delta = delta.detach()
         s = student(inputs_embeds=emb_s + delta, attention_mask=batch["attention_mask"]).logits
-        t = ctx.teacher_forward(inputs_embeds=emb_t + delta.detach(), attention_mask=batch["attention_mask"]).logits
+        # the generator's gradient also flows through the frozen teacher's activations (MATE-KD's generator step)
+        t = ctx.teacher_forward(inputs_embeds=emb_t + delta, attention_mask=batch["attention_mask"],
+                                grad=perturb_grad).logits
+        self.teacher_output_requires_grad.append(t.requires_grad)
         s, lab = shift_for_causal_lm(s, batch["labels"])
         t, _ = shift_for_causal_lm(t, batch["labels"])
         return kl_div_rows(s, t, 1.0, lab != -100)
 
     def train_step(self, ctx):
-        batch = ctx.next_batch()
         self.steps_done += 1
         if self.steps_done % self.opts.generator_every == 0:  # generator step through the frozen student
             with ctx.frozen(ctx.student) as student:
-                loss = -self._divergence(ctx, batch, student, perturb_grad=True)
-                self.generator.backward(loss)
-                self.generator.step()
-            return {"generator_loss": float(loss.detach())}
-        loss = self._divergence(ctx, batch, ctx.student, perturb_grad=False)
-        ctx.student.backward(loss)
-        ctx.student_step()
-        return {"kd": float(loss.detach()), "loss": float(loss.detach())}
+                terms = ctx.accumulate(lambda: {"generator_loss": -self._divergence(ctx, ctx.next_batch(), student,
+                                                                                    perturb_grad=True)},
+                                       engine=self.generator)
+            ctx.log_scalars({"generator_step": float(ctx.global_step)}, "toy")
+            return terms
+        return ctx.accumulate(lambda: {"kd": self._divergence(ctx, ctx.next_batch(), ctx.student, perturb_grad=False)})
 
     def state_dict(self):
         return {"steps_done": self.steps_done}
@@ -99,6 +101,11 @@ def test_extra_engine_trains_checkpoints_and_resumes(tmp_path):
                 "--disable_tqdm", "true", "--logging_steps", "1", *extra]
 
     a = _run(argv(tmp_path / "a", 4))
+    # teacher_forward(grad=True) keeps the graph (generator steps), grad=False does not; both are timed
+    assert a.method.teacher_output_requires_grad == [False, True, False, True] and a.teacher_seconds > 0
+    assert all(p.grad is None for p in a.teacher_model.parameters())
+    toy_log = [json.loads(x) for x in open(tmp_path / "a" / "train_log.jsonl") if '"toy"' in x]
+    assert [r["generator_step"] for r in toy_log] == [1.0, 3.0]
     gen_a = {k: v.clone() for k, v in a.engines["generator"].module.state_dict().items()}
     assert not torch.equal(gen_a["weight"], torch.nn.Linear(*gen_a["weight"].shape).weight)  # it trained
     ck = tmp_path / "a" / "checkpoints" / "step-00000004"
@@ -112,3 +119,12 @@ def test_extra_engine_trains_checkpoints_and_resumes(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # generator steps left no gradient on the student, student steps none on the generator's weights' history
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in b.student.module.parameters())
+
+
+def test_context_offers_exactly_the_documented_members():
+    from kd_engine.engine.context import Context
+
+    public = {n for n in dir(Context) if not n.startswith("_")}
+    assert public == {"cfg", "opts", "tokenizer", "device", "rank", "world_size", "is_main", "student",
+                      "next_batch", "teacher_forward", "teacher_hooks", "teacher_module", "accumulate",
+                      "student_step", "add_engine", "frozen", "log_scalars", "global_step"}

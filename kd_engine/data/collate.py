@@ -112,3 +112,8 @@ def _plain(v: Any) -> Any:
     if hasattr(v, "tolist") and not isinstance(v, (list, str)):
         return v.tolist()
     return v
+
+
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of a collated batch on ``device`` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -13,7 +13,8 @@ from typing import Optional
 
 from ..dist import main_process_first
 from ..errors import KDError
-from ..methods.base import DataBundle
+from ..paths import cache_dir
+from .bundle import DataBundle
 from .collate import PadCollator
 from .files import load_table, require_columns
 from .tokenize import tokenize_dataset
@@ -22,9 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def _cache_dir() -> str:
-    from ..models.loading import cache_root
-
-    return os.path.join(cache_root(), "tokenized")
+    return cache_dir("tokenized")
 
 
 def _limit(ds, n: Optional[int]):

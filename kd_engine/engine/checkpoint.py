@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import KDError
+from ..io import write_text
 
 RUN_MARKER = "kd_run.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -91,16 +92,7 @@ def clear_run(output_dir: str) -> None:
 
 def write_run_marker(output_dir: str, info: dict) -> None:
     os.makedirs(output_dir, exist_ok=True)
-    _atomic_write_text(os.path.join(output_dir, RUN_MARKER), json.dumps(info, indent=2, default=str))
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text(os.path.join(output_dir, RUN_MARKER), json.dumps(info, indent=2, default=str))
 
 
 def rng_state() -> dict:
@@ -135,7 +127,7 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     torch.save({"rng": rng_state(), "method": rank_state or {}}, os.path.join(tmp, f"rank{rank}.pt"))
     barrier()
     if rank == 0:
-        _atomic_write_text(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "time": time.time()}))
+        write_text(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "time": time.time()}))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from contextlib import nullcontext
 
 import torch
+
+from ..io import atomic_dir
 
 
 def _full_params(engine):
@@ -24,18 +24,13 @@ def export_student(engine, tokenizer, out_dir: str, rank: int, barrier, card: di
     model = engine.module
     with _full_params(engine):
         if rank == 0:
-            parent = os.path.dirname(os.path.abspath(out_dir))
-            os.makedirs(parent, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-            state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(model_card(card))
-            if os.path.exists(out_dir):
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
+            with atomic_dir(out_dir, prefix=".tmp-export-") as tmp:
+                state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
+                    fh.write(model_card(card))
     barrier()
 
 

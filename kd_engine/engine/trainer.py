@@ -2,7 +2,8 @@
 logs, evaluates, checkpoints (with exact resume) and exports. It knows nothing about any particular method.
 
 Control flow, top to bottom: ``Trainer(parsed).fit()`` -> ``_setup()`` -> ``_resume()`` -> loop of
-``method.train_step(self)`` -> ``_finish()``.
+``method.train_step(ctx)`` -> ``_finish()``. Methods see the engine only through ``ctx``, a ``Context``
+(``kd_engine/engine/context.py``); the trainer keeps timing, counters and logging to itself.
 """
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from typing import Any, Optional
 import torch
 
 from .. import dist
+from ..batch_geometry import resolve_batch_geometry
 from ..config import ParsedConfig, to_dict
+from ..data.collate import to_device
 from ..data.sampler import ResumableBatchSampler, infinite_batches
 from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
     zero_stage
 from ..errors import KDError
 from ..models.loading import check_same_vocab, load_tokenizer
 from . import checkpoint
+from .context import Compute, Context
 from .export import count_params, export_student
 from .monitor import Monitor
 from .teacher import build_teacher_engine
@@ -39,6 +43,8 @@ class Trainer:
         self.cfg = parsed.train
         self.opts = parsed.method_options
         self.method = parsed.method_cls(self.cfg, self.opts)
+        self.explicit = dict(getattr(parsed, "explicit", {}) or {})  # engine keys the user set, and where
+        self.ctx = Context(self)  # what the method sees of the engine
         self.engines: dict[str, Any] = {}  # name -> DeepSpeed engine, checkpointed together
         self.teacher = None  # callable inference engine
         self.teacher_model: Optional[torch.nn.Module] = None  # the underlying HF module (hooks, generation)
@@ -50,7 +56,7 @@ class Trainer:
         self.samples_seen = 0
         self.final_metrics: dict[str, float] = {}
 
-    # ---- services offered to methods --------------------------------------------------------------------
+    # ---- services offered to methods (through Context) ---------------------------------------------------
     @property
     def grad_accum(self) -> int:
         return self.cfg.gradient_accumulation_steps
@@ -59,13 +65,45 @@ class Trainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def teacher_forward(self, **inputs):
-        """The teacher's forward pass: eval mode, no gradients, timed for the teacher-ms metric."""
+    @contextlib.contextmanager
+    def teacher_block(self, grad: bool = False):
+        """The teacher module for a block of teacher-only work, timed as teacher time; no autograd unless ``grad``
+        (then gradients reach the inputs' sources through its activations, never its frozen parameters)."""
+        if self.teacher_model is None:
+            raise RuntimeError(f"method '{self.method.name}' has no teacher engine (needs_teacher = False)")
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = self.teacher(**inputs)
-        self.teacher_seconds += time.perf_counter() - t0
-        return out
+        try:
+            with contextlib.nullcontext() if grad else torch.no_grad():
+                yield self.teacher_model
+        finally:
+            self.teacher_seconds += time.perf_counter() - t0
+
+    def teacher_forward(self, grad: bool = False, **inputs):
+        """The teacher's forward pass through its engine: eval mode, timed; no autograd unless ``grad``."""
+        if self.teacher is None:
+            raise RuntimeError(f"method '{self.method.name}' has no teacher engine (needs_teacher = False)")
+        with self.teacher_block(grad):
+            return self.teacher(**inputs)
+
+    def accumulate(self, compute: Compute, engine=None) -> dict[str, float]:
+        """One optimizer step of ``engine`` (default the student) over ``gradient_accumulation_steps`` micro-batches:
+        ``compute()`` -> loss terms (or ``(terms, stats)``), backward of their sum, ``step()``. Returns the mean of
+        every term and stat, and ``loss``, as floats."""
+        engine = self.student if engine is None else engine
+        n = self.grad_accum
+        totals: dict[str, float] = {}
+        for _ in range(n):
+            out = compute()
+            terms, stats = out if isinstance(out, tuple) else (out, {})
+            loss = sum(terms.values())
+            engine.backward(loss)
+            if engine is self.student:
+                self.student_step()
+            else:
+                engine.step()
+            for k, v in {**terms, **stats, "loss": loss}.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n
+        return totals
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         idx = next(self._batch_iter)
@@ -73,7 +111,7 @@ class Trainer:
         if "attention_mask" in batch:
             self.tokens_seen += int(batch["attention_mask"].sum())
         self.samples_seen += len(idx)
-        return self.to_device(batch)
+        return to_device(batch, self.device)
 
     def collate(self, dataset, idx: list[int]) -> dict:
         if hasattr(dataset, "column_names"):  # datasets.Dataset: one batched read
@@ -82,9 +120,6 @@ class Trainer:
         else:
             rows = [dataset[i] for i in idx]
         return self.data.collate_fn(rows)
-
-    def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def student_step(self) -> None:
         """``student.step()``; at ZeRO-0 in fp32, where DeepSpeed keeps no gradient norm, record it first."""
@@ -152,6 +187,10 @@ class Trainer:
         self.device = dist.device()
         on_cpu = self.device.type == "cpu"
         set_seed(cfg.seed)
+        # batch geometry first: everything below (sampler, step count, DeepSpeed config) follows from it
+        ds_raw = load_ds_config(cfg.deepspeed or DEFAULT_DS_CONFIG)
+        self.geometry = resolve_batch_geometry(cfg, ds_raw, self.world_size, cfg.deepspeed or DEFAULT_DS_CONFIG,
+                                               self.explicit)
 
         # decide about the output folder on every rank before anything is written
         self.run_mode = checkpoint.check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
@@ -161,27 +200,27 @@ class Trainer:
         if self.is_main and self.run_mode != "resume":  # first write: marks the folder as ours
             checkpoint.write_run_marker(cfg.output_dir, {"method": self.method.name, "teacher": cfg.teacher,
                                                          "started": time.time(), "config": to_dict(cfg)})
-        ds_raw = load_ds_config(cfg.deepspeed or DEFAULT_DS_CONFIG)
 
-        self.tokenizer = self.method.load_tokenizer(self)
-        teacher = self.method.load_teacher(self) if self.method.needs_teacher else None
+        ctx = self.ctx
+        self.tokenizer = self.method.load_tokenizer(ctx)
+        teacher = self.method.load_teacher(ctx) if self.method.needs_teacher else None
         if self.method.needs_teacher and teacher is None:
             raise KDError(f"method '{self.method.name}' needs a teacher: pass --teacher PATH_OR_ID")
-        student = self.method.load_student(self, teacher)
+        student = self.method.load_student(ctx, teacher)
         if teacher is not None and self.method.requires_same_vocab:
             check_same_vocab(self._teacher_tokenizer(), self.tokenizer, teacher, student)
-        self.data = self.method.build_data(self)
+        self.data = self.method.build_data(ctx)
         if self.data.train is None or len(self.data.train) == 0:
             raise KDError("the training data is empty")
 
+        geo = self.geometry
         self.sampler = ResumableBatchSampler(
-            len(self.data.train), cfg.per_device_train_batch_size, rank=self.rank, world_size=self.world_size,
+            len(self.data.train), geo.micro, rank=self.rank, world_size=self.world_size,
             seed=cfg.seed, lengths=self.data.train_lengths, group_by_length=cfg.group_by_length and
-            self.data.train_lengths is not None, drop_last=len(self.data.train) >= cfg.per_device_train_batch_size
-            * self.world_size)
+            self.data.train_lengths is not None, drop_last=len(self.data.train) >= geo.micro * self.world_size)
         if len(self.sampler) == 0:
             raise KDError(f"{len(self.data.train)} training examples are fewer than one global batch")
-        steps_per_epoch = max(len(self.sampler) // cfg.gradient_accumulation_steps, 1)
+        self.steps_per_epoch = steps_per_epoch = max(len(self.sampler) // geo.accumulation, 1)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
         self.ds_config = resolve_ds_config(ds_raw, cfg, self.world_size, self.total_steps, on_cpu)
@@ -196,7 +235,7 @@ class Trainer:
             t_dtype = self.student_dtype if cfg.teacher_dtype == "auto" else cfg.teacher_dtype
             self.teacher, self.teacher_model = build_teacher_engine(
                 teacher, teacher_ds_config(self.ds_config, t_dtype), t_dtype, self.device)
-        self.method.setup(self)
+        self.method.setup(ctx)
         dist.barrier()
         if self.is_main:
             logger.info("method %s | world size %d | ZeRO stage %d | %s | student %s params | teacher %s | "
@@ -252,8 +291,8 @@ class Trainer:
         for b in range(n_batches):
             idx = mine[b * bs:(b + 1) * bs]
             real = len(idx) > 0
-            batch = self.to_device(self.collate(self.data.eval, idx if real else [0]))
-            out = self.method.eval_step(self, batch)
+            batch = to_device(self.collate(self.data.eval, idx if real else [0]), self.device)
+            out = self.method.eval_step(self.ctx, batch)
             if real:
                 for k, (s, c) in out.items():
                     s0, c0 = sums.get(k, (0.0, 0.0))
@@ -265,8 +304,7 @@ class Trainer:
             e.module.train()
         sums = dist.all_reduce_sums(sums)
         metrics = {k: s / c for k, (s, c) in sums.items() if c > 0}
-        if "lm_loss" in metrics:
-            metrics["perplexity"] = math.exp(min(metrics["lm_loss"], 50.0))
+        metrics.update(perplexities(metrics, self.method.lm_loss_key))
         self.monitor.scalars(self.global_step, metrics, "eval")
         if self.is_main:
             logger.info("eval at step %d: %s", self.global_step,
@@ -281,7 +319,7 @@ class Trainer:
         self._batch_iter = infinite_batches(self.sampler)
         self.monitor = Monitor(self.student, cfg.output_dir, self.rank, self.total_steps, self.global_step,
                                cfg.disable_tqdm)
-        if getattr(self.opts, "eval_before_training", False) and self.global_step == 0:
+        if cfg.eval_on_start and self.global_step == 0:
             self.initial_metrics = self.evaluate()
         crash_at = int(os.environ.get(_CRASH_ENV, "0") or 0)
         window = {"t": time.perf_counter(), "teacher": 0.0, "tokens": self.tokens_seen,
@@ -293,7 +331,7 @@ class Trainer:
 
                 os.kill(os.getpid(), signal.SIGKILL)
             t_teacher0 = self.teacher_seconds
-            terms = self.method.train_step(self)
+            terms = self.method.train_step(self.ctx)
             self.global_step += 1
             window["teacher"] += self.teacher_seconds - t_teacher0
             window["steps"] += 1
@@ -346,3 +384,14 @@ class Trainer:
                            dist.barrier, card)
         self.monitor.close()
         return metrics
+
+
+def perplexities(metrics: dict[str, float], lm_loss_key) -> dict[str, float]:
+    """``perplexity`` = exp(the loss the method names as its LM loss, ``Method.lm_loss_key``), and
+    ``teacher_perplexity`` from ``teacher_<that key>`` where the method reports the teacher's own loss."""
+    out = {}
+    if lm_loss_key:
+        for prefix in ("", "teacher_"):
+            if prefix + lm_loss_key in metrics:
+                out[prefix + "perplexity"] = math.exp(min(metrics[prefix + lm_loss_key], 50.0))
+    return out

@@ -2,8 +2,8 @@
 
 A method is one file in ``kd_engine/methods/`` with one ``Method`` subclass decorated by ``@register("name")``.
 It declares its options (a dataclass, ``Options``), builds/accepts teacher, student and data, and returns named
-loss terms; the engine (``kd_engine.engine.trainer.Trainer``, passed to every hook as ``ctx``) sums them,
-backpropagates through the student's DeepSpeed engine, steps, logs, evaluates and checkpoints.
+loss terms; the engine sums them, backpropagates through the student's DeepSpeed engine, steps, logs, evaluates and
+checkpoints. Every hook gets ``ctx``, a ``kd_engine.engine.context.Context`` (its docstring lists the members).
 
 Hooks, in the order the trainer calls them on every rank::
 
@@ -13,41 +13,29 @@ Hooks, in the order the trainer calls them on every rank::
     data    = method.build_data(ctx)             # DataBundle
     ... trainer wraps the student (deepspeed.initialize) and the teacher (its own inference engine) ...
     method.setup(ctx)                            # optional: extra engines via ctx.add_engine(...)
-    loop:   metrics = method.train_step(ctx)     # one optimizer step; default = grad-accum x compute_loss
+    loop:   metrics = method.train_step(ctx)     # one optimizer step; default = ctx.accumulate(compute_loss)
             method.eval_step(ctx, batch)         # periodic evaluation, returns {name: (sum, count)}
     checkpoints carry method.state_dict() / load_state_dict()
 
 Methods with their own step structure (rollout buffers, PPO epochs, adversarial generator steps) override
 ``train_step``; methods with extra trainable models register them with ``ctx.add_engine`` so that they are
-checkpointed and resumed with the student. Nothing in the engine knows about any particular method.
-
-What ``ctx`` offers (see ``Trainer``): ``cfg``, ``opts``, ``tokenizer``, ``student`` (DeepSpeed engine; the HF
-model is ``ctx.student.module``), ``teacher`` (callable inference engine or None), ``teacher_forward(**inputs)``
-(no_grad, eval, timed), ``next_batch()`` (the next training micro-batch, on device), ``device``, ``rank``,
-``world_size``, ``is_main``, ``grad_accum``, ``global_step``, ``student_step()`` (``student.step()`` that also records
-the gradient norm), ``add_engine(name, model, ...)``, ``frozen(engine)`` (that engine's model as a frozen function,
-for training one model through another), ``log_scalars({...})``.
+checkpointed and resumed with the student. Nothing in the engine knows about any particular method: a method that
+reports a language-model loss names its metric in ``lm_loss_key`` and the engine derives ``perplexity`` from it
+(and ``teacher_perplexity`` from ``teacher_<key>``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
+
+from ..data.bundle import DataBundle  # noqa: F401  (plugins import it from here)
 
 
 @dataclass
 class NoOptions:
     pass
-
-
-@dataclass
-class DataBundle:
-    train: Any  # a map-style dataset (len + __getitem__ -> dict of python lists / ints)
-    eval: Any = None
-    collate_fn: Optional[Callable] = None  # list of examples -> dict of tensors (dynamic padding)
-    train_lengths: Optional[list[int]] = None  # token lengths for length-grouped batching
-    info: dict = field(default_factory=dict)  # counts to report (skipped lines, truncated prompts ...)
 
 
 class Method:
@@ -58,6 +46,8 @@ class Method:
     needs_teacher: ClassVar[bool] = True
     # teacher and student tokenizers must be identical (logit / token-relation methods)
     requires_same_vocab: ClassVar[bool] = True
+    # the evaluation metric that is a mean token cross-entropy: the engine reports exp(it) as perplexity
+    lm_loss_key: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg, opts):
         self.cfg = cfg
@@ -88,21 +78,11 @@ class Method:
         raise NotImplementedError
 
     def train_step(self, ctx) -> dict[str, float]:
-        """One optimizer step of the student: ``ctx.grad_accum`` micro-batches through ``compute_loss``.
+        """One optimizer step of the student: the accumulation micro-batches through ``compute_loss``.
 
         Returns the mean of every loss term (and ``loss``, their sum) over the micro-batches, as floats.
         """
-        totals: dict[str, float] = {}
-        for _ in range(ctx.grad_accum):
-            batch = ctx.next_batch()
-            terms = self.compute_loss(ctx, batch)
-            loss = sum(terms.values())
-            ctx.student.backward(loss)
-            ctx.student_step()
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / ctx.grad_accum
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / ctx.grad_accum
-        return totals
+        return ctx.accumulate(lambda: self.compute_loss(ctx, ctx.next_batch()))
 
     @torch.no_grad()
     def eval_step(self, ctx, batch: dict) -> dict[str, tuple[float, float]]:

@@ -21,7 +21,6 @@ class KDOptions:
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (KD) term; 1 - alpha goes to the hard-label cross-entropy
     task: str = "auto"  # auto | causal_lm | seq2seq_lm | sequence_classification
-    eval_before_training: bool = False  # evaluate once before the first step (e.g. perplexity before KD)
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -56,6 +55,7 @@ class LogitKD(Method):
     """Hinton logit distillation (temperature, T^2, alpha mix with hard labels)."""
 
     Options = KDOptions
+    lm_loss_key = "lm_loss"
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
@@ -118,12 +118,13 @@ def evaluation_metrics(task, s, t, labels, vocab_size, temperature) -> dict:
         return {}
     s_v = s[..., :vocab_size] if vocab_size else s
     pred = s_v.argmax(-1)
-    out = {"lm_loss" if task != "sequence_classification" else "ce_loss":
-           (float(hard_cross_entropy(s, labels, vocab_size)) * n, n),
+    loss_key = "lm_loss" if task != "sequence_classification" else "ce_loss"
+    out = {loss_key: (float(hard_cross_entropy(s, labels, vocab_size)) * n, n),
            "accuracy": (float(((pred == labels) & mask).sum()), n)}
     if t is not None:
         t_v = t[..., :vocab_size] if vocab_size else t
         out["teacher_agreement"] = (float(((pred == t_v.argmax(-1)) & mask).sum()), n)
         out["kd_kl"] = (float(kl_div_rows(s, t, temperature, mask, vocab_size)) * n, n)
         out["teacher_accuracy"] = (float(((t_v.argmax(-1) == labels) & mask).sum()), n)
+        out["teacher_" + loss_key] = (float(hard_cross_entropy(t, labels, vocab_size)) * n, n)
     return out

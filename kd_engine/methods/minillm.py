@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from ..data.collate import PadCollator
+from ..data.collate import PadCollator, to_device
 from ..data.rollout_buffer import RolloutBuffer
 from ..data.span_corruption import sentinel_ids, span_corrupt
 from ..errors import ConfigError, KDError
@@ -239,7 +239,7 @@ class MiniLLM(Method):
     def _sample(self, ctx, batch, alpha: float, generator) -> object:
         o = self.opts
         return mixed_sample(
-            ctx.student.module, ctx.teacher_model, batch["input_ids"], batch["attention_mask"],
+            ctx.student.module, ctx.teacher_module, batch["input_ids"], batch["attention_mask"],
             max_new_tokens=o.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
             pad_token_id=ctx.tokenizer.pad_token_id, alpha=alpha, temperature=o.gen_temperature, top_k=o.gen_top_k,
             top_p=o.gen_top_p, generator=generator, vocab_size=self.vocab_size, synced_ranks=ctx.world_size > 1)
@@ -298,7 +298,7 @@ class MiniLLM(Method):
         terms = {"pg": pg}
         if o.single_step_reg:
             with torch.no_grad():
-                t_logits = response_logits(self._teacher_call(ctx), *args, module=ctx.teacher_model).float()
+                t_logits = response_logits(self._teacher_call(ctx), *args, module=ctx.teacher_module).float()
             terms["reg"] = L.single_step_reverse_kl(s_logits, t_logits / o.gen_temperature, m, self.vocab_size, inf)
         return terms, stats
 
@@ -312,7 +312,7 @@ class MiniLLM(Method):
         """
         rows = [self.pt[i] for i in next(self.pt_iter)]
         if self._task() == "causal_lm":
-            batch = ctx.to_device(self.pt_collate(rows))
+            batch = to_device(self.pt_collate(rows), ctx.device)
             return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
         split = []
         if self.pt_objective == "span_corruption":
@@ -326,7 +326,7 @@ class MiniLLM(Method):
                 ids = list(r["input_ids"])
                 h = max(1, len(ids) // 2)
                 split.append({"input_ids": ids[:h], "attention_mask": [1] * h, "labels": ids[h:] or ids[-1:]})
-        batch = ctx.to_device(self.pt_collate(split))
+        batch = to_device(self.pt_collate(split), ctx.device)
         model = ctx.student.module
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                   "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
@@ -348,36 +348,26 @@ class MiniLLM(Method):
         return {"pt": self.opts.lm_coef * out["pt"]}, {"pt_lm": out["lm"], "pt_kd": out["kd"]}
 
     def train_step(self, ctx) -> dict[str, float]:
-        totals: dict[str, float] = {}
-
-        def add(k, v):
-            totals[k] = totals.get(k, 0.0) + float(v) / ctx.grad_accum
-
         module = ctx.student.module
         was_training = module.training
         module.eval()  # dropout off for the whole RL step (reference: the policy runs in eval mode), so that the
         # first minibatch of a fresh buffer recomputes exactly the rollout's log q (ratio == w)
         try:
-            self._accumulate(ctx, add)
+            totals = ctx.accumulate(lambda: self._micro_step(ctx))
         finally:
             module.train(was_training)
         totals.update(self.round_stats)
         return totals
 
-    def _accumulate(self, ctx, add) -> None:
-        for _ in range(ctx.grad_accum):
-            mb = self._next_minibatch(ctx)
-            terms, stats = self._ppo_terms(ctx, mb)
-            if self.pt is not None:
-                pt_terms, pt_stats = self._pt_terms(ctx)
-                terms.update(pt_terms)
-                stats.update(pt_stats)
-            loss = sum(terms.values())
-            ctx.student.backward(loss)
-            ctx.student_step()
-            for k, v in {**terms, **stats}.items():
-                add(k, v.detach())
-            add("loss", loss.detach())
+    def _micro_step(self, ctx):
+        """Loss terms and statistics of one PPO minibatch (plus a pretraining batch with --pt_file)."""
+        mb = self._next_minibatch(ctx)
+        terms, stats = self._ppo_terms(ctx, mb)
+        if self.pt is not None:
+            pt_terms, pt_stats = self._pt_terms(ctx)
+            terms.update(pt_terms)
+            stats.update(pt_stats)
+        return terms, stats
 
     def compute_loss(self, ctx, batch):  # not used: train_step is overridden
         raise NotImplementedError("minillm trains through train_step (rollouts + PPO epochs)")
@@ -399,7 +389,7 @@ class MiniLLM(Method):
             targets = [first_word(tok.decode([int(i) for i in row if i >= 0], skip_special_tokens=True))
                        for row in batch["target_labels"]]
             s_ans = self._greedy_words(ctx, batch, ctx.student.module)
-            t_ans = self._greedy_words(ctx, batch, ctx.teacher_model)
+            t_ans = self._greedy_words(ctx, batch, ctx.teacher_module)
             has = [bool(t) for t in targets]
             m = float(sum(has))
             out["answer_accuracy"] = (float(sum(h and a == t for h, a, t in zip(has, s_ans, targets))), m)

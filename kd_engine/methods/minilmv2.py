@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .. import paths
 from ..data.collate import PadCollator
 from ..data.corpus import FORMATS, DocumentBlocks, PackedBlocks, build_or_load
 from ..errors import ConfigError, KDError
@@ -40,7 +39,7 @@ class MiniLMv2Options:
     vv_weight: float = 1.0
     relation_chunk_size: str = "auto"  # (batch x relation head) pairs per chunk: an integer, "auto" or "none"
     corpus_format: str = "auto"  # auto | lines | paragraphs | jsonl | wiki
-    corpus_cache_dir: Optional[str] = None  # default ~/.cache/kd_engine/corpus (shared by runs and ranks)
+    corpus_cache_dir: Optional[str] = None  # default $KD_ENGINE_CACHE/corpus (shared by runs and ranks)
     # fixed max_length blocks of the token stream (no text wasted on long documents such as Wikipedia articles);
     # false: one document per example truncated to max_length, dynamically padded (the reference code's way)
     pack_blocks: bool = True
@@ -112,7 +111,7 @@ class MiniLMv2(Method):
     # ---- data ---------------------------------------------------------------------------------------------
     def _blocks(self, ctx, files):
         o = self.opts
-        cache_dir = o.corpus_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "kd_engine", "corpus")
+        cache_dir = o.corpus_cache_dir or paths.cache_dir("corpus")
         # the trainer runs build_data on rank 0 first, then on the other ranks: they find the cache complete
         cache = build_or_load(files, ctx.tokenizer, cache_dir, format=o.corpus_format, text_field=self.cfg.text_column,
                               max_length=None if o.pack_blocks else self.cfg.max_length,
@@ -150,7 +149,7 @@ class MiniLMv2(Method):
 
     # ---- training -----------------------------------------------------------------------------------------
     def setup(self, ctx) -> None:
-        self.t_adapter = get_adapter(ctx.teacher_model)
+        self.t_adapter = get_adapter(ctx.teacher_module)
         self.s_adapter = get_adapter(ctx.student.module)
         self.t_layer = self._teacher_index(self.t_adapter)
         self.weights = (self.opts.qq_weight, self.opts.kk_weight, self.opts.vv_weight)
@@ -159,10 +158,8 @@ class MiniLMv2(Method):
     def compute_loss(self, ctx, batch):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         extra = {k: batch[k] for k in ("token_type_ids",) if k in batch}
-        t0 = time.perf_counter()
-        with torch.no_grad():  # the teacher module directly: its forward stops after the chosen layer's V
-            t_qkv = self.t_adapter.qkv(ctx.teacher_model, ids, mask, self.t_layer, **extra)
-        ctx.teacher_seconds += time.perf_counter() - t0
+        with ctx.teacher_hooks() as teacher:  # the teacher module directly: its forward stops after layer L's V
+            t_qkv = self.t_adapter.qkv(teacher, ids, mask, self.t_layer, **extra)
         s_qkv = self.s_adapter.qkv(ctx.student, ids, mask, -1, **extra)  # the student engine's own forward
         _, terms = minilm_v2_loss(t_qkv, s_qkv, mask, self.opts.relation_heads, self.weights, self.chunk)
         w = dict(zip(("qq", "kk", "vv"), self.weights))

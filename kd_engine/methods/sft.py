@@ -24,7 +24,6 @@ class SFTOptions:
     num_labels: int = 0  # > 0: put a fresh classification head with this many classes on an encoder
     freeze_encoder: bool = False  # encoder-decoder: freeze the encoder (DistilBART SFT recipe)
     freeze_embeds: bool = False  # freeze token and position embeddings
-    eval_before_training: bool = False
 
     def validate(self) -> None:
         if self.num_labels < 0:
@@ -50,6 +49,7 @@ class SupervisedFineTune(Method):
     """Supervised fine-tuning on labels, no teacher (shrink-and-fine-tune, downstream evaluation)."""
 
     Options = SFTOptions
+    lm_loss_key = "lm_loss"
     needs_teacher = False
     requires_same_vocab = False
 

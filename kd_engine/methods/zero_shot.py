@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, KDError
+from ..paths import cache_dir
 from ..losses.kd import soft_cross_entropy_rows
 from ..teachers.labeling import all_gather_objects, default_cache_dir, label_corpus, labeling_key
 from ..teachers.zero_shot import (DEFAULT_TEMPLATE, EMBEDDING_TEMPERATURE, EmbeddingTeacher, NLITeacher,
@@ -162,9 +162,7 @@ class ZeroShot(Method):
     def _label(self, ctx, teacher, texts: list[str], what: str) -> torch.Tensor:
         root = self.opts.label_cache_dir
         if root is None:
-            from ..models.loading import cache_root
-
-            root = os.path.join(cache_root(), "zero_shot")
+            root = cache_dir("zero_shot")
         cache = default_cache_dir(root, labeling_key(teacher, texts))  # one folder per key; key checked inside
         t0, calls0 = time.perf_counter(), teacher.calls
         labels = label_corpus(teacher, texts, batch_size=self.opts.teacher_batch_size, cache_dir=cache,

@@ -13,11 +13,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
 from ..errors import KDError
+from ..io import atomic_dir
+from ..paths import cache_root  # noqa: F401  (re-exported for older imports)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ TASK_AUTO_CLASSES = {
     "masked_lm": "AutoModelForMaskedLM",
     "encoder": "AutoModel",
 }
-
-
-def cache_root() -> str:
-    return os.environ.get("KD_ENGINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kd_engine"))
 
 
 def _package_dir(package: str, pip_name: str) -> str:
@@ -77,18 +73,9 @@ def _convert_gguf(pkg_dir: str, gguf_file: str, target: str) -> None:
         delattr(config, "quantization_config")
     clean = type(model)(config)
     clean.load_state_dict(model.state_dict())
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
-    try:
+    with atomic_dir(target, replace=False) as tmp:  # another process may finish first: its folder is kept
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if os.path.isdir(target):  # another process finished first
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve(name_or_path: str, require_config: bool = True) -> str:

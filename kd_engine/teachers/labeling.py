@@ -23,12 +23,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..errors import KDError
+from ..io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,23 +71,12 @@ def default_cache_dir(root: str, key: dict) -> str:
 
 
 def _atomic_save(obj: Any, path: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=d)
-    os.close(fd)
-    try:
-        if path.endswith(".json"):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=1, sort_keys=True)
-        else:
-            with open(tmp, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    if path.endswith(".json"):
+        with atomic_file(path) as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+    else:
+        with atomic_file(path, "wb") as f:
+            torch.save(obj, f)
 
 
 def _chunk_path(cache_dir: str, start: int, stop: int) -> str:

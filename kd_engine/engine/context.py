@@ -1,0 +1,115 @@
+"""What a method plugin sees of the engine: one small typed object, ``ctx``, passed to every hook.
+
+The trainer builds one ``Context`` and keeps the bookkeeping (timing, counters, logging windows) to itself: a method
+reads configuration, runs the teacher and the student through these calls, and returns loss terms. Members:
+
+- ``cfg`` (``TrainConfig``), ``opts`` (the method's ``Options``), ``tokenizer``, ``device``, ``rank``,
+  ``world_size``, ``is_main``, ``global_step`` (optimizer steps done so far).
+- ``student``: the student's DeepSpeed engine (call it for the forward; the HF model is ``ctx.student.module``).
+- ``next_batch()``: the next training micro-batch of this rank, collated and on ``device``.
+- ``teacher_forward(**inputs, grad=False)``: the frozen teacher's forward, timed as teacher time. ``grad=True``
+  keeps the autograd graph through the teacher's activations (gradients reach the inputs, e.g. a generator's
+  output, never the teacher's parameters).
+- ``teacher_module``: the teacher's underlying ``nn.Module`` (generation, Q/K/V hooks); ``teacher_hooks(grad=False)``
+  is a context manager that yields it with the block timed as teacher time (and no autograd unless ``grad``).
+- ``accumulate(compute, engine=None)``: one optimizer step of gradient accumulation: ``compute()`` is called once per
+  micro-batch and returns ``{name: loss tensor}`` (or ``(terms, stats)``); their sum is backpropagated through the
+  engine (default the student) and the engine steps. Returns every term and stat averaged over the micro-batches,
+  plus ``loss`` (their sum), as floats.
+- ``student_step()``: ``student.step()`` for methods that call ``student.backward`` themselves.
+- ``add_engine(name, model, ds_overrides=None, optimizer=None, lr_scheduler=None)``: an extra trainable model in its
+  own DeepSpeed engine, checkpointed and resumed with the student (call it in ``Method.setup``).
+- ``frozen(engine)``: context manager yielding that engine's model with its parameters frozen (train one model
+  through another).
+- ``log_scalars(values, prefix="train")``: extra scalars to TensorBoard and the JSONL log at ``global_step``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import TrainConfig
+    from .trainer import Trainer
+
+LossTerms = dict[str, torch.Tensor]
+Compute = Callable[[], Union[LossTerms, tuple[LossTerms, dict[str, Any]]]]
+
+
+class Context:
+    """The engine's services for a method (see the module docstring)."""
+
+    __slots__ = ("_trainer",)
+
+    def __init__(self, trainer: "Trainer"):
+        self._trainer = trainer
+
+    # ---- configuration and placement ---------------------------------------------------------------------
+    @property
+    def cfg(self) -> "TrainConfig":
+        return self._trainer.cfg
+
+    @property
+    def opts(self) -> Any:
+        return self._trainer.opts
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._trainer.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self._trainer.device
+
+    @property
+    def rank(self) -> int:
+        return self._trainer.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._trainer.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self._trainer.rank == 0
+
+    @property
+    def global_step(self) -> int:
+        return self._trainer.global_step
+
+    # ---- models ------------------------------------------------------------------------------------------
+    @property
+    def student(self) -> Any:
+        return self._trainer.student
+
+    @property
+    def teacher_module(self) -> Optional[torch.nn.Module]:
+        return self._trainer.teacher_model
+
+    def teacher_forward(self, grad: bool = False, **inputs) -> Any:
+        return self._trainer.teacher_forward(grad=grad, **inputs)
+
+    def teacher_hooks(self, grad: bool = False) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        return self._trainer.teacher_block(grad=grad)
+
+    # ---- data and steps ----------------------------------------------------------------------------------
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self._trainer.next_batch()
+
+    def accumulate(self, compute: Compute, engine: Any = None) -> dict[str, float]:
+        return self._trainer.accumulate(compute, engine)
+
+    def student_step(self) -> None:
+        self._trainer.student_step()
+
+    def add_engine(self, name: str, model: torch.nn.Module, ds_overrides: Optional[dict] = None, optimizer=None,
+                   lr_scheduler=None) -> Any:
+        return self._trainer.add_engine(name, model, ds_overrides, optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+    def frozen(self, engine: Any) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        return self._trainer.frozen(engine)
+
+    def log_scalars(self, values: dict[str, float], prefix: str = "train") -> None:
+        self._trainer.log_scalars(values, prefix)
