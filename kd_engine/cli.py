@@ -38,7 +38,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         metrics = Trainer(parsed).fit()
         if int(os.environ.get("RANK", "0")) == 0:
-            print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            if metrics:  # a run without evaluation data has none: no empty line
+                print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            print(f"results in {parsed.train.output_dir}", flush=True)
         return 0
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -55,6 +55,7 @@ class Trainer:
         self.tokens_seen = 0
         self.samples_seen = 0
         self.final_metrics: dict[str, float] = {}
+        self._shown: Optional[dict] = None
 
     # ---- services offered to methods (through Context) ---------------------------------------------------
     @property
@@ -88,7 +89,8 @@ class Trainer:
     def accumulate(self, compute: Compute, engine=None) -> dict[str, float]:
         """One optimizer step of ``engine`` (default the student) over ``gradient_accumulation_steps`` micro-batches:
         ``compute()`` -> loss terms (or ``(terms, stats)``), backward of their sum, ``step()``. Returns the mean of
-        every term and stat, and ``loss``, as floats."""
+        every term and stat, and ``loss``, as floats or detached 0-d tensors: no host sync per step (the trainer
+        converts them when it logs)."""
         engine = self.student if engine is None else engine
         n = self.grad_accum
         totals: dict[str, float] = {}
@@ -102,7 +104,7 @@ class Trainer:
             else:
                 engine.step()
             for k, v in {**terms, **stats, "loss": loss}.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n
+                totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
         return totals
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -121,14 +123,21 @@ class Trainer:
             rows = [dataset[i] for i in idx]
         return self.data.collate_fn(rows)
 
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step now running is one the loop logs (every ``logging_steps``, and the last)."""
+        step = self.global_step + 1
+        return step % self.cfg.logging_steps == 0 or step == self.total_steps
+
     def student_step(self) -> None:
-        """``student.step()``; at ZeRO-0 in fp32, where DeepSpeed keeps no gradient norm, record it first."""
+        """``student.step()``. At the accumulation boundary it records the learning rate this step uses (the logged
+        ``lr``) and, on steps that are logged at ZeRO-0 in fp32 (where DeepSpeed keeps no gradient norm), the
+        gradient norm; other steps do no extra work."""
         eng = self.student
-        if eng.is_gradient_accumulation_boundary() and eng.zero_optimization_stage() == 0 \
-                and self.student_dtype == "fp32":
-            grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
-            self._grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+        if eng.is_gradient_accumulation_boundary():
+            self._step_lr = eng.get_lr()
+            if self._logs_this_step() and eng.zero_optimization_stage() == 0 and self.student_dtype == "fp32":
+                grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
+                self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         eng.step()
 
     def grad_norm(self) -> Optional[float]:
@@ -324,7 +333,7 @@ class Trainer:
         crash_at = int(os.environ.get(_CRASH_ENV, "0") or 0)
         window = {"t": time.perf_counter(), "teacher": 0.0, "tokens": self.tokens_seen,
                   "samples": self.samples_seen, "steps": 0}
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}  # floats or 0-d tensors, summed without a host sync until the window is logged
         while self.global_step < self.total_steps:
             if crash_at and self.global_step + 1 == crash_at:
                 import signal
@@ -337,10 +346,10 @@ class Trainer:
             window["steps"] += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
-            self.monitor.progress(self.global_step, {"loss": terms.get("loss", 0.0)})
             if self.global_step % cfg.logging_steps == 0 or self.global_step == self.total_steps:
                 self._log_window(window, sums)
                 sums = {}
+            self.monitor.progress(self.global_step, self._shown)
             if cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0 and self.global_step < self.total_steps:
                 self.evaluate()
             if cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0 and self.global_step < self.total_steps:
@@ -351,8 +360,8 @@ class Trainer:
         now = time.perf_counter()
         steps = max(window["steps"], 1)
         elapsed = now - window["t"]
-        values = {k: v / steps for k, v in sums.items()}
-        lr = self.student.get_lr()
+        values = {k: float(v) / steps for k, v in sums.items()}
+        lr = getattr(self, "_step_lr", None) or self.student.get_lr()  # the step just taken, not the next one
         values["lr"] = float(lr[0]) if lr else 0.0
         gn = self.grad_norm()
         if gn is not None:
@@ -362,6 +371,7 @@ class Trainer:
         values["teacher_ms"] = 1000.0 * window["teacher"] / steps
         values["student_ms"] = 1000.0 * (elapsed - window["teacher"]) / steps
         self.monitor.scalars(self.global_step, values, "train")
+        self._shown = {"loss": values["loss"]} if "loss" in values else None  # the bar shows the last logged loss
         window.update(t=now, teacher=0.0, tokens=self.tokens_seen, samples=self.samples_seen, steps=0)
 
     def _finish(self) -> dict[str, float]:
