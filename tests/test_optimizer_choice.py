@@ -105,3 +105,33 @@ def test_kd_losses_pinned_fused_vs_single_tensor(tmp_path):
     assert len(runs["fused"]) == 4 and runs["fused"][0] == runs["single"][0]
     assert runs["fused"][-1] != runs["fused"][0]
     torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["single"]), rtol=1e-5, atol=1e-6)
+
+
+def test_single_rank_zero0_skips_deepspeeds_allreduce_with_identical_losses(tmp_path, monkeypatch):
+    """One rank at ZeRO-0: the trainer turns off DeepSpeed's per-step flatten/all-reduce/copy-back of every gradient
+    (a no-op over one rank); the losses are bit for bit those of a run that keeps it. ZeRO 1-3 keep it."""
+    from kd_engine.engine.trainer import Trainer
+
+    tiny.make_llama(str(tmp_path / "teacher"), layers=4)
+    tiny.write_lines(str(tmp_path / "train.txt"), tiny.sentences(48))
+    z1 = tmp_path / "zero1.json"
+    z1.write_text(json.dumps(load_ds_config("ds_configs/zero1.json")))
+
+    def run(name, *extra):
+        tr = Trainer(build_config([
+            "--method", "kd", "--teacher", str(tmp_path / "teacher"), "--student.layers", "2",
+            "--train_file", str(tmp_path / "train.txt"), "--output_dir", str(tmp_path / name), "--max_steps", "3",
+            "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
+            "--disable_tqdm", "true", "--export", "false", *extra]))
+        tr.fit()
+        log = [json.loads(line) for line in open(tmp_path / name / "train_log.jsonl")]
+        return tr, [r["loss"] for r in log if r["split"] == "train"]
+
+    tr, skipped = run("skip")
+    assert tr.student.enable_backward_allreduce is False
+    tr1, _ = run("zero1", "--deepspeed", str(z1))
+    assert tr1.student.enable_backward_allreduce is True
+    monkeypatch.setattr(Trainer, "_skip_single_rank_allreduce", lambda self, engine: None)
+    tr, kept = run("kept")
+    assert tr.student.enable_backward_allreduce is True
+    assert len(skipped) == 3 and skipped == kept and skipped[-1] != skipped[0]

@@ -140,6 +140,13 @@ class Trainer:
                 self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         eng.step()
 
+    def _skip_single_rank_allreduce(self, engine) -> None:
+        """One rank at ZeRO-0: nothing to reduce, but DeepSpeed would still flatten every gradient, all-reduce it
+        over the one rank and copy it back after each backward (README, step time). ZeRO 1-3 keep the call: their
+        gradient partitioning runs inside it."""
+        if self.world_size == 1 and engine.zero_optimization_stage() == 0:
+            engine.enable_backward_allreduce = False
+
     def grad_norm(self) -> Optional[float]:
         gn = self.student.get_global_grad_norm()
         return float(gn) if gn is not None else getattr(self, "_grad_norm", None)
@@ -166,6 +173,7 @@ class Trainer:
                                                                          if p.requires_grad],
                                           optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds)
         self.engines[name] = engine
+        self._skip_single_rank_allreduce(engine)
         return engine
 
     @contextlib.contextmanager
@@ -240,6 +248,7 @@ class Trainer:
         self.student, *_ = deepspeed.initialize(model=student, model_parameters=trainable, config=self.ds_config,
                                                 lr_scheduler=client_lr_scheduler(self.ds_config, cfg, self.total_steps))
         self.engines["student"] = self.student
+        self._skip_single_rank_allreduce(self.student)
         if teacher is not None:
             t_dtype = self.student_dtype if cfg.teacher_dtype == "auto" else cfg.teacher_dtype
             self.teacher, self.teacher_model = build_teacher_engine(
