@@ -112,6 +112,15 @@ def choose_adam_implementation(opt: dict, ds: dict, on_cpu: bool) -> None:
         params["fused"] = True
 
 
+def skip_single_rank_allreduce(engine, world_size: int):
+    """One rank at ZeRO-0: nothing to reduce, but DeepSpeed would still flatten every gradient, all-reduce it over
+    the one rank and copy it back after each backward (README, step time): turn that off. ZeRO 1-3 keep it (their
+    gradient partitioning runs inside it). Returns the engine."""
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False
+    return engine
+
+
 def client_lr_scheduler(ds: dict, cfg, total_steps: int):
     """When the JSON names no scheduler: a callable DeepSpeed calls with its optimizer (linear/constant/cosine with
     warmup, as in transformers); DeepSpeed checkpoints and restores it like its own."""

@@ -22,7 +22,7 @@ from ..batch_geometry import resolve_batch_geometry
 from ..config import ParsedConfig, to_dict
 from ..data.collate import to_device
 from ..data.sampler import ResumableBatchSampler, infinite_batches
-from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
+from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, skip_single_rank_allreduce, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
     zero_stage
 from ..errors import KDError
 from ..models.loading import check_same_vocab, load_tokenizer
@@ -55,7 +55,7 @@ class Trainer:
         self.tokens_seen = 0
         self.samples_seen = 0
         self.final_metrics: dict[str, float] = {}
-        self._shown: Optional[dict] = None
+        self._shown: Optional[dict] = None  # what the progress bar shows: the last logged loss
 
     # ---- services offered to methods (through Context) ---------------------------------------------------
     @property
@@ -89,8 +89,7 @@ class Trainer:
     def accumulate(self, compute: Compute, engine=None) -> dict[str, float]:
         """One optimizer step of ``engine`` (default the student) over ``gradient_accumulation_steps`` micro-batches:
         ``compute()`` -> loss terms (or ``(terms, stats)``), backward of their sum, ``step()``. Returns the mean of
-        every term and stat, and ``loss``, as floats or detached 0-d tensors: no host sync per step (the trainer
-        converts them when it logs)."""
+        every term and stat, and ``loss``, as floats or 0-d tensors (no host sync per step; converted when logged)."""
         engine = self.student if engine is None else engine
         n = self.grad_accum
         totals: dict[str, float] = {}
@@ -123,29 +122,16 @@ class Trainer:
             rows = [dataset[i] for i in idx]
         return self.data.collate_fn(rows)
 
-    def _logs_this_step(self) -> bool:
-        """Whether the optimizer step now running is one the loop logs (every ``logging_steps``, and the last)."""
-        step = self.global_step + 1
-        return step % self.cfg.logging_steps == 0 or step == self.total_steps
-
     def student_step(self) -> None:
-        """``student.step()``. At the accumulation boundary it records the learning rate this step uses (the logged
-        ``lr``) and, on steps that are logged at ZeRO-0 in fp32 (where DeepSpeed keeps no gradient norm), the
-        gradient norm; other steps do no extra work."""
+        """``student.step()``, recording this step's lr and, on logged ZeRO-0 fp32 steps, the gradient norm."""
         eng = self.student
         if eng.is_gradient_accumulation_boundary():
             self._step_lr = eng.get_lr()
-            if self._logs_this_step() and eng.zero_optimization_stage() == 0 and self.student_dtype == "fp32":
-                grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
-                self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            logged = (self.global_step + 1) % self.cfg.logging_steps == 0 or self.global_step + 1 == self.total_steps
+            if logged and eng.zero_optimization_stage() == 0 and self.student_dtype == "fp32":
+                self._grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in eng.module.parameters()
+                                                                       if p.grad is not None]))
         eng.step()
-
-    def _skip_single_rank_allreduce(self, engine) -> None:
-        """One rank at ZeRO-0: nothing to reduce, but DeepSpeed would still flatten every gradient, all-reduce it
-        over the one rank and copy it back after each backward (README, step time). ZeRO 1-3 keep the call: their
-        gradient partitioning runs inside it."""
-        if self.world_size == 1 and engine.zero_optimization_stage() == 0:
-            engine.enable_backward_allreduce = False
 
     def grad_norm(self) -> Optional[float]:
         gn = self.student.get_global_grad_norm()
@@ -172,8 +158,7 @@ class Trainer:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                          if p.requires_grad],
                                           optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds)
-        self.engines[name] = engine
-        self._skip_single_rank_allreduce(engine)
+        self.engines[name] = skip_single_rank_allreduce(engine, self.world_size)
         return engine
 
     @contextlib.contextmanager
@@ -247,8 +232,7 @@ class Trainer:
             raise KDError("the student has no trainable parameters (everything frozen?)")
         self.student, *_ = deepspeed.initialize(model=student, model_parameters=trainable, config=self.ds_config,
                                                 lr_scheduler=client_lr_scheduler(self.ds_config, cfg, self.total_steps))
-        self.engines["student"] = self.student
-        self._skip_single_rank_allreduce(self.student)
+        self.engines["student"] = skip_single_rank_allreduce(self.student, self.world_size)
         if teacher is not None:
             t_dtype = self.student_dtype if cfg.teacher_dtype == "auto" else cfg.teacher_dtype
             self.teacher, self.teacher_model = build_teacher_engine(
@@ -380,7 +364,7 @@ class Trainer:
         values["teacher_ms"] = 1000.0 * window["teacher"] / steps
         values["student_ms"] = 1000.0 * (elapsed - window["teacher"]) / steps
         self.monitor.scalars(self.global_step, values, "train")
-        self._shown = {"loss": values["loss"]} if "loss" in values else None  # the bar shows the last logged loss
+        self._shown = {"loss": values["loss"]} if "loss" in values else None
         window.update(t=now, teacher=0.0, tokens=self.tokens_seen, samples=self.samples_seen, steps=0)
 
     def _finish(self) -> dict[str, float]:
