@@ -3,9 +3,9 @@
 A training step allocates and frees the same large buffers every step (full-vocabulary logits: 8 x 64 x 49152 fp32 =
 100 MB each, activations, gradients). glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
 ``mmap`` and unmaps it on ``free``, so each step page-faults, and the kernel zeroes, all of that memory again. With
-mmap off for the main heap and no trimming, freed blocks are reused: measured on the 2-core CI machine, the KD loss
-forward + backward at those shapes took 0.70 s instead of 4.1 s (system time 0.7 s instead of 4.9 s) at the cost of
-27 % more peak RSS (README, step time). ``KD_ENGINE_MALLOC=default`` leaves glibc's defaults alone.
+mmap off for the main heap and no trimming, freed blocks are reused: measured on the 2-core CI machine (under load),
+the KD loss forward + backward at those shapes took 0.75-0.8 s instead of 2.5-3.0 s, peak RSS +35 % and flat over 25
+iterations (README, step time). ``KD_ENGINE_MALLOC=default`` leaves glibc's defaults alone.
 """
 from __future__ import annotations
 

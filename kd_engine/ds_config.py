@@ -98,7 +98,7 @@ def choose_adam_implementation(opt: dict, ds: dict, on_cpu: bool) -> None:
     ZeRO 1-3 and checkpoints it). GPU: left to DeepSpeed, whose default is its FusedAdam. CPU without optimizer
     offload: torch's AdamW (``torch_adam``; DeepSpeed's FusedAdam would compile a CPU op first) with its fused CPU
     kernel (DeepSpeed passes the remaining params, ``fused`` included, to ``torch.optim.AdamW``); torch's default
-    on CPU is the single-tensor loop, ~6x slower on a 64M-parameter student at ZeRO-0 (README, step time). A JSON
+    on CPU is the single-tensor loop, 5.3x slower on a 64M-parameter student at ZeRO-0 (README, step time). A JSON
     that names ``torch_adam``, ``fused`` or ``foreach`` itself is kept as written. With optimizer offload DeepSpeed
     picks its DeepSpeedCPUAdam."""
     if opt.get("type", "").lower() not in ("adam", "adamw"):
