@@ -19,7 +19,9 @@ setup(
         "safetensors",
     ],
     extras_require={"mpi": ["mpi4py"], "gguf": ["gguf"], "test": ["pytest"],
-                    "plots": ["matplotlib"]},
+                    "plots": ["matplotlib"],
+                    # peers measured by benchmarks/peer_step.py; see requirements-bench.txt for the pinned install
+                    "bench": ["trl==1.16.0"]},
     entry_points={
         "console_scripts": [
             "kd-train=kd_engine.cli:main",

@@ -355,7 +355,9 @@ def help_text(method_name: Optional[str] = None) -> str:
             for part in key.split("."):
                 obj = getattr(obj, part)
             base, _ = _unwrap_optional(tp)
-            lines.append(f"  --{prefix}{key:<34} {getattr(base, '__name__', str(base)):<6} default: {obj!r}")
+            hint = getattr(cls, "HELP", {}).get(key)  # an Options class may describe its options
+            lines.append(f"  --{prefix}{key:<34} {getattr(base, '__name__', str(base)):<6} default: {obj!r}"
+                         + (f"  ({hint})" if hint else ""))
 
     describe(TrainConfig)
     names = [method_name] if method_name else method_names()

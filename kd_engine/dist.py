@@ -44,9 +44,13 @@ def _cuda_available() -> bool:
 
 
 def setup_environment() -> str:
-    """Normalise launcher variables; returns the launcher detected ('launcher', 'slurm', 'mpi', 'single')."""
+    """Normalise launcher variables; returns the launcher detected ('launcher', 'slurm', 'mpi', 'single'). On CPU also keeps
+    freed memory in the process (``allocator.keep_freed_memory``: no page faults on every step's big buffers)."""
     if not _cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()
     kind = "launcher"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         kind = _map_slurm() or _map_mpi() or "single"

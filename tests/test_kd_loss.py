@@ -114,3 +114,23 @@ def test_soft_cross_entropy_differs_from_kl_by_teacher_entropy_and_masks_inf():
     p0 = p.clone()
     p0[:, 0] = 0.0
     assert torch.isfinite(soft_cross_entropy_rows(s_inf, p0))
+
+
+@pytest.mark.parametrize("n_real", [7, 2], ids=["dense-rows-masked-after", "sparse-rows-gathered-first"])
+def test_both_row_paths_match_per_row_reference_values_and_gradients(n_real):
+    """kl_div_rows computes every row and masks the per-row KL when >= 3/4 of the rows are real, else gathers the
+    real rows first: both give the per-row float64 reference, padded rows get no gradient even with huge logits."""
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 8, 13), torch.randn(1, 8, 13)
+    s[0, 7] = 1e4  # garbage in a padded row
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, :n_real] = True
+    ref = sum(torch.nn.functional.kl_div(torch.log_softmax(s[0, i].double() / 2, -1),
+                                         torch.log_softmax(t[0, i].double() / 2, -1), log_target=True,
+                                         reduction="sum").item() for i in range(n_real)) * 4 / n_real
+    x = s.clone().requires_grad_(True)
+    loss = kl_div_rows(x, t, 2.0, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    assert torch.isfinite(x.grad).all() and x.grad[0, n_real:].abs().max().item() == 0.0
+    assert x.grad[0, :n_real].abs().max().item() > 0

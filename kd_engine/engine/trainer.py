@@ -22,11 +22,11 @@ from ..batch_geometry import resolve_batch_geometry
 from ..config import ParsedConfig, to_dict
 from ..data.collate import to_device
 from ..data.sampler import ResumableBatchSampler, infinite_batches
-from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
+from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, skip_single_rank_allreduce, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
     zero_stage
 from ..errors import KDError
 from ..models.loading import check_same_vocab, load_tokenizer
-from ..models.modes import eval_mode
+from ..models.modes import eval_mode, frozen_parameters
 from . import autoresume, checkpoint, faults, reshard, signals
 from .context import Compute, Context
 from .export import count_params, export_student
@@ -55,6 +55,7 @@ class Trainer:
         self.samples_seen = 0
         self.final_metrics: dict[str, float] = {}
         self.guard = NonFiniteGuard(self.cfg.max_nonfinite_steps)
+        self._shown: Optional[dict] = None  # what the progress bar shows: the last logged loss
 
     # ---- services offered to methods (through Context) ---------------------------------------------------
     @property
@@ -90,7 +91,7 @@ class Trainer:
     def accumulate(self, compute: Compute, engine=None) -> dict[str, float]:
         """One optimizer step of ``engine`` (default the student) over ``gradient_accumulation_steps`` micro-batches:
         ``compute()`` -> loss terms (or ``(terms, stats)``), backward of their sum, ``step()``. Returns the mean of
-        every term and stat, and ``loss``, as floats."""
+        every term and stat, and ``loss``, as floats or 0-d tensors (no host sync per step; converted when logged)."""
         engine = self.student if engine is None else engine
         n = self.grad_accum
         totals: dict[str, float] = {}
@@ -104,7 +105,7 @@ class Trainer:
             else:
                 engine.step()
             for k, v in {**terms, **stats, "loss": loss}.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n
+                totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
         return totals
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -124,14 +125,15 @@ class Trainer:
         return self.data.collate_fn(rows)
 
     def student_step(self) -> None:
-        """``student.step()``; at ZeRO-0 in fp32, where DeepSpeed keeps no gradient norm, record it first."""
+        """``student.step()``, recording this step's lr and, on logged ZeRO-0 fp32 steps, the gradient norm."""
         eng = self.student
-        if eng.is_gradient_accumulation_boundary() and eng.zero_optimization_stage() == 0 \
-                and self.student_dtype == "fp32":
-            grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
-            self._grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
-            self.guard.prepare_step(eng, self._grad_norm)  # non-finite: no update (ZeRO 1-3 skip by themselves)
+        if eng.is_gradient_accumulation_boundary():
+            self._step_lr = eng.get_lr()
+            if eng.zero_optimization_stage() == 0 and self.student_dtype == "fp32":
+                # every step: the non-finite guard needs it (ZeRO 1-3 and bf16 check overflow themselves); logged too
+                grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
+                self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                self.guard.prepare_step(eng, self._grad_norm)  # non-finite: no update
         eng.step()
 
     def grad_norm(self) -> Optional[float]:
@@ -159,23 +161,14 @@ class Trainer:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                          if p.requires_grad],
                                           optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds)
-        self.engines[name] = engine
+        self.engines[name] = skip_single_rank_allreduce(engine, self.world_size)
         return engine
 
-    @contextlib.contextmanager
     def frozen(self, engine):
         """The engine's model as a frozen function: gradients flow through its activations (e.g. to a generator's
         output) but none reach its parameters, and its engine's backward hooks stay out of the other engine's
         backward. Use it for steps that train one model through another (MATE-KD's generator step)."""
-        module = engine.module
-        flags = [(p, p.requires_grad) for p in module.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
-            yield module
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
+        return frozen_parameters(engine.module)
 
     def log_scalars(self, values: dict[str, float], prefix: str = "train") -> None:
         self.monitor.scalars(self.global_step, values, prefix)
@@ -233,7 +226,7 @@ class Trainer:
         faults.install_poison(student, lambda: self.global_step + 1)
         self.student, *_ = deepspeed.initialize(model=student, model_parameters=trainable, config=self.ds_config,
                                                 lr_scheduler=client_lr_scheduler(self.ds_config, cfg, self.total_steps))
-        self.engines["student"] = self.student
+        self.engines["student"] = skip_single_rank_allreduce(self.student, self.world_size)
         if teacher is not None:
             t_dtype = self.student_dtype if cfg.teacher_dtype == "auto" else cfg.teacher_dtype
             self.teacher, self.teacher_model = build_teacher_engine(
@@ -324,7 +317,7 @@ class Trainer:
             self.initial_metrics = self.evaluate()
         window = {"t": time.perf_counter(), "teacher": 0.0, "tokens": self.tokens_seen,
                   "samples": self.samples_seen, "steps": 0}
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}  # floats or 0-d tensors, summed without a host sync until the window is logged
         while self.global_step < self.total_steps:
             self.stopper.at_step_boundary(self)  # all ranks agree: checkpoint, requeue under SLURM, Stopped
             faults.at_step(self.global_step + 1, self.rank, self.student.module)
@@ -337,10 +330,10 @@ class Trainer:
                 terms = {}  # skipped (non-finite, no update); max_nonfinite_steps in a row: saved, then raised
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
-            self.monitor.progress(self.global_step, {"loss": terms.get("loss", 0.0)})
             if self.global_step % cfg.logging_steps == 0 or self.global_step == self.total_steps:
                 self._log_window(window, sums)
                 sums = {}
+            self.monitor.progress(self.global_step, self._shown)
             if cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0 and self.global_step < self.total_steps:
                 self.evaluate()
             if cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0 and self.global_step < self.total_steps:
@@ -351,8 +344,8 @@ class Trainer:
         now = time.perf_counter()
         steps = max(window["steps"], 1)
         elapsed = now - window["t"]
-        values = {k: v / steps for k, v in sums.items()}
-        lr = self.student.get_lr()
+        values = {k: float(v) / steps for k, v in sums.items()}
+        lr = getattr(self, "_step_lr", None) or self.student.get_lr()  # the step just taken, not the next one
         values["lr"] = float(lr[0]) if lr else 0.0
         values["skipped_steps"] = self.guard.total
         gn = self.grad_norm()
@@ -363,6 +356,7 @@ class Trainer:
         values["teacher_ms"] = 1000.0 * window["teacher"] / steps
         values["student_ms"] = 1000.0 * (elapsed - window["teacher"]) / steps
         self.monitor.scalars(self.global_step, values, "train")
+        self._shown = {"loss": values["loss"]} if "loss" in values else None
         window.update(t=now, teacher=0.0, tokens=self.tokens_seen, samples=self.samples_seen, steps=0)
 
     def _finish(self) -> dict[str, float]:

@@ -27,15 +27,28 @@ def _empty_zero(ref: torch.Tensor) -> torch.Tensor:
 
 def kl_div_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                 mask: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
-    """Mean over real rows of KL(softmax(t/T) || softmax(s/T)) * T^2 (the 'batchmean' form of HF's distiller)."""
-    s = _rows(student_logits, mask, vocab_size)
-    t = _rows(teacher_logits.detach(), mask, vocab_size)
-    if s.shape[0] == 0:
+    """Mean over real rows of KL(softmax(t/T) || softmax(s/T)) * T^2 (the 'batchmean' form of HF's distiller).
+
+    When at least 3/4 of the rows are real (LM batches: the mask drops only padding and prompts) every row is
+    computed and the per-row KL is masked: no full-vocabulary gather of both logit tensors forward and no scatter
+    backward. Sparser masks gather the real rows first. At T = 1 the logits are not divided (no copy)."""
+    n_all = student_logits[..., 0].numel()
+    n = n_all if mask is None else int(mask.sum())
+    if n == 0:
         return _empty_zero(student_logits)
-    log_q = F.log_softmax(s / temperature, dim=-1)
-    log_p = F.log_softmax(t / temperature, dim=-1)
-    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / s.shape[0]
-    return kl * (temperature ** 2)
+    dense = mask is not None and 4 * n >= 3 * n_all
+    s = _rows(student_logits, None if dense else mask, vocab_size)
+    t = _rows(teacher_logits.detach(), None if dense else mask, vocab_size)
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    log_q = F.log_softmax(s, dim=-1)
+    log_p = F.log_softmax(t, dim=-1)
+    if dense:
+        per_row = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        kl = torch.where(mask.reshape(-1).bool(), per_row, 0.0).sum()
+    else:
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    return kl / n * (temperature ** 2)
 
 
 def soft_cross_entropy_rows(student_logits: torch.Tensor, teacher_probs: torch.Tensor,

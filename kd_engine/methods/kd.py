@@ -25,6 +25,16 @@ from .base import DataBundle, Method, register
 
 @dataclass
 class KDOptions:
+    # one --help line per option, naming the recipe each default comes from (no annotation: not a field)
+    HELP = {
+        "temperature": "softmax temperature of the KD term; default 2.0 is the classification/encoder recipe (HF "
+                       "distillation train.py for DistilBERT, Hinton KD); LM recipes use 1.0 (MiniLLM's word-level "
+                       "KD baseline)",
+        "alpha": "weight of the KD term, 1 - alpha goes to hard-label CE; default 0.5 is HF distillation "
+                 "train.py's alpha_ce 0.5 (classification/encoder recipe); MiniLLM's KD baseline also mixes "
+                 "0.5 LM + 0.5 KD; 1.0 = pure distillation, as TRL's GKDTrainer",
+        "task": "auto (from the teacher's architecture) | causal_lm | seq2seq_lm | sequence_classification",
+    }
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (KD) term; 1 - alpha goes to the hard-label cross-entropy
     task: str = "auto"  # auto | causal_lm | seq2seq_lm | sequence_classification

@@ -18,3 +18,17 @@ def eval_mode(*modules: Optional[torch.nn.Module]) -> Iterator[None]:
     finally:
         for m, was in states:
             m.train(was)
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module as a frozen function for the block: gradients flow through its activations but none reach its
+    parameters; each parameter gets back the requires_grad it had before."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
