@@ -16,7 +16,11 @@ def _setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not verbose:
+    if verbose:  # undo a quiet setting an earlier in-process run left in this environment (or its children's)
+        for k, v in _QUIET_ENV.items():
+            if os.environ.get(k) == v:
+                del os.environ[k]
+    else:
         for k, v in _QUIET_ENV.items():
             os.environ.setdefault(k, v)
         for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3", "transformers"):
