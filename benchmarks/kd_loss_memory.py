@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import RESULTS, ROOT, PeakGrowth, pyplot
+from _common import RESULTS, ROOT, PeakGrowth, pyplot, save_figure
 
 
 def child(args) -> None:
@@ -89,9 +89,7 @@ def plot(sweep: dict, path: str, args) -> bool:
     ax.set_title(f"KD loss, vocab {args.vocab:,}, hidden {args.hidden}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
+    return save_figure(fig, path)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from _common import RESULTS, ROOT, pyplot
+from _common import RESULTS, ROOT, pyplot, save_figure
 
 TEACHER = "offline:smollm2-135m"
 
@@ -96,9 +96,7 @@ def plot(summary: dict, path: str) -> bool:
     a2.set_xlabel("top-k")
     a2.set_ylabel("relative KL error (top-k + tail vs full)")
     a2.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
+    return save_figure(fig, path)
 
 
 def main() -> None:
