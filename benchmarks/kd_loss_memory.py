@@ -28,28 +28,11 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+from _common import RESULTS, ROOT, PeakGrowth, pyplot, save_figure
 
 
 def child(args) -> None:
     sys.path.insert(0, ROOT)
-    import time
-
     import torch
 
     from kd_engine.losses.divergences import distill_loss
@@ -63,18 +46,14 @@ def child(args) -> None:
     wt = torch.randn(V, Ht) / Ht ** 0.5
     labels = torch.randint(0, V, (B, n))
     kw = dict(temperature=args.temperature, alpha=args.alpha, divergence=args.divergence)
-    rss0 = _status_kib("VmRSS")
-    _reset_peak()
-    t0 = time.perf_counter()
-    if args.variant == "naive":
-        terms = distill_loss(hs @ ws.T, ht @ wt.T, labels, **kw)
-    else:
-        terms = fused_kd_loss(hs, ws, ht, wt, labels, **kw)
-    loss = sum(terms.values())
-    loss.backward()
-    seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
-    out = {"variant": args.variant, "seq": n, "peak_mib": (peak - rss0) / 1024, "seconds": seconds,
+    with PeakGrowth(strict=True) as m:
+        if args.variant == "naive":
+            terms = distill_loss(hs @ ws.T, ht @ wt.T, labels, **kw)
+        else:
+            terms = fused_kd_loss(hs, ws, ht, wt, labels, **kw)
+        loss = sum(terms.values())
+        loss.backward()
+    out = {"variant": args.variant, "seq": n, "peak_mib": m.growth_kib / 1024, "seconds": m.seconds,
            "loss": {k: float(v) for k, v in terms.items()}}
     if args.save:
         torch.save({"hs": hs.grad, "ws": ws.grad, "loss": loss.detach()}, args.save)
@@ -96,12 +75,8 @@ def run_child(args, variant: str, seq: int, save: str = "") -> dict:
 
 
 def plot(sweep: dict, path: str, args) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed (pip install .[plots]); no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, style in (("naive", "o-"), ("fused", "s-")):
@@ -114,9 +89,7 @@ def plot(sweep: dict, path: str, args) -> bool:
     ax.set_title(f"KD loss, vocab {args.vocab:,}, hidden {args.hidden}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
+    return save_figure(fig, path)
 
 
 def main() -> None:

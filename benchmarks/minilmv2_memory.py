@@ -22,28 +22,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+from _common import RESULTS, ROOT, PeakGrowth
 
 
 def child(args) -> None:
@@ -69,24 +49,16 @@ def child(args) -> None:
         saved[0] += t.numel() * t.element_size()
         return t
 
-    base_kib = _status_kib("VmRSS")
-    exact = _reset_peak()
-    t0 = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, terms = minilm_v2_loss(teacher, student, mask, args.heads, chunk_size=chunk)
-    loss.backward()
-    seconds = time.perf_counter() - t0
-    peak_kib = _status_kib("VmHWM")
-    if not exact:  # fall back to the process-wide peak
-        import resource
-
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakGrowth() as m:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, terms = minilm_v2_loss(teacher, student, mask, args.heads, chunk_size=chunk)
+        loss.backward()
     torch.save({"loss": loss.detach(), "grads": [s.grad for s in student]}, args.out)
     print(json.dumps({
         "variant": args.variant, "chunk_size": chunk, "loss": loss.item(),
         "terms": {k: v.item() for k, v in terms.items()},
-        "peak_growth_bytes": (peak_kib - base_kib) * 1024, "baseline_rss_bytes": base_kib * 1024,
-        "autograd_saved_bytes": saved[0], "seconds": seconds, "peak_exact": exact,
+        "peak_growth_bytes": m.growth_kib * 1024, "baseline_rss_bytes": m.base_kib * 1024,
+        "autograd_saved_bytes": saved[0], "seconds": m.seconds, "peak_exact": m.exact,
     }))
 
 

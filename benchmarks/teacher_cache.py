@@ -31,9 +31,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
+from _common import RESULTS, ROOT, pyplot, save_figure
+
 TEACHER = "offline:smollm2-135m"
 
 
@@ -83,12 +82,8 @@ def kl_errors(student_dir: str, eval_file: str, ks: list[int], n_texts: int, max
 
 
 def plot(summary: dict, path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed (pip install .[plots]); no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     names = ["online", "cached"]
@@ -101,9 +96,7 @@ def plot(summary: dict, path: str) -> bool:
     a2.set_xlabel("top-k")
     a2.set_ylabel("relative KL error (top-k + tail vs full)")
     a2.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
+    return save_figure(fig, path)
 
 
 def main() -> None:

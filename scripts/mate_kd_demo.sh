@@ -23,6 +23,7 @@
 # A stage whose OUT/<name>/final/config.json exists is skipped (delete it to redo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 OUT=${OUT:-outputs/mate_sst2}
 DATA=${DATA:-../shared/data/sst2/train.tsv}
 CORPUS=${CORPUS:-../shared/data/wikitext-2-raw/wiki.valid.raw}
@@ -40,13 +41,10 @@ GEN_WARMUP=${GEN_WARMUP:-60}
 GEN_WARMUP_LR=${GEN_WARMUP_LR:-3e-4}
 GEN_LR=${GEN_LR:-5e-5}
 SEED=${SEED:-42}
-export TOKENIZERS_PARALLELISM=false
-PY=${PYTHON:-python}
 [ -f "$DATA" ] || { echo "error: missing $DATA (GLUE SST-2 train.tsv: sentence<TAB>label with a header)" >&2; exit 2; }
 [ -f "$CORPUS" ] || { echo "error: missing $CORPUS (raw text for the generator's masked-LM warm-up)" >&2; exit 2; }
-mkdir -p "$WORK" "$OUT"
-{ head -1 "$DATA"; sed -n "2,$(( TRAIN_ROWS + 1 ))p" "$DATA"; } > "$WORK/train.tsv"
-{ head -1 "$DATA"; sed -n "$(( EVAL_FROM + 1 )),$(( EVAL_FROM + EVAL_ROWS ))p" "$DATA"; } > "$WORK/eval.tsv"
+mkdir -p "$OUT"
+tsv_slices "$DATA" "$WORK" "$TRAIN_ROWS" "$EVAL_FROM" "$EVAL_ROWS"
 
 COMMON=(--train_file "$WORK/train.tsv" --eval_file "$WORK/eval.tsv" --text_column sentence --label_column label
         --max_length "$MAXLEN" --per_device_train_batch_size "$BATCH" --learning_rate "$LR" --logging_steps 10
@@ -54,13 +52,7 @@ COMMON=(--train_file "$WORK/train.tsv" --eval_file "$WORK/eval.tsv" --text_colum
 
 train() {  # name, global steps, warmup steps, OMP threads, then method arguments
   local name=$1 steps=$2 warm=$3 threads=$4; shift 4
-  if [ -f "$OUT/$name/final/config.json" ]; then echo "== $name: done already ($OUT/$name/final)"; return; fi
-  echo "== $name: OMP_NUM_THREADS=$threads $PY launch/train.py $* --max_steps $steps --warmup_steps $warm ${COMMON[*]} --output_dir $OUT/$name"
-  local t0=$SECONDS
-  OMP_NUM_THREADS=$threads $PY launch/train.py "$@" --max_steps "$steps" --warmup_steps "$warm" "${COMMON[@]}" \
-    --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
-    || { echo "$name failed, see $OUT/$name.log" >&2; tail -20 "$OUT/$name.log" >&2; return 1; }
-  echo "== $name: $(( SECONDS - t0 )) s"
+  train_stage "$name" "$threads" "$@" --max_steps "$steps" --warmup_steps "$warm" "${COMMON[@]}"
 }
 
 # 1. teacher

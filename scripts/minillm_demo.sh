@@ -19,6 +19,7 @@
 # A stage whose OUT/<name>/final/config.json exists is skipped (delete it to redo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 OUT=${OUT:-outputs/minillm_demo}
 TEACHER=${TEACHER:-offline:smollm2-135m}
 LAYERS=${LAYERS:-10}
@@ -36,8 +37,6 @@ PT=${PT:-../shared/data/enwiki_2015_sample/wiki_00}
 PARALLEL=${PARALLEL:-1}
 EVAL_PROMPTS=${EVAL_PROMPTS:-32}
 ANLI=${ANLI:-../shared/data/anli}
-export TOKENIZERS_PARALLELISM=false
-PY=${PYTHON:-python}
 for f in "$ANLI"/R1/dev.jsonl "$ANLI"/R1/test.jsonl "$ANLI"/R2/dev.jsonl "$ANLI"/R2/test.jsonl "$PT"; do
   [ -f "$f" ] || { echo "missing $f (see ../shared/data/README.md)" >&2; exit 2; }
 done
@@ -74,12 +73,7 @@ COMMON=(--train_file "$D/train.jsonl" --text_column text --target_column answer 
 
 train() {  # name, threads, then method arguments
   local name=$1 threads=$2; shift 2
-  if [ -f "$OUT/$name/final/config.json" ]; then echo "== $name: done already ($OUT/$name/final)"; return; fi
-  echo "== $name: OMP_NUM_THREADS=$threads $PY launch/train.py $* ${COMMON[*]} --output_dir $OUT/$name"
-  local t0=$SECONDS
-  OMP_NUM_THREADS=$threads $PY launch/train.py "$@" "${COMMON[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
-    || { echo "$name failed, see $OUT/$name.log" >&2; tail -20 "$OUT/$name.log" >&2; return 1; }
-  echo "== $name: $(( SECONDS - t0 )) s"
+  train_stage "$name" "$threads" "$@" "${COMMON[@]}"
 }
 
 # 2. student_init: 10 of the teacher's 30 layers, then a brief sft on the prompt/answer pairs

@@ -17,6 +17,7 @@
 # A stage whose folder already has final/config.json (config.json for the shrunk students) is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 OUT=${OUT:-outputs}
 WORK=${WORK:-${TMPDIR:-/tmp}/minilmv2_demo}
 WIKI=${WIKI:-../shared/data/enwiki_2015_sample/wiki_0[0-2]}
@@ -28,22 +29,14 @@ TRAIN_ROWS=${TRAIN_ROWS:-4000}
 EVAL_FROM=${EVAL_FROM:-60001}
 EVAL_ROWS=${EVAL_ROWS:-1000}
 TEACHER=offline:all-minilm-l6-v2
-export OMP_NUM_THREADS=${THREADS:-2} TOKENIZERS_PARALLELISM=false
-PY=${PYTHON:-python}
+export OMP_NUM_THREADS=${THREADS:-2}
 [ -f "$SST2" ] || { echo "missing $SST2 (GLUE SST-2 train.tsv: sentence<TAB>label with a header)" >&2; exit 2; }
-mkdir -p "$WORK" "$OUT"
-{ head -1 "$SST2"; sed -n "2,$(( TRAIN_ROWS + 1 ))p" "$SST2"; } > "$WORK/train.tsv"
-{ head -1 "$SST2"; sed -n "$(( EVAL_FROM + 1 )),$(( EVAL_FROM + EVAL_ROWS ))p" "$SST2"; } > "$WORK/eval.tsv"
+mkdir -p "$OUT"
+tsv_slices "$SST2" "$WORK" "$TRAIN_ROWS" "$EVAL_FROM" "$EVAL_ROWS"
 
 run() {  # name, then launch/train.py arguments
   local name=$1; shift
-  if [ -f "$OUT/$name/final/config.json" ]; then echo "== $name: done already ($OUT/$name/final)"; return; fi
-  echo "== $name: $PY launch/train.py $* --output_dir $OUT/$name"
-  local t0=$SECONDS
-  $PY launch/train.py "$@" --report_to none --disable_tqdm true --overwrite_output_dir true \
-    --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
-    || { echo "$name failed, see $OUT/$name.log" >&2; tail -20 "$OUT/$name.log" >&2; return 1; }
-  echo "   $name: $(( SECONDS - t0 )) s"
+  train_stage "$name" "" "$@" --report_to none --disable_tqdm true --overwrite_output_dir true
 }
 
 # 1. MiniLMv2: relation distillation of the teacher's last layer into the student's last layer (48 relation heads).

@@ -14,6 +14,7 @@
 # A stage whose OUT/<name>/final/config.json exists is skipped (delete it to redo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 OUT=${OUT:-outputs/sst2demo}
 DATA=${DATA:-../shared/data/sst2/train.tsv}
 WORK=${WORK:-${TMPDIR:-/tmp}/sst2demo}
@@ -24,12 +25,9 @@ TRAIN_ROWS=${TRAIN_ROWS:-4000}
 EVAL_FROM=${EVAL_FROM:-60001}
 EVAL_ROWS=${EVAL_ROWS:-1000}
 PARALLEL=${PARALLEL:-1}
-export TOKENIZERS_PARALLELISM=false
-PY=${PYTHON:-python}
 [ -f "$DATA" ] || { echo "missing $DATA (GLUE SST-2 train.tsv: sentence<TAB>label with a header)" >&2; exit 2; }
-mkdir -p "$WORK" "$OUT"
-{ head -1 "$DATA"; sed -n "2,$(( TRAIN_ROWS + 1 ))p" "$DATA"; } > "$WORK/train.tsv"
-{ head -1 "$DATA"; sed -n "$(( EVAL_FROM + 1 )),$(( EVAL_FROM + EVAL_ROWS ))p" "$DATA"; } > "$WORK/eval.tsv"
+mkdir -p "$OUT"
+tsv_slices "$DATA" "$WORK" "$TRAIN_ROWS" "$EVAL_FROM" "$EVAL_ROWS"
 
 COMMON=(--train_file "$WORK/train.tsv" --eval_file "$WORK/eval.tsv" --text_column sentence --label_column label
         --max_length 64 --per_device_train_batch_size 32 --learning_rate "$LR" --logging_steps 25
@@ -37,12 +35,7 @@ COMMON=(--train_file "$WORK/train.tsv" --eval_file "$WORK/eval.tsv" --text_colum
 
 train() {  # name, steps, OMP threads, then method arguments
   local name=$1 steps=$2 threads=$3; shift 3
-  local sched=(--max_steps "$steps" --warmup_steps $(( steps / 10 )))
-  if [ -f "$OUT/$name/final/config.json" ]; then echo "== $name: done already ($OUT/$name/final)"; return; fi
-  echo "== $name: OMP_NUM_THREADS=$threads $PY launch/train.py $* ${sched[*]} ${COMMON[*]} --output_dir $OUT/$name"
-  OMP_NUM_THREADS=$threads $PY launch/train.py "$@" "${sched[@]}" "${COMMON[@]}" --output_dir "$OUT/$name" \
-    > "$OUT/$name.log" 2>&1 \
-    || { echo "$name failed, see $OUT/$name.log" >&2; tail -20 "$OUT/$name.log" >&2; return 1; }
+  train_stage "$name" "$threads" "$@" --max_steps "$steps" --warmup_steps $(( steps / 10 )) "${COMMON[@]}"
 }
 
 # 1. teacher: the sentence-embedding encoder (no head) gets a fresh 2-way classification head

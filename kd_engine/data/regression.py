@@ -12,8 +12,8 @@ from ..dist import main_process_first
 from ..errors import KDError
 from .bundle import DataBundle
 from .collate import PadCollator
-from .files import load_table, require_columns
-from .split import split_rows
+from .files import require_columns
+from .split import load_split_tables
 from .tokenize import _is_blank, tokenize_dataset
 
 
@@ -48,18 +48,11 @@ def _encode(ds, cfg, tokenizer, name: str):
 
 def build_regression_data(cfg, tokenizer) -> DataBundle:
     """Train / eval rows by the one split rule (``data/split.py``), then scores + tokens per split."""
-    from .supervised import _take
-
     if not cfg.train_file:
         raise KDError("no training data: pass --train_file PATH")
     if not cfg.label_column:
         raise KDError("regression needs --label_column (the column holding the scores)")
-    train_raw = load_table(cfg.train_file)
-    eval_raw = load_table(cfg.eval_file, split="validation") if cfg.eval_file else None
-    rows = split_rows(cfg, len(train_raw), len(eval_raw) if eval_raw is not None else None)
-    if rows.eval is not None:
-        eval_raw = _take(train_raw if rows.held_out else eval_raw, rows.eval)
-    train_raw = _take(train_raw, rows.train)
+    train_raw, eval_raw = load_split_tables(cfg)
     with main_process_first():  # rank 0 tokenizes into the cache, the other ranks load it
         train = _encode(train_raw, cfg, tokenizer, cfg.train_file)
         ev = _encode(eval_raw, cfg, tokenizer, cfg.eval_file or cfg.train_file) if eval_raw is not None else None

@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..errors import ConfigError, KDError
+from .files import load_table
 
 DATA_OPTIONS = ("eval_file", "eval_split", "max_train_samples", "max_eval_samples")
 
@@ -50,6 +51,22 @@ def split_rows(cfg, n_train: int, n_eval_file: Optional[int] = None) -> Split:
     if ev is not None and cfg.max_eval_samples is not None:
         ev = ev[:cfg.max_eval_samples]
     return Split(train, ev, held_out)
+
+
+def take_rows(ds, idx: list[int]):
+    """The rows ``idx`` of a ``datasets.Dataset`` (the dataset itself when that is all of it, in order)."""
+    return ds if idx == list(range(len(ds))) else ds.select(idx)
+
+
+def load_split_tables(cfg):
+    """``--train_file`` and ``--eval_file`` read as tables and cut by the rule above: (training rows, evaluation
+    rows or None), both ``datasets.Dataset``."""
+    train_raw = load_table(cfg.train_file)
+    eval_raw = load_table(cfg.eval_file, split="validation") if cfg.eval_file else None
+    rows = split_rows(cfg, len(train_raw), len(eval_raw) if eval_raw is not None else None)
+    if rows.eval is not None:
+        eval_raw = take_rows(train_raw if rows.held_out else eval_raw, rows.eval)
+    return take_rows(train_raw, rows.train), eval_raw
 
 
 def _set(cfg, key: str) -> bool:

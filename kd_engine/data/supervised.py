@@ -16,8 +16,8 @@ from ..errors import KDError
 from ..paths import cache_dir
 from .bundle import DataBundle
 from .collate import PadCollator
-from .files import load_table, require_columns
-from .split import split_rows
+from .files import require_columns
+from .split import load_split_tables
 from .tokenize import tokenize_dataset
 
 logger = logging.getLogger(__name__)
@@ -25,10 +25,6 @@ logger = logging.getLogger(__name__)
 
 def _cache_dir() -> str:
     return cache_dir("tokenized")
-
-
-def _take(ds, idx: list[int]):
-    return ds if idx == list(range(len(ds))) else ds.select(idx)
 
 
 def _pair_encode(ds, tokenizer, cfg, task: str, name: str):
@@ -81,12 +77,7 @@ def build_supervised_data(cfg, tokenizer, task: str, label2id: Optional[dict] = 
         raise KDError("no training data: pass --train_file PATH (txt, jsonl, json, csv, tsv or a hub dataset id)")
     if task == "classification" and not cfg.label_column:
         raise KDError("classification needs --label_column (the column holding the labels)")
-    train_raw = load_table(cfg.train_file)
-    eval_raw = load_table(cfg.eval_file, split="validation") if cfg.eval_file else None
-    rows = split_rows(cfg, len(train_raw), len(eval_raw) if eval_raw is not None else None)
-    if rows.eval is not None:
-        eval_raw = _take(train_raw if rows.held_out else eval_raw, rows.eval)
-    train_raw = _take(train_raw, rows.train)
+    train_raw, eval_raw = load_split_tables(cfg)
     ev = None
     with main_process_first():  # rank 0 tokenizes into the cache, the other ranks load it
         train = _tokenize(train_raw, tokenizer, cfg, task, label2id, cfg.train_file)

@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmarks (imported as ``_common``: a benchmark runs as ``python benchmarks/X.py``).
+
+- ``status_kib`` / ``reset_peak``: a process's resident set size and peak (``/proc/self/status``), and the
+  reset of that peak to the current size, for peak-memory measurements in a fresh child process.
+- ``PeakGrowth``: a context manager measuring the peak RSS growth and wall time of what runs inside it.
+- ``HERE`` / ``ROOT`` / ``RESULTS``: benchmarks/, the repository root, benchmarks/results/.
+- ``pyplot`` / ``save_figure``: matplotlib's pyplot on the Agg backend, or None (with a note) where the ``[plots]``
+  extra is missing; a figure written the benchmarks' one way (tight layout, 100 dpi).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB, e.g. ``VmRSS`` (resident now) or ``VmHWM`` (peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakGrowth:
+    """``with PeakGrowth() as m: work()`` -> ``m.base_kib`` (RSS before), ``m.peak_kib`` (peak RSS during),
+    ``m.growth_kib`` (what the work needed), ``m.seconds`` (wall time), ``m.exact`` (the peak counter was reset
+    at the start; otherwise the process-wide peak ``ru_maxrss`` is used, or with ``strict`` an OSError raised).
+
+    Meant for a fresh child process that does nothing else, so that its peak is the work's."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+
+    def __enter__(self) -> "PeakGrowth":
+        self.base_kib = status_kib("VmRSS")
+        self.exact = reset_peak()
+        if self.strict and not self.exact:
+            raise OSError("cannot reset the peak RSS counter (/proc/self/clear_refs)")
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.peak_kib = status_kib("VmHWM")
+        if not self.exact:  # fall back to the process-wide peak
+            import resource
+
+            self.peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.growth_kib = self.peak_kib - self.base_kib
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None after a note on stderr when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib not installed (pip install .[plots]); no plot written", file=sys.stderr)
+        return None
+    return plt
+
+
+def save_figure(fig, path: str) -> bool:
+    """Write ``fig`` to ``path`` (tight layout, 100 dpi); True, for ``return save_figure(fig, path)``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
