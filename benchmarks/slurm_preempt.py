@@ -103,7 +103,7 @@ def run_preemptions(n: int = 3, steps: int = 200, timeout: float = 900) -> dict:
         return {"preempt_requeue_ok": f"{ok}/{n}", "signal_to_stop_s": to_stop, "signal_to_exit_s": to_exit,
                 "stopped_at_steps": stopped_at, "final_state": final.get("JobState"),
                 "final_exit_code": final.get("ExitCode"), "restarts": int(final.get("Restarts", 0)),
-                "finished_all_steps": _max_step(out) == steps and "final metrics" in text}
+                "finished_all_steps": _max_step(out) == steps and "done: " in text}
     finally:
         slurm_cluster.stop(cluster)
         shutil.rmtree(work, ignore_errors=True)
