@@ -156,9 +156,13 @@ def test_gkd_bad_inputs_are_clear_errors(assets, tmp_path):
     base = ["--method", "gkd", "--teacher", str(assets / "teacher")]
     for extra, msg in [(["--beta", "1.5"], "beta must be in"), (["--lmbda", "-0.1"], "lmbda must be in"),
                        (["--gen_top_k", "0", "--gen_top_p", "0"], "keeps no token"),
-                       (["--seqkd_top_p", "0"], "keeps no token"), (["--max_new_tokens", "0"], "max_new_tokens")]:
+                       (["--seqkd_top_p", "0"], "keeps no token"), (["--max_new_tokens", "0"], "max_new_tokens"),
+                       (["--train_file", str(assets / "pairs.jsonl")], "target_column")]:
         with pytest.raises(ConfigError, match=msg):
             build_config(base + extra)
+    # lmbda 1 (always on-policy) or seq_kd: prompts alone are enough
+    build_config(base + ["--train_file", str(assets / "pairs.jsonl"), "--lmbda", "1"])
+    build_config(base + ["--train_file", str(assets / "pairs.jsonl"), "--seq_kd", "true"])
 
 
 @pytest.mark.slow

@@ -64,7 +64,15 @@ class ResponseOptions:
     def needs_teacher_responses(self) -> bool:
         return False
 
+    def needs_dataset_targets(self) -> bool:
+        return not self.needs_teacher_responses()
+
     def check_against(self, cfg) -> None:
+        """Checks that need the engine config, before anything is written."""
+        if self.needs_dataset_targets() and not cfg.target_column:
+            raise ConfigError("this run trains on the dataset's responses: pass --target_column")
+        if cfg.eval_file and not cfg.target_column:
+            raise ConfigError("--eval_file needs --target_column (reference responses to score)")
         if self.needs_teacher_responses():
             self.check_seqkd_cache(cfg)
 
@@ -101,16 +109,10 @@ class ResponseOptions:
                               f"({'; '.join(diff)}); use another --seqkd_cache folder")
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def config_key(cfg, opts: ResponseOptions) -> dict:
     """The part of the teacher-response cache key known before any model is loaded."""
+    from ..teacher_cache_store import file_sha256
+
     src = cfg.train_file or ""
     return {"teacher": cfg.teacher, "decoding": opts.decoding(cfg.seed), "text_column": cfg.text_column,
             "train_file_sha256": file_sha256(src) if os.path.isfile(src) else src,
@@ -126,7 +128,7 @@ class ResponseMethod(LogitKD):
         return self.opts.needs_teacher_responses()
 
     def trains_on_dataset_targets(self) -> bool:
-        return not self.uses_teacher_responses()
+        return self.opts.needs_dataset_targets()
 
     def _task(self) -> str:
         if self.task is None:

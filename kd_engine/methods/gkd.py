@@ -55,6 +55,9 @@ class GKDOptions(ResponseOptions):
     def needs_teacher_responses(self) -> bool:
         return self.seq_kd and self.lmbda < 1.0
 
+    def needs_dataset_targets(self) -> bool:
+        return self.lmbda < 1.0 and not self.seq_kd
+
 
 @register("gkd")
 class GKD(ResponseMethod):
@@ -69,9 +72,6 @@ class GKD(ResponseMethod):
         self.pending_state = None
         self.micro_batches = 0
         self.on_policy_batches = 0
-
-    def trains_on_dataset_targets(self) -> bool:
-        return self.opts.lmbda < 1.0 and not self.opts.seq_kd
 
     def setup(self, ctx) -> None:
         super().setup(ctx)

@@ -25,6 +25,9 @@ class SeqKDOptions(ResponseOptions):
     def needs_teacher_responses(self) -> bool:
         return True
 
+    def needs_dataset_targets(self) -> bool:
+        return False
+
 
 @register("seqkd")
 class SeqKD(ResponseMethod):
