@@ -38,6 +38,7 @@ def parse(argv):
     ap.add_argument("--teacher_dtype", default="fp32", help="fp32 | bf16 (the teacher's compute dtype)")
     ap.add_argument("--logp_dtype", default="fp16", help="fp16 | bf16 | fp32: stored log-prob precision "
                     "(6k+6 bytes/token at fp16/bf16, 8k+8 at fp32)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
 
@@ -46,8 +47,9 @@ def _validate(a, tokenizer) -> None:
 
     if not os.path.isfile(a.train_file):
         raise ConfigError(f"--train_file {a.train_file}: no such file")
-    if a.top_k <= 0 or a.top_k > len(tokenizer):
-        raise ConfigError(f"top_k must be in [1, vocab size {len(tokenizer)}]; got {a.top_k}")
+    if a.top_k <= 0 or (tokenizer is not None and a.top_k > len(tokenizer)):
+        raise ConfigError(f"top_k must be in [1, vocab size{f' {len(tokenizer)}' if tokenizer else ''}]; got "
+                          f"{a.top_k}")
     if a.temperature <= 0:
         raise ConfigError(f"temperature must be > 0; got {a.temperature}")
     for key in ("max_length", "batch_size", "chunk_size"):
@@ -84,6 +86,7 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     from .models.build import load_teacher_model, resolve_task
     from .models.loading import load_tokenizer
 
+    _validate(a, None)  # cheap checks first
     tok = load_tokenizer(a.tokenizer or a.teacher)
     _validate(a, tok)
     cfg = train_config(a)
@@ -173,10 +176,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        rank, world = 0, 1
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "OMPI_COMM_WORLD_SIZE" in os.environ:
-            from .dist import init_distributed
+        from .dist import init_distributed, setup_environment
 
+        setup_environment()  # launcher variables (torchrun, deepspeed, mpirun), CPU accelerator when no GPU
+        rank, world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             rank, world, _ = init_distributed()
         info = build(a, rank, world)
     except KDError as exc:

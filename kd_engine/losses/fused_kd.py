@@ -99,6 +99,9 @@ class _FusedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if getattr(ctx, "used", False):  # the stored gradients are scaled in place below
+            raise RuntimeError("fused KD: backward through the same loss twice is not supported")
+        ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
         h_shape, h_dtype, w_shape, w_dtype, vocab, alpha = ctx.meta
         if 0.0 < alpha < 1.0 and not torch.equal(grad_out[0], grad_out[1]):

@@ -1,0 +1,203 @@
+"""Offline top-k teacher cache vs the online teacher: step time, peak memory, top-k KL error, bytes/token, perplexity.
+
+SmolLM2-135M teacher (``offline:smollm2-135m``) -> 10-layer student copied from it, the demo corpus
+(``python -m kd_engine.demo_data``; the first ``--examples`` paragraphs, so that the cache covers every step).
+Side by side in one run:
+
+1. build the cache (``python -m kd_engine.teacher_cache``, k = ``--top_k``, fp16 log-probs);
+2. ``--method kd`` for ``--steps`` steps online (teacher loaded) and from the cache (no teacher), same student
+   init, data order and seed, each in its own process: median step time (teacher_ms + student_ms of the logged
+   steps after the first), peak RSS of the process (``wait4``), held-out perplexity after the last step;
+3. KL error of the top-k + tail approximation vs the full KL for k in ``--ks`` on held-out tokens (teacher vs the
+   student after the online run, and vs the initial student; T = 2, log-probs rounded to fp16 as stored), and
+   bytes/token.
+
+    nice -n 5 python benchmarks/teacher_cache.py                 # 30 steps x 2 x 64 tokens, ~10 min on 2 cores
+    python benchmarks/teacher_cache.py --steps 4 --examples 24    # quick
+
+Last line: JSON with ``cached_step_speedup`` (online / cached median step time; target >= 1.8), ``kl_rel_error``
+per k, ``bytes_per_token``, ``ppl_online``, ``ppl_cached``, ``ppl_rel_diff`` (target <= 0.02), peak RSS. Also
+``benchmarks/results/teacher_cache.{json,md}`` and ``teacher_cache.png`` (with matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+TEACHER = "offline:smollm2-135m"
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Run a child; (wall seconds, peak RSS MiB of that child)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd[:4])} ... failed:\n{out[-3000:]}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def log_rows(out: str, split: str) -> list[dict]:
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def kl_errors(student_dir: str, eval_file: str, ks: list[int], n_texts: int, max_length: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kd_engine.losses.kd import kl_div_rows
+    from kd_engine.losses.sparse_kd import sparse_kl_rows, top_k_rows
+    from kd_engine.models.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(TEACHER)
+    teacher = load_model(TEACHER, "causal_lm").eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    texts = [t for t in open(eval_file, encoding="utf-8").read().splitlines() if t.strip()][:n_texts]
+    enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        t = teacher(**enc).logits[:, :-1]
+        s = student(**enc).logits[:, :-1]
+    mask = enc["attention_mask"][:, 1:].bool()
+    V = len(tok)
+    t, s = t[mask][:, :V].float(), s[mask][:, :V].float()
+    full = float(kl_div_rows(s, t, 2.0)) / 4.0
+    out = {"tokens": int(mask.sum()), "full_kl": full, "per_k": {}}
+    for k in ks:
+        ids, logp, tail = top_k_rows(t, k, 2.0)
+        approx = float(sparse_kl_rows(s, ids, logp.half().float(), tail.half().float(), 2.0).mean())
+        out["per_k"][str(k)] = {"kl": approx, "rel_error": abs(approx - full) / full, "bytes_per_token": 6 * (k + 1)}
+    return out
+
+
+def plot(summary: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib not installed (pip install .[plots]); no plot written", file=sys.stderr)
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["online", "cached"]
+    a1.bar(names, [summary["step_ms"][n] for n in names], color=["tab:blue", "tab:orange"])
+    a1.set_ylabel("median step time, ms")
+    a1.set_title(f"speedup {summary['cached_step_speedup']:.2f}x")
+    ks = sorted(summary["kl"]["per_k"], key=int)
+    a2.plot([int(k) for k in ks], [summary["kl"]["per_k"][k]["rel_error"] for k in ks], "o-")
+    a2.set_xscale("log", base=2)
+    a2.set_xlabel("top-k")
+    a2.set_ylabel("relative KL error (top-k + tail vs full)")
+    a2.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30, help="training steps per run")
+    ap.add_argument("--batch", type=int, default=2, help="per-device batch size")
+    ap.add_argument("--max_length", type=int, default=64, help="tokens per example")
+    ap.add_argument("--examples", type=int, default=0, help="training paragraphs (default steps x batch)")
+    ap.add_argument("--eval_examples", type=int, default=32, help="held-out paragraphs for perplexity")
+    ap.add_argument("--top_k", type=int, default=32, help="k of the cache used for training")
+    ap.add_argument("--ks", default="8,32,128", help="k values for the KL error")
+    ap.add_argument("--layers", type=int, default=10, help="student layers (copied from the teacher)")
+    ap.add_argument("--results", default=RESULTS, help="folder for teacher_cache.{json,md,png}")
+    args = ap.parse_args()
+    sys.path.insert(0, ROOT)
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    paths = subprocess.run([sys.executable, "-m", "kd_engine.demo_data"], env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    n = args.examples or args.steps * args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        train = os.path.join(tmp, "train.txt")
+        lines = [ln for ln in open(paths[0], encoding="utf-8").read().splitlines() if ln.strip()][:n]
+        open(train, "w", encoding="utf-8").write("\n".join(lines) + "\n")
+        student = os.path.join(tmp, "student")
+        from kd_engine.models.loading import load_model, load_tokenizer
+        from kd_engine.models.student import create_student
+
+        s = create_student(load_model(TEACHER, "causal_lm"), layers=args.layers)
+        s.save_pretrained(student)
+        load_tokenizer(TEACHER).save_pretrained(student)
+        del s
+        cache = os.path.join(tmp, "cache")
+        build_s, build_mib = run([sys.executable, "-m", "kd_engine.teacher_cache", "--teacher", TEACHER,
+                                  "--train_file", train, "--output_dir", cache, "--top_k", str(args.top_k),
+                                  "--temperature", "2.0", "--max_length", str(args.max_length)], env)
+        info = json.load(open(os.path.join(cache, "complete.json")))
+        print(f"cache: {info['tokens']} tokens, {info['bytes_per_token']} B/token, built in {build_s:.0f} s",
+              flush=True)
+        common = ["--method", "kd", "--student", student, "--train_file", train, "--eval_file", paths[1],
+                  "--max_eval_samples", str(args.eval_examples), "--max_length", str(args.max_length),
+                  "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch),
+                  "--learning_rate", "5e-5", "--temperature", "2.0", "--alpha", "0.5", "--logging_steps", "1",
+                  "--disable_tqdm", "true", "--save_steps", "0"]
+        res = {}
+        for name, extra in (("online", ["--teacher", TEACHER, "--kd_loss_impl", "naive", "--export", "true"]),
+                            ("cached", ["--teacher_cache", cache])):
+            out = os.path.join(tmp, name)
+            wall, mib = run([sys.executable, os.path.join(ROOT, "launch", "train.py"), *common,
+                             "--output_dir", out, *extra], env)
+            rows = log_rows(out, "train")[1:]
+            step = statistics.median(r["teacher_ms"] + r["student_ms"] for r in rows)
+            ev = log_rows(out, "eval")[-1]
+            res[name] = {"step_ms": step, "teacher_ms": statistics.median(r["teacher_ms"] for r in rows),
+                         "peak_rss_mib": mib, "wall_s": wall, "ppl": math.exp(ev["lm_loss"])}
+            print(f"{name}: step {step:.0f} ms, peak RSS {mib:.0f} MiB, ppl {res[name]['ppl']:.3f}", flush=True)
+        ks = [int(k) for k in args.ks.split(",")]
+        kl = kl_errors(os.path.join(tmp, "online", "final"), paths[1], ks, 8, args.max_length)
+        kl["at_init"] = kl_errors(student, paths[1], ks, 8, args.max_length)
+    summary = {"steps": args.steps, "batch": args.batch, "max_length": args.max_length, "top_k": args.top_k,
+               "student_layers": args.layers, "cache_tokens": info["tokens"], "cache_build_s": build_s,
+               "bytes_per_token": info["bytes_per_token"],
+               "step_ms": {k: v["step_ms"] for k, v in res.items()},
+               "peak_rss_mib": {k: v["peak_rss_mib"] for k, v in res.items()},
+               "cached_step_speedup": round(res["online"]["step_ms"] / res["cached"]["step_ms"], 3),
+               "ppl_online": res["online"]["ppl"], "ppl_cached": res["cached"]["ppl"],
+               "ppl_rel_diff": abs(res["cached"]["ppl"] - res["online"]["ppl"]) / res["online"]["ppl"],
+               "kl": kl, "kl_rel_error": {k: v["rel_error"] for k, v in kl["per_k"].items()}, "runs": res,
+               "command": "python benchmarks/teacher_cache.py " + " ".join(sys.argv[1:])}
+    os.makedirs(args.results, exist_ok=True)
+    has_plot = plot(summary, os.path.join(args.results, "teacher_cache.png"))
+    with open(os.path.join(args.results, "teacher_cache.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    ks = sorted(kl["per_k"], key=int)
+    with open(os.path.join(args.results, "teacher_cache.md"), "w") as f:
+        f.write(f"# Offline top-k teacher cache vs online teacher\n\n`{summary['command']}`\n\n"
+                f"SmolLM2-135M -> {args.layers}-layer student, demo corpus, {args.steps} steps x {args.batch} x "
+                f"{args.max_length} tokens, k={args.top_k} (fp16), T=2, alpha=0.5\n\n"
+                f"| run | median step ms | peak RSS MiB | held-out ppl |\n|---|---|---|---|\n"
+                + "".join(f"| {k} | {v['step_ms']:.0f} | {v['peak_rss_mib']:.0f} | {v['ppl']:.3f} |\n"
+                          for k, v in res.items())
+                + f"\ncached_step_speedup {summary['cached_step_speedup']}, ppl_rel_diff "
+                f"{summary['ppl_rel_diff']:.4f}, cache {info['tokens']} tokens at {info['bytes_per_token']} "
+                f"B/token\n\n| k | KL rel. error | bytes/token |\n|---|---|---|\n"
+                + "".join(f"| {k} | {kl['per_k'][k]['rel_error']:.4f} | {kl['per_k'][k]['bytes_per_token']} |\n"
+                          for k in ks)
+                + f"\n(KL of the student after the online run; at init: "
+                + ", ".join(f"k={k}: {kl['at_init']['per_k'][k]['rel_error']:.4f}" for k in ks) + ")\n"
+                + ("\n![teacher cache](teacher_cache.png)\n" if has_plot else ""))
+    print(f"results in {args.results}/teacher_cache.{{json,md}}" + (" and .png" if has_plot else ""))
+    print(json.dumps({k: summary[k] for k in ("cached_step_speedup", "kl_rel_error", "bytes_per_token",
+                                              "ppl_online", "ppl_cached", "ppl_rel_diff", "peak_rss_mib")}))
+
+
+if __name__ == "__main__":
+    main()
