@@ -1,8 +1,9 @@
 """A synthetic seq2seq task with many correct outputs per input, a T5 teacher trained on it from scratch, and the
 held-out comparison of distilled T5 students (issue 15 section 3). Driven by ``scripts/onpolicy_t5_demo.sh``.
 
-Task ("one member of each category"): the input names 3 different categories (``tool fruit river``), a correct
-output names one member of each, in order (``kalo mire tusa``). 16 categories x 8 members; members are
+Task ("one member of each category"): the input names 3 different categories, each with its slot number
+(``1:tool 2:fruit 3:river``; the tokenizer has one piece per slot and category), a correct output names one member
+of each, in order (``kalo mire tusa``). 16 categories x 8 members; members are
 two-syllable pseudo-words over shared syllables (``ka lo mi ...``), so a syllable-level model can also emit
 non-words or members of the wrong category. Every input has 8^3 = 512 correct outputs. Inputs (ordered category
 triples) are split into train / held-out; each training input appears with several uniformly drawn outputs.
@@ -48,8 +49,16 @@ def task(seed: int = 0) -> dict[str, list[str]]:
     return {c: words[i * n:(i + 1) * n] for i, c in enumerate(CATEGORIES)}
 
 
+def prompt_text(cats) -> str:
+    return " ".join(f"{i + 1}:{c}" for i, c in enumerate(cats))
+
+
+def categories(prompt: str) -> list[str]:
+    return [w.split(":", 1)[1] for w in prompt.split()]
+
+
 def is_correct(members: dict, prompt: str, output: str) -> bool:
-    cats, words = prompt.split(), output.split()
+    cats, words = categories(prompt), output.split()
     return len(words) == len(cats) and all(w in members[c] for c, w in zip(cats, words))
 
 
@@ -65,12 +74,12 @@ def make_data(out: str, heldout: int, per_input: int, seed: int = 0) -> None:
     triples = list(itertools.permutations(CATEGORIES, SLOTS))
     rng.shuffle(triples)
     test, train = triples[:heldout], triples[heldout:]
-    rows = [{"text": " ".join(t), "answer": " ".join(rng.choice(members[c]) for c in t)}
+    rows = [{"text": prompt_text(t), "answer": " ".join(rng.choice(members[c]) for c in t)}
             for t in train for _ in range(per_input)]
     rng.shuffle(rows)
     os.makedirs(out, exist_ok=True)
     write_jsonl(os.path.join(out, "train.jsonl"), rows)
-    write_jsonl(os.path.join(out, "test.jsonl"), [{"text": " ".join(t), "answer": " ".join(members[c][0] for c in t)}
+    write_jsonl(os.path.join(out, "test.jsonl"), [{"text": prompt_text(t), "answer": " ".join(members[c][0] for c in t)}
                                                   for t in test])
     with open(os.path.join(out, "members.json"), "w") as f:
         json.dump(members, f, indent=1)
@@ -90,10 +99,13 @@ def make_tokenizer(out: str, rows: list[dict]) -> None:
             f.write(r["text"] + "\n" + r["answer"] + "\n")
     tok_dir = os.path.join(out, "tok")
     os.makedirs(tok_dir, exist_ok=True)
-    # pieces of at most 3 characters ("▁ka", "lo"): a member is two pieces, an output six plus EOS
+    # a slot-and-category name is one piece (an input is 3 pieces + EOS); other pieces have at most 3 characters
+    # ("▁ka", "lo"): a member is two pieces, an output six plus EOS
     spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(tok_dir, "spiece"), vocab_size=160,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
-                                   character_coverage=1.0, max_sentencepiece_length=3, hard_vocab_limit=False)
+                                   character_coverage=1.0, max_sentencepiece_length=3, hard_vocab_limit=False,
+                                   user_defined_symbols=[f"▁{i + 1}:{c}" for i in range(SLOTS)
+                                                         for c in CATEGORIES])
     T5Tokenizer.from_pretrained(tok_dir, extra_ids=0).save_pretrained(tok_dir)
 
 
@@ -137,7 +149,7 @@ def evaluate(model, teacher, tok, members: dict, prompts: list[str], samples: in
         rkl += float(kl.sum())
         tlp += float(r.teacher_logprobs.sum())
         length += float(m.sum())
-        cats = prompt.split()
+        cats = categories(prompt)
         seen = [set() for _ in cats]
         for row, mask in zip(r.response_ids, r.response_mask):
             text = tok.decode([int(t) for t, k in zip(row, mask) if k], skip_special_tokens=True)

@@ -15,12 +15,13 @@ def test_task_has_disjoint_categories_and_many_correct_outputs():
     words = [w for ms in members.values() for w in ms]
     assert len(members) == 16 and all(len(ms) == 8 for ms in members.values()) and len(set(words)) == len(words)
     assert members == bench.task()  # fixed by its seed
+    assert bench.categories(bench.prompt_text(["fruit", "tool", "river"])) == ["fruit", "tool", "river"]
     fruit, tool, river = members["fruit"], members["tool"], members["river"]
-    assert bench.is_correct(members, "fruit tool river", f"{fruit[3]} {tool[0]} {river[7]}")
-    assert not bench.is_correct(members, "fruit tool river", f"{tool[0]} {fruit[3]} {river[7]}")  # wrong order
-    assert not bench.is_correct(members, "fruit tool river", f"{fruit[3]} {tool[0]}")  # too short
-    assert not bench.is_correct(members, "fruit tool river", f"{fruit[3]} {tool[0]} {river[7]} {river[1]}")
-    assert not bench.is_correct(members, "fruit tool river", f"{fruit[3]} {tool[0]} {river[7][:2]}")
+    assert bench.is_correct(members, "1:fruit 2:tool 3:river", f"{fruit[3]} {tool[0]} {river[7]}")
+    assert not bench.is_correct(members, "1:fruit 2:tool 3:river", f"{tool[0]} {fruit[3]} {river[7]}")  # wrong order
+    assert not bench.is_correct(members, "1:fruit 2:tool 3:river", f"{fruit[3]} {tool[0]}")  # too short
+    assert not bench.is_correct(members, "1:fruit 2:tool 3:river", f"{fruit[3]} {tool[0]} {river[7]} {river[1]}")
+    assert not bench.is_correct(members, "1:fruit 2:tool 3:river", f"{fruit[3]} {tool[0]} {river[7][:2]}")
 
 
 def test_data_split_and_metrics(tmp_path):
@@ -36,6 +37,7 @@ def test_data_split_and_metrics(tmp_path):
     tok = T5Tokenizer.from_pretrained(str(tmp_path / "tok"))
     ids = tok(train[0]["answer"])["input_ids"]
     assert ids[-1] == tok.eos_token_id and len(ids) == 7  # two pieces per member, then EOS
+    assert len(tok(train[0]["text"])["input_ids"]) == 4  # one piece per category name, then EOS
     teacher = T5ForConditionalGeneration.from_pretrained(str(tmp_path / "teacher_init")).eval()
     bench.make_t5(str(tmp_path / "s"), str(tmp_path / "tok"), d_model=32, layers=1, seed=1)
     student = T5ForConditionalGeneration.from_pretrained(str(tmp_path / "s")).eval()
