@@ -14,9 +14,9 @@
 #   bash scripts/onpolicy_t5_demo.sh                 # full size
 #   SIZE=tiny bash scripts/onpolicy_t5_demo.sh       # smoke run of every stage (minutes; numbers meaningless)
 #
-# Env: OUT (outputs/onpolicy_t5), SIZE (full|tiny), TEACHER_STEPS (1500), TEACHER_LR (2e-3), INIT_STEPS (150),
-#      STEPS (150), BS (32), LR (1e-3), INIT_LR (2e-3), SEEDS ("1 2 3"), STUDENT_DMODEL (64), ROLLOUTS (32),
-#      PPO_EPOCHS (4), EVAL_INPUTS (100), SAMPLES (32), MIN_TEACHER_PRECISION (0.9), THREADS (2), RESULTS
+# Env: OUT (outputs/onpolicy_t5), SIZE (full|tiny), TEACHER_STEPS (2500), TEACHER_LR (2e-3), INIT_STEPS (400),
+#      STEPS (400), BS (32), LR (1e-3), INIT_LR (3e-3), SEEDS ("1 2 3"), STUDENT_DMODEL (64), ROLLOUTS (32),
+#      PPO_EPOCHS (4), EVAL_INPUTS (60), SAMPLES (32), MIN_TEACHER_PRECISION (0.9), THREADS (2), RESULTS
 #      (benchmarks/results/onpolicy_t5). A stage whose OUT/<name>/final/config.json exists is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ if [ "$SIZE" = tiny ]; then
   D_TEACHER_STEPS=30; D_INIT_STEPS=5; D_STEPS=4; D_SEEDS="1 2"; D_EVAL_INPUTS=4; D_SAMPLES=4; D_MIN=0
   D_OUT=outputs/onpolicy_t5_tiny; D_RESULTS=outputs/onpolicy_t5_tiny/report
 else
-  D_TEACHER_STEPS=1500; D_INIT_STEPS=150; D_STEPS=150; D_SEEDS="1 2 3"; D_EVAL_INPUTS=100; D_SAMPLES=32; D_MIN=0.9
+  D_TEACHER_STEPS=2500; D_INIT_STEPS=400; D_STEPS=400; D_SEEDS="1 2 3"; D_EVAL_INPUTS=60; D_SAMPLES=32; D_MIN=0.9
   D_OUT=outputs/onpolicy_t5; D_RESULTS=benchmarks/results/onpolicy_t5
 fi
 OUT=${OUT:-$D_OUT}
@@ -35,7 +35,7 @@ INIT_STEPS=${INIT_STEPS:-$D_INIT_STEPS}
 STEPS=${STEPS:-$D_STEPS}
 BS=${BS:-32}
 LR=${LR:-1e-3}
-INIT_LR=${INIT_LR:-2e-3}
+INIT_LR=${INIT_LR:-3e-3}
 SEEDS=${SEEDS:-$D_SEEDS}
 STUDENT_DMODEL=${STUDENT_DMODEL:-64}
 ROLLOUTS=${ROLLOUTS:-32}
@@ -113,7 +113,7 @@ json.dump({"task": "3 category names -> one member of each (16 categories x 8 tw
                        "(student_init), then $STEPS steps x $BS per method (lr $LR): sft; kd alpha 0.5 T 1; "
                        "seqkd sampled teacher responses (T 1); gkd beta 0.5 lmbda 0.5; minillm teacher_mixed_alpha "
                        "0.2, $ROLLOUTS rollouts per round, $PPO_EPOCHS PPO epochs, no pt term",
-           "evaluation": "$EVAL_INPUTS held-out inputs x $SAMPLES samples (temperature 1) per model and seed",
+           "evaluation": "$EVAL_INPUTS of the 200 held-out inputs x $SAMPLES samples (temperature 1) per model and seed",
            "seeds": "$SEEDS", "command": "SIZE=$SIZE bash scripts/onpolicy_t5_demo.sh"}, open(sys.argv[1], "w"))
 EOF
 $H report "${RUNS[@]}" --setup "$OUT/setup.json" --out "$RESULTS" | tail -1 > "$OUT/report_line.json"
