@@ -14,8 +14,8 @@
 #   bash scripts/onpolicy_t5_demo.sh                 # full size
 #   SIZE=tiny bash scripts/onpolicy_t5_demo.sh       # smoke run of every stage (minutes; numbers meaningless)
 #
-# Env: OUT (outputs/onpolicy_t5), SIZE (full|tiny), TEACHER_STEPS (2500), TEACHER_LR (2e-3), INIT_STEPS (400),
-#      STEPS (400), BS (32), LR (1e-3), INIT_LR (3e-3), SEEDS ("1 2 3"), STUDENT_DMODEL (64), ROLLOUTS (32),
+# Env: OUT (outputs/onpolicy_t5), SIZE (full|tiny), TEACHER_STEPS (2500), TEACHER_LR (2e-3), INIT_STEPS (1500),
+#      STEPS (1000), BS (32), LR (1e-3), INIT_LR (3e-3), SEEDS ("1 2 3"), STUDENT_DMODEL (64), ROLLOUTS (32),
 #      PPO_EPOCHS (4), EVAL_INPUTS (60), SAMPLES (32), MIN_TEACHER_PRECISION (0.9), THREADS (2), RESULTS
 #      (benchmarks/results/onpolicy_t5). A stage whose OUT/<name>/final/config.json exists is skipped.
 set -euo pipefail
@@ -25,7 +25,7 @@ if [ "$SIZE" = tiny ]; then
   D_TEACHER_STEPS=30; D_INIT_STEPS=5; D_STEPS=4; D_SEEDS="1 2"; D_EVAL_INPUTS=4; D_SAMPLES=4; D_MIN=0
   D_OUT=outputs/onpolicy_t5_tiny; D_RESULTS=outputs/onpolicy_t5_tiny/report
 else
-  D_TEACHER_STEPS=2500; D_INIT_STEPS=400; D_STEPS=400; D_SEEDS="1 2 3"; D_EVAL_INPUTS=60; D_SAMPLES=32; D_MIN=0.9
+  D_TEACHER_STEPS=2500; D_INIT_STEPS=1500; D_STEPS=1000; D_SEEDS="1 2 3"; D_EVAL_INPUTS=60; D_SAMPLES=32; D_MIN=0.9
   D_OUT=outputs/onpolicy_t5; D_RESULTS=benchmarks/results/onpolicy_t5
 fi
 OUT=${OUT:-$D_OUT}
