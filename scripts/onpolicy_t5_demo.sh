@@ -56,9 +56,11 @@ train() {  # name method extra...
   local name=$1; shift
   if done_ "$OUT/$name"; then log "skip $name (done)"; return; fi
   log "train $name"
+  local t0=$SECONDS
   $PY launch/train.py "$@" --train_file "$OUT/data/train.jsonl" --target_column answer \
     --output_dir "$OUT/$name" --overwrite_output_dir true --logging_steps 25 --disable_tqdm true \
     > "$OUT/$name.log" 2>&1 || { tail -20 "$OUT/$name.log" >&2; exit 1; }
+  echo $(( SECONDS - t0 )) > "$OUT/$name.seconds"  # wall time of the whole run (start-up, generation included)
 }
 
 mkdir -p "$OUT"
@@ -106,13 +108,18 @@ done
 
 $PY - "$OUT/setup.json" <<EOF
 import json, sys
-json.dump({"task": "3 category names -> one member of each (16 categories x 8 two-syllable pseudo-word members; "
+json.dump({"task": "3 slot-numbered category names (1:fruit 2:tool 3:river) -> one member of each, in order (16 categories x 8 two-syllable pseudo-word members; "
                    "512 correct outputs per input); 3160 training inputs x 4 drawn outputs, 200 held-out inputs",
            "teacher": "T5 d_model 128, 3+3 layers, ~1.0M params, sft $TEACHER_STEPS steps x 64 from random init",
            "students": "T5 d_model $STUDENT_DMODEL, 1+1 layers, random init + sft $INIT_STEPS steps x $BS "
                        "(student_init), then $STEPS steps x $BS per method (lr $LR): sft; kd alpha 0.5 T 1; "
                        "seqkd sampled teacher responses (T 1); gkd beta 0.5 lmbda 0.5; minillm teacher_mixed_alpha "
                        "0.2, $ROLLOUTS rollouts per round, $PPO_EPOCHS PPO epochs, no pt term",
+           "compute budget": "every method $STEPS optimizer steps x $BS sequences (prompt 4 tokens, response <= 16 "
+                              "tokens, 7 for a correct one); generation on top: gkd samples 16 of the 32 responses "
+                              "of a step on average (lmbda 0.5), minillm samples $ROLLOUTS rollouts per "
+                              "$PPO_EPOCHS x $ROLLOUTS / $BS steps (+ one pure-student batch per round for its log), "
+                              "seqkd's teacher answers the 12640 training prompts once; wall time per run below",
            "evaluation": "$EVAL_INPUTS of the 200 held-out inputs x $SAMPLES samples (temperature 1) per model and seed",
            "seeds": "$SEEDS", "command": "SIZE=$SIZE bash scripts/onpolicy_t5_demo.sh"}, open(sys.argv[1], "w"))
 EOF
