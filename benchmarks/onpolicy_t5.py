@@ -219,7 +219,8 @@ def cmd_report(a) -> None:
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     result = {"setup": setup, "runs": list(a.runs),
-              "table": {n: {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for n, r in table.items()}}
+              "table": {n: {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+                        for n, r in table.items()}}
     with open(a.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     print("\n".join(lines))

@@ -108,8 +108,9 @@ done
 
 $PY - "$OUT/setup.json" <<EOF
 import json, sys
-json.dump({"task": "3 slot-numbered category names (1:fruit 2:tool 3:river) -> one member of each, in order (16 categories x 8 two-syllable pseudo-word members; "
-                   "512 correct outputs per input); 3160 training inputs x 4 drawn outputs, 200 held-out inputs",
+json.dump({"task": "3 slot-numbered category names (1:fruit 2:tool 3:river) -> one member of each, in order "
+                   "(16 categories x 8 two-syllable pseudo-word members; 512 correct outputs per input); "
+                   "3160 training inputs x 4 drawn outputs, 200 held-out inputs",
            "teacher": "T5 d_model 128, 3+3 layers, ~1.0M params, sft $TEACHER_STEPS steps x 64 from random init",
            "students": "T5 d_model $STUDENT_DMODEL, 1+1 layers, random init + sft $INIT_STEPS steps x $BS "
                        "(student_init), then $STEPS steps x $BS per method (lr $LR): sft; kd alpha 0.5 T 1; "
@@ -120,7 +121,8 @@ json.dump({"task": "3 slot-numbered category names (1:fruit 2:tool 3:river) -> o
                               "of a step on average (lmbda 0.5), minillm samples $ROLLOUTS rollouts per "
                               "$PPO_EPOCHS x $ROLLOUTS / $BS steps (+ one pure-student batch per round for its log), "
                               "seqkd's teacher answers the 12640 training prompts once; wall time per run below",
-           "evaluation": "$EVAL_INPUTS of the 200 held-out inputs x $SAMPLES samples (temperature 1) per model and seed",
+           "evaluation": "$EVAL_INPUTS of the 200 held-out inputs x $SAMPLES samples (temperature 1) per model and "
+                         "seed",
            "seeds": "$SEEDS", "command": "SIZE=$SIZE bash scripts/onpolicy_t5_demo.sh"}, open(sys.argv[1], "w"))
 EOF
 $H report "${RUNS[@]}" --setup "$OUT/setup.json" --out "$RESULTS" | tail -1 > "$OUT/report_line.json"

@@ -3,8 +3,6 @@ import json
 import os
 import sys
 
-import pytest
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import onpolicy_t5 as bench  # noqa: E402

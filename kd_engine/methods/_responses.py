@@ -199,7 +199,8 @@ class ResponseMethod(LogitKD):
         from ..models.sampling import mixed_sample
 
         tok = ctx.tokenizer
-        r = mixed_sample(model, None, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=self.opts.max_new_tokens,
+        r = mixed_sample(model, None, batch["prompt_ids"], batch["prompt_mask"],
+                         max_new_tokens=self.opts.max_new_tokens,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, alpha=0.0,
                          temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, generator=generator,
                          vocab_size=self.vocab_size, synced_ranks=ctx.world_size > 1)
