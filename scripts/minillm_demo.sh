@@ -6,7 +6,8 @@
 #      prompt/answer pairs (loss on the answer only, --target_column answer).
 #   3. From student_init, STEPS steps each of --method minillm (pretraining batch from the Wikipedia sample),
 #      --method kd (alpha 0.5, temperature 1, same prompt/answer data), --method sft (continued), --method seqkd
-#      (teacher responses sampled once for the training prompts, cached) and --method gkd (beta 0.5, lmbda 0.5),
+#      (teacher responses sampled once for the STEPS x BS training prompts it trains on, cached) and --method gkd
+#      (beta 0.5, lmbda 0.5),
 #      same lr. (The seqkd and gkd rows were added by issue 15 and have not been run yet: the measured time below
 #      is for the first three.)
 #   4. benchmarks/minillm_compare.py: teacher, student_init and the five students on the held-out prompts
@@ -107,7 +108,8 @@ RUNS=(
   "kd --method kd --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR --alpha 0.5 --temperature 1"
   "sft --method sft --student $S --max_steps $STEPS --learning_rate $LR"
   "seqkd --method seqkd --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR
-   --max_prompt_length $PROMPT_LEN --max_new_tokens $NEW_TOKENS --seqkd_do_sample true --seqkd_batch_size $BS"
+   --max_prompt_length $PROMPT_LEN --max_new_tokens $NEW_TOKENS --seqkd_do_sample true --seqkd_batch_size $BS
+   --max_train_samples $(( STEPS * BS ))"
   "gkd --method gkd --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR
    --max_prompt_length $PROMPT_LEN --max_new_tokens $NEW_TOKENS --beta 0.5 --lmbda 0.5"
 )
