@@ -191,3 +191,12 @@ def test_gkd_two_ranks_zero3_torchrun(assets, tmp_path):
     assert (out / "final" / "model.safetensors").exists()
     caches = list((tmp_path / "cache" / "seqkd").iterdir())
     assert len(caches) == 1 and (caches[0] / "responses.pt").exists()
+
+
+def test_always_on_policy_needs_prompts_only(assets, tmp_path):
+    """lmbda 1: every response is the student's own sample, so a prompt-only file (no --target_column) trains."""
+    argv = [a for a in _argv(assets, tmp_path / "o", "--lmbda", "1") if a not in ("--target_column", "answer")]
+    tr = _run(argv)
+    assert tr.method.on_policy_batches == tr.method.micro_batches == 3
+    assert all("response_ids" not in r for r in tr.data.train)
+    assert all(r["kd"] > 0 for r in _train_log(tmp_path / "o"))
