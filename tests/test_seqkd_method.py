@@ -176,3 +176,16 @@ def test_seqkd_sampled_default_cache_folders_differ_per_key(assets, tmp_path):
     c = _run(_argv(assets / "teacher", assets, tmp_path / "c", "--seqkd_do_sample", "true", "--max_steps", "1"))
     assert c.method.seqkd_info["hit"] and [r["response_ids"] for r in c.data.train] == \
         [r["response_ids"] for r in a.data.train]
+
+
+def test_seqkd_refuses_a_cache_after_the_teacher_changed(assets, tmp_path):
+    """Same teacher path, retrained weights: the cached responses are not the new teacher's -> refused, kept."""
+    teacher = tmp_path / "teacher"
+    tiny.make_llama(str(teacher), layers=2, seed=0)
+    cache = tmp_path / "cache"
+    _run(_argv(teacher, assets, tmp_path / "a", "--seqkd_cache", str(cache), "--max_steps", "1"))
+    tiny.make_llama(str(teacher), layers=2, seed=1)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir())
+    with pytest.raises(KDError, match="weights"):
+        _run(_argv(teacher, assets, tmp_path / "b", "--seqkd_cache", str(cache), "--max_steps", "1"))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir()) == before
