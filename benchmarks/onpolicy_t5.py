@@ -18,7 +18,10 @@ Metrics on the held-out inputs, ``--samples`` pure samples per input (temperatur
 members that appear in that slot among the correct samples, averaged; ``teacher_logp`` mean over samples of
 log p_teacher(y | x) (nats per sequence); ``rev_kl`` mean over samples of sum_t KL(q_t || p_t), the exact per-token
 KL over the vocabulary along the student's own samples (an unbiased estimate of the sequence-level KL(q || p));
-``len`` mean response length in tokens.
+``len`` mean response length in tokens. Exact (teacher-forced) on the first slot: ``slot1_mass`` the student's
+total probability of the category's members, ``slot1_evenness`` the entropy of that distribution renormalised over
+the members, divided by log 8 (1: all correct members equally likely; a coverage measure that does not depend on
+precision or on the number of samples).
 """
 from __future__ import annotations
 
@@ -134,7 +137,7 @@ def evaluate(model, teacher, tok, members: dict, prompts: list[str], samples: in
     gen = torch.Generator().manual_seed(seed)
     n_ok = n = 0
     tlp = rkl = length = 0.0
-    cover = []
+    cover, masses, evens = [], [], []
     for prompt in prompts:
         ids = tok(prompt)["input_ids"]
         b = collate([{"prompt_ids": ids}] * samples)
@@ -159,8 +162,32 @@ def evaluate(model, teacher, tok, members: dict, prompts: list[str], samples: in
                 for s, w in zip(seen, text.split()):
                     s.add(w)
         cover.append(sum(len(s) for s in seen) / (len(cats) * MEMBERS_PER_CATEGORY))
-    return {"precision": n_ok / n, "coverage": sum(cover) / len(cover), "teacher_logp": tlp / n,
-            "rev_kl": rkl / n, "len": length / n, "samples": n}
+        mass, even = first_slot(model, tok, ids, members[cats[0]], V)
+        masses.append(mass)
+        evens.append(even)
+    return {"precision": n_ok / n, "coverage": sum(cover) / len(cover), "slot1_mass": sum(masses) / len(masses),
+            "slot1_evenness": sum(evens) / len(evens), "teacher_logp": tlp / n, "rev_kl": rkl / n,
+            "len": length / n, "samples": n}
+
+
+@torch.no_grad()
+def first_slot(model, tok, prompt_ids: list, words: list, V: int) -> tuple[float, float]:
+    """Exact first-slot distribution over the category's members (teacher-forced): their total probability
+    ``q(member)`` (a precision that needs no sampling) and the evenness of q renormalised over them (entropy / log 8:
+    1 = every correct member equally likely, 0 = one member only), a coverage that does not depend on precision."""
+    from kd_engine.models.response_logits import response_logits
+
+    resp = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
+    width = max(len(r) for r in resp)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in resp])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in resp])
+    prompt = torch.tensor([prompt_ids] * len(words))
+    lq = torch.log_softmax(response_logits(model, prompt, torch.ones_like(prompt), ids, mask).float()[..., :V], -1)
+    logq = (lq.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+    q = logq.exp()
+    p = q / q.sum()
+    entropy = float(-(p * p.clamp_min(1e-30).log()).sum())
+    return float(q.sum()), entropy / math.log(len(words))
 
 
 def cmd_eval(a) -> None:
@@ -182,7 +209,7 @@ def cmd_eval(a) -> None:
 
 
 # ---- report -------------------------------------------------------------------------------------------------
-METRICS = ("precision", "coverage", "teacher_logp", "rev_kl", "len")
+METRICS = ("precision", "coverage", "slot1_mass", "slot1_evenness", "teacher_logp", "rev_kl", "len")
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -209,8 +236,9 @@ def cmd_report(a) -> None:
              "(teacher: one model, sd over the seeds' samples).", ""]
     for k, v in setup.items():
         lines.append(f"- {k}: {v}")
-    lines += ["", "| model | seeds | precision | coverage | teacher log p (nats/seq) | reverse KL (nats/seq) | "
-              "length (tokens) | run wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | seeds | precision | coverage | slot-1 correct mass | slot-1 evenness | teacher log p "
+              "(nats/seq) | reverse KL (nats/seq) | length (tokens) | run wall time (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         cells = " | ".join(f"{row[k][0]:.3f} ± {row[k][1]:.3f}" for k in METRICS)
         t = row["train_seconds"]

@@ -46,3 +46,18 @@ def test_data_split_and_metrics(tmp_path):
     assert abs(same["rev_kl"]) < 1e-5 and other["rev_kl"] > 0.1
     assert 0 <= other["precision"] <= 1 and 0 <= other["coverage"] <= 1 and other["teacher_logp"] < 0
     assert 1 <= same["len"] <= 8 and 1 <= other["len"] <= 8
+    assert 0 < other["slot1_mass"] < 1 and 0 < other["slot1_evenness"] <= 1
+    # slot-1 mass is the probability of sampling a member first: the sampled share of correct first words agrees
+    cats = bench.categories(prompts[0])
+    ids = tok(prompts[0])["input_ids"]
+    mass, even = bench.first_slot(student, tok, ids, members[cats[0]], len(tok))
+    import torch
+    from kd_engine.models.sampling import mixed_sample
+
+    n = 2000
+    prompt = torch.tensor([ids] * n)
+    r = mixed_sample(student, None, prompt, torch.ones_like(prompt), max_new_tokens=2, eos_token_id=tok.eos_token_id,
+                     pad_token_id=0, alpha=0.0, generator=torch.Generator().manual_seed(0), vocab_size=len(tok))
+    want = {tuple(tok(w, add_special_tokens=False)["input_ids"]) for w in members[cats[0]]}
+    hits = sum(tuple(row) in want for row in r.response_ids.tolist())
+    assert abs(hits / n - mass) < 4 * (mass * (1 - mass) / n) ** 0.5 + 1e-3
