@@ -11,7 +11,8 @@
 #   4. held-out metrics per seed (EVAL_INPUTS held-out inputs x SAMPLES samples) -> report over seeds:
 #      benchmarks/results/onpolicy_t5.{md,json}
 #
-#   bash scripts/onpolicy_t5_demo.sh                 # full size
+#   bash scripts/onpolicy_t5_demo.sh                 # full size: measured 15 min on the 2-core CPU machine
+#                                                    # (teacher 4.5 min; per seed ~3.5 min of training + eval)
 #   SIZE=tiny bash scripts/onpolicy_t5_demo.sh       # smoke run of every stage (minutes; numbers meaningless)
 #
 # Env: OUT (outputs/onpolicy_t5), SIZE (full|tiny), TEACHER_STEPS (2500), TEACHER_LR (2e-3), INIT_STEPS (1500),
