@@ -23,6 +23,10 @@ def preflight(parsed) -> None:
     cfg = parsed.train
     if cfg.resume in (True, False, "true", "false"):  # "auto" (--resume auto) is decided by the trainer
         check_output_dir(cfg.output_dir, cfg.resume in (True, "true"), cfg.overwrite_output_dir)
+    method = parsed.method_cls
+    cached = getattr(parsed.method_options, "teacher_cache", None)  # kd from a teacher cache loads no teacher
+    if getattr(method, "needs_teacher", False) and not cfg.teacher and not cached:
+        raise KDError(f"method '{method.name}' needs a teacher: pass --teacher PATH_OR_ID")
     for key in ("teacher", "student.name_or_path", "tokenizer"):
         value = cfg.student.name_or_path if key == "student.name_or_path" else getattr(cfg, key)
         if value:

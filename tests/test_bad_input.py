@@ -59,6 +59,7 @@ CASES = [
     ("temperature out of range", ["--temperature", "0"], "temperature must be in"),
     ("non-finite value", ["--learning_rate", "nan"], "finite"),
     ("max_nonfinite_steps 0", ["--max_nonfinite_steps", "0"], "max_nonfinite_steps must be >= 1"),
+    ("forgotten teacher", ["--teacher", ""], "needs a teacher: pass --teacher"),
 ]
 
 
