@@ -25,61 +25,61 @@ class StudentConfig:
     layers: Optional[int] = None  # depth of a student built from the teacher (encoder / decoder-only stack)
     decoder_layers: Optional[int] = None  # decoder depth for encoder-decoder teachers
     hidden: Optional[int] = None  # width; a different width forces random init
-    heads: Optional[int] = None
+    heads: Optional[int] = None  # attention heads of a student built at a new width
     intermediate: Optional[int] = None  # feed-forward size; defaults to 4 x hidden when hidden changes
     init: str = "auto"  # "teacher_layers" (copy alternating teacher layers), "random", or auto: the method's default
 
 
 @dataclass
 class TrainConfig:
-    method: str = "kd"
+    method: str = "kd"  # distillation method (see 'methods' above)
     # models
-    teacher: Optional[str] = None
+    teacher: Optional[str] = None  # teacher model: local folder, hub id, or offline:<name>
     student: StudentConfig = field(default_factory=StudentConfig)
     tokenizer: Optional[str] = None  # default: the student's, else the teacher's
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # allow model code shipped with a hub model
     teacher_dtype: str = "auto"  # auto (student's training dtype) | fp32 | bf16 | fp16
     # data
-    train_file: Optional[str] = None
-    eval_file: Optional[str] = None
-    text_column: str = "text"
-    text_pair_column: Optional[str] = None
-    label_column: Optional[str] = None
+    train_file: Optional[str] = None  # training data file (jsonl/csv/tsv/txt) or dataset id
+    eval_file: Optional[str] = None  # held-out data file (jsonl/csv/tsv/txt)
+    text_column: str = "text"  # column holding the input text
+    text_pair_column: Optional[str] = None  # second text of sentence pairs (NLI)
+    label_column: Optional[str] = None  # class label column (classification)
     target_column: Optional[str] = None  # response (causal LM, loss on it only) or target text (seq2seq)
-    max_length: int = 128
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    max_length: int = 128  # tokens per example (longer ones are cut)
+    max_train_samples: Optional[int] = None  # use at most this many training examples
+    max_eval_samples: Optional[int] = None  # use at most this many evaluation examples
     eval_split: float = 0.0  # fraction of the training file held out for evaluation when no eval_file
-    group_by_length: bool = True
+    group_by_length: bool = True  # batch examples of similar length together
     # run
-    output_dir: str = "outputs/run"
-    overwrite_output_dir: bool = False
+    output_dir: str = "outputs/run"  # run folder: checkpoints, TensorBoard, train_log.jsonl, final/
+    overwrite_output_dir: bool = False  # replace a previous run there (only what kd_engine wrote)
     resume: str = "false"  # false | true (bare --resume: continue the newest complete checkpoint) | auto
     stop_signals: list[str] = field(default_factory=lambda: ["USR1", "TERM"])  # checkpoint + stop (+ requeue)
     requeue_on_stop: bool = True  # after a stop signal under a requeueable SLURM batch job: scontrol requeue
     deepspeed: Optional[str] = None  # DeepSpeed JSON (ds_configs/zero*.json); default ds_configs/zero0.json
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    per_device_train_batch_size: int = 8  # micro-batch per rank
+    per_device_eval_batch_size: int = 16  # evaluation batch per rank
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 5e-5  # peak learning rate of the student
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_epsilon: float = 1e-8  # AdamW epsilon
     lr_scheduler_type: str = "linear"  # linear | constant | cosine
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up steps
     max_steps: int = -1  # > 0 overrides num_train_epochs
-    num_train_epochs: float = 1.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    logging_steps: int = 10
+    num_train_epochs: float = 1.0  # epochs when max_steps is -1
+    max_grad_norm: float = 1.0  # gradient clipping norm (0 = off)
+    seed: int = 42  # seed of data order, init and sampling
+    logging_steps: int = 10  # log every N optimizer steps
     save_steps: int = 0  # 0: save only at the end
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # keep the newest N checkpoints
     eval_steps: int = 0  # 0: evaluate only at the end
     eval_on_start: bool = False  # evaluate once before the first step (e.g. perplexity before distillation)
     report_to: str = "tensorboard"  # tensorboard | none
     export: bool = True  # write the final student as a Hugging Face folder to output_dir/final
-    disable_tqdm: bool = False
+    disable_tqdm: bool = False  # no progress bar
     verbose: bool = False  # show third-party (DeepSpeed, transformers, datasets) info output and progress bars
     max_nonfinite_steps: int = 10  # stop (with a checkpoint of the last good state) after this many skipped steps
     dist_timeout: float = 600.0  # seconds a collective waits for a lost rank before every rank exits with an error
@@ -349,13 +349,15 @@ def help_text(method_name: Optional[str] = None) -> str:
              "methods: " + ", ".join(method_names()), "", "engine options:"]
 
     def describe(cls: type, prefix: str = "") -> None:
-        inst = cls()
+        from .option_help import option_help
+
+        inst, helps = cls(), option_help(cls)
         for key, tp in flat_fields(cls).items():
             obj = inst
             for part in key.split("."):
                 obj = getattr(obj, part)
             base, _ = _unwrap_optional(tp)
-            hint = getattr(cls, "HELP", {}).get(key)  # an Options class may describe its options
+            hint = helps.get(key)
             lines.append(f"  --{prefix}{key:<34} {getattr(base, '__name__', str(base)):<6} default: {obj!r}"
                          + (f"  ({hint})" if hint else ""))
 

@@ -119,3 +119,13 @@ def test_every_shipped_ds_config_resolves():
     for path in glob.glob("ds_configs/*.json"):
         ds = resolve_ds_config(load_ds_config(path), _cfg(), world_size=1, total_steps=3, on_cpu=False)
         assert ds["train_batch_size"] == 8, path
+
+
+def test_every_option_has_one_line_help():
+    """--help gives every engine and method option a one-line description (HELP entry or the field's comment)."""
+    from kd_engine.config import help_text
+
+    options = [line for line in help_text().splitlines() if line.startswith("  --")]
+    assert len(options) > 100
+    bare = [line.split()[0] for line in options if "  (" not in line]
+    assert not bare, f"options without help: {bare}"

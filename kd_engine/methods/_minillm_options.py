@@ -12,30 +12,30 @@ from ..errors import ConfigError
 @dataclass
 class MiniLLMOptions:
     task: str = "auto"  # auto | causal_lm | seq2seq_lm
-    teacher_mixed_alpha: float = 0.2
-    ppo_epochs: int = 4
+    teacher_mixed_alpha: float = 0.2  # share of the teacher in rollout sampling
+    ppo_epochs: int = 4  # passes over each rollout buffer
     num_rollouts: int = 64  # prompts per rollout round on each rank (reference: 256 over 16 GPUs)
-    max_prompt_length: int = 256
-    max_new_tokens: int = 256
-    gen_temperature: float = 1.0
-    gen_top_k: int = 0
-    gen_top_p: float = 1.0
-    gamma: float = 0.95
-    cliprange: float = 0.2
-    reward_scaling: float = 0.5
-    cliprange_reward: float = 100.0
-    length_norm: bool = True
-    whiten_advantages: bool = True
-    single_step_reg: bool = True
+    max_prompt_length: int = 256  # prompt tokens kept (cut from the left)
+    max_new_tokens: int = 256  # generated tokens per response at most
+    gen_temperature: float = 1.0  # sampling temperature of rollouts
+    gen_top_k: int = 0  # sampling top-k (0 = off)
+    gen_top_p: float = 1.0  # sampling nucleus top-p
+    gamma: float = 0.95  # discount of future rewards
+    cliprange: float = 0.2  # PPO ratio clipping
+    reward_scaling: float = 0.5  # scale of the reward before clipping
+    cliprange_reward: float = 100.0  # clip rewards to +- this
+    length_norm: bool = True  # normalise returns by response length
+    whiten_advantages: bool = True  # whiten advantages per batch
+    single_step_reg: bool = True  # add the single-step reverse-KL term
     pt_file: Optional[str] = None  # pretraining corpus (plain text); None: no pt term
-    pt_text_column: str = "text"
-    pt_max_length: int = 512
+    pt_text_column: str = "text"  # text column of --pt_file
+    pt_max_length: int = 512  # tokens per pretraining example
     pt_objective: str = "auto"  # encoder-decoder: span_corruption | prefix_lm | auto (span corruption when the
     # tokenizer has <extra_id_*> sentinels); causal LMs: the LM loss (auto / lm)
     pt_noise_density: float = 0.15  # span corruption: share of corrupted tokens (T5)
     pt_mean_span_length: float = 3.0  # span corruption: mean corrupted span length (T5)
-    kd_ratio: float = 0.5
-    lm_coef: float = 1.0
+    kd_ratio: float = 0.5  # share of KD in the pretraining term
+    lm_coef: float = 1.0  # weight of the pretraining term
     answer_max_tokens: int = 8  # eval: greedy answer length for answer accuracy / teacher agreement
 
     def validate(self) -> None:

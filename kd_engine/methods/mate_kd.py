@@ -47,19 +47,19 @@ class GeneratorOptions:
 class MateKDOptions:
     generator: GeneratorOptions = field(default_factory=GeneratorOptions)
     generator_lr: float = 5e-7  # the generator's AdamW learning rate (linear decay over its own steps)
-    generator_max_grad_norm: float = 5.0
+    generator_max_grad_norm: float = 5.0  # generator gradient clipping norm
     generator_warmup_steps: int = 0  # masked-LM warm-up steps of the generator before distillation
-    generator_warmup_lr: float = 1e-4
+    generator_warmup_lr: float = 1e-4  # learning rate of the generator's MLM warm-up
     generator_corpus: Optional[str] = None  # raw text (file, dir, glob) for the warm-up, via the corpus pipeline
     mask_prob: float = 0.3  # probability that a real, non-special token is masked (all masked -> mask token)
-    gumbel_tau: float = 1.0
+    gumbel_tau: float = 1.0  # Gumbel-softmax temperature of the generator's samples
     temperature: float = 1.0  # of D (KL / soft CE), times T^2
     divergence: str = "auto"  # auto (kl; mse for a one-output regression teacher) | kl | ce | mse
     generator_steps: int = 10  # per cycle, first
     student_steps: int = 100  # per cycle, after the generator steps
-    w_ce: float = 1.0 / 3.0
-    w_adv: float = 1.0 / 3.0
-    w_kd: float = 1.0 / 3.0
+    w_ce: float = 1.0 / 3.0  # weight of the hard-label CE term
+    w_adv: float = 1.0 / 3.0  # weight of the divergence on adversarial text
+    w_kd: float = 1.0 / 3.0  # weight of the divergence on the original text
 
     def validate(self) -> None:
         if not 0.0 < self.mask_prob < 1.0:

@@ -47,16 +47,16 @@ def default_teacher_layer(num_layers: int) -> int:
 class MiniLMv2Options:
     relation_heads: int = 48  # A_r: must divide the Q/K/V width of teacher and student (48 base, 64 large)
     teacher_layer: Optional[int] = None  # 1-based as in the paper; None: last layer (<= 12), else 7/8 of the depth
-    qq_weight: float = 1.0
-    kk_weight: float = 1.0
-    vv_weight: float = 1.0
+    qq_weight: float = 1.0  # weight of the Q-Q relation loss
+    kk_weight: float = 1.0  # weight of the K-K relation loss
+    vv_weight: float = 1.0  # weight of the V-V relation loss
     relation_chunk_size: str = "auto"  # (batch x relation head) pairs per chunk: an integer, "auto" or "none"
     corpus_format: str = "auto"  # auto | lines | paragraphs | jsonl | wiki
     corpus_cache_dir: Optional[str] = None  # default $KD_ENGINE_CACHE/corpus (shared by runs and ranks)
     # packed: max_length blocks of the token stream (no text wasted on long documents such as Wikipedia articles);
     # documents: every document in max_length blocks, none crossing a document boundary (padded per batch);
     # truncated: one document per example cut at max_length, padded per batch (the reference code's way)
-    blocks: str = "packed"
+    blocks: str = "packed"  # packed | documents | truncated: how the corpus becomes examples
     pack_blocks: Optional[bool] = None  # old name: true = --blocks packed, false = --blocks truncated
     tokenize_workers: Optional[int] = None  # tokenizer processes for the first build (default: cores, up to 8)
 

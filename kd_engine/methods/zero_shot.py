@@ -52,8 +52,8 @@ logger = logging.getLogger(__name__)
 class ZeroShotOptions:
     data_file: Optional[str] = None  # unlabeled texts: .txt one per line, or a table read with --text_column
     class_names_file: Optional[str] = None  # one class name per line
-    hypothesis_template: str = DEFAULT_TEMPLATE
-    multi_label: bool = False
+    hypothesis_template: str = DEFAULT_TEMPLATE  # NLI hypothesis with {} for the class name
+    multi_label: bool = False  # each class scored on its own (sigmoid)
     temperature: Optional[float] = None  # teacher sharpening; default 1.0 (NLI), 0.05 (embedding teacher)
     teacher_type: str = "auto"  # auto | nli | embedding
     teacher_batch_size: int = 32  # (text, class) pairs per NLI forward; texts per embedding forward
