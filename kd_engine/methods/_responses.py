@@ -23,7 +23,8 @@ import torch
 from ..data.bundle import DataBundle
 from ..data.prompt_response import PromptResponseCollator, load_prompt_rows, prompts_sha256, unpad
 from ..errors import ConfigError, KDError
-from ..models.build import load_teacher_model, resolve_task
+from ..models.build import load_teacher_model
+from ._generative import GenerativeMixin
 from .kd import LogitKD
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def config_key(cfg, opts: ResponseOptions) -> dict:
             "max_train_samples": cfg.max_train_samples}
 
 
-class ResponseMethod(LogitKD):
+class ResponseMethod(GenerativeMixin, LogitKD):
     """LogitKD on prompt/response rows; teacher responses on demand (``uses_teacher_responses``)."""
 
     Options = ResponseOptions
@@ -129,21 +130,6 @@ class ResponseMethod(LogitKD):
 
     def trains_on_dataset_targets(self) -> bool:
         return self.opts.needs_dataset_targets()
-
-    def _task(self) -> str:
-        if self.task is None:
-            self.task = resolve_task(self.opts.task, self.cfg)
-            if self.task not in ("causal_lm", "seq2seq_lm"):
-                raise KDError(f"{self.name} needs a generative model (causal_lm or seq2seq_lm), got {self.task}")
-        return self.task
-
-    def load_tokenizer(self, ctx):
-        tok = super().load_tokenizer(ctx)
-        if tok.pad_token_id is None:
-            if tok.eos_token_id is None:
-                raise KDError("the tokenizer has neither a pad nor an EOS token")
-            tok.pad_token = tok.eos_token
-        return tok
 
     def load_teacher(self, ctx):
         teacher = load_teacher_model(self.cfg, self._task())

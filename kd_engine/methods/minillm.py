@@ -37,10 +37,11 @@ from ..data.span_corruption import sentinel_ids, span_corrupt
 from ..data.split import split_rows
 from ..errors import ConfigError, KDError
 from ..losses import minillm as L
-from ..models.build import load_or_build_student, load_teacher_model, resolve_task
+from ..models.build import load_or_build_student, load_teacher_model
 from ..models.modes import eval_mode
 from ..models.response_logits import response_logits
 from ..models.sampling import mixed_sample
+from ._generative import GenerativeMixin
 from ._minillm_options import MiniLLMOptions, first_word
 from .base import DataBundle, Method, register
 
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 @register("minillm")
-class MiniLLM(Method):
+class MiniLLM(GenerativeMixin, Method):
     """Reverse-KL policy-gradient distillation with teacher-mixed sampling (MiniLLM)."""
 
     Options = MiniLLMOptions
@@ -64,21 +65,6 @@ class MiniLLM(Method):
         self.pt_state = None
 
     # ---- building -----------------------------------------------------------------------------------------
-    def _task(self) -> str:
-        if self.task is None:
-            self.task = resolve_task(self.opts.task, self.cfg)
-            if self.task not in ("causal_lm", "seq2seq_lm"):
-                raise ConfigError(f"minillm needs a generative model (causal_lm or seq2seq_lm), got {self.task}")
-        return self.task
-
-    def load_tokenizer(self, ctx):
-        tok = super().load_tokenizer(ctx)
-        if tok.pad_token_id is None:
-            if tok.eos_token_id is None:
-                raise KDError("the tokenizer has neither a pad nor an EOS token")
-            tok.pad_token = tok.eos_token
-        return tok
-
     def load_teacher(self, ctx):
         return load_teacher_model(self.cfg, self._task())
 

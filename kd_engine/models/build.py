@@ -35,6 +35,23 @@ def resolve_task(task: str, cfg) -> str:
     return detect_task(load_config(src, cfg.trust_remote_code))
 
 
+def generative_task(task: str, cfg, method: str) -> str:
+    """``resolve_task`` for methods that sample from the models: causal_lm or seq2seq_lm, else a clear error."""
+    resolved = resolve_task(task, cfg)
+    if resolved not in ("causal_lm", "seq2seq_lm"):
+        raise KDError(f"{method} needs a generative model (causal_lm or seq2seq_lm), got {resolved}")
+    return resolved
+
+
+def with_pad_token(tok):
+    """The tokenizer with EOS as its pad token when it has none (most causal LMs); an error when it has neither."""
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise KDError("the tokenizer has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_teacher_model(cfg, task: str, **model_kwargs) -> torch.nn.Module:
     if not cfg.teacher:
         raise KDError("this method needs a teacher: pass --teacher PATH_OR_HUB_ID")

@@ -83,6 +83,20 @@ def _chunk_path(cache_dir: str, start: int, stop: int) -> str:
     return os.path.join(cache_dir, f"chunk_{start:010d}_{stop:010d}.pt")
 
 
+def finished_chunks(cache_dir: str, n: int, chunk_size: int, load) -> dict:
+    """Chunk start -> content of every chunk an interrupted build already wrote whole (``load(path, size)`` returns
+    None for a chunk that is damaged or of another key)."""
+    have = {}
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        p = _chunk_path(cache_dir, start, stop)
+        if os.path.exists(p):
+            got = load(p, stop - start)
+            if got is not None:
+                have[start] = got
+    return have
+
+
 def _open_cache(cache_dir: str, key: dict) -> None:
     """Create the folder and key.json, or check that the existing key.json is ours (KDError otherwise)."""
     os.makedirs(cache_dir, exist_ok=True)
@@ -164,13 +178,7 @@ def label_corpus(teacher: Any, texts: Sequence[str], batch_size: int = 32, cache
             if labels is not None:
                 state["hit"] = True
             else:
-                for start in range(0, n, chunk_size):
-                    stop = min(n, start + chunk_size)
-                    p = _chunk_path(cache_dir, start, stop)
-                    if os.path.exists(p):
-                        t = _load_tensor(p, (stop - start, K), digest)
-                        if t is not None:
-                            have[start] = t
+                have = finished_chunks(cache_dir, n, chunk_size, lambda p, size: _load_tensor(p, (size, K), digest))
                 state["done"] = sorted(have)
     state = gather(state if main else None)[0]
     if state.get("error"):

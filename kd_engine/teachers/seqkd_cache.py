@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import KDError
-from .labeling import Gather, _atomic_save, _short, all_gather_objects, key_digest
+from .labeling import Gather, _atomic_save, _chunk_path, _short, all_gather_objects, finished_chunks, key_digest
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,6 @@ def check_key(cache_dir: str, key: dict) -> None:
     if old is not None and old != key:
         raise KDError(f"seqkd cache {cache_dir} holds teacher responses for another teacher, prompts or decoding "
                       f"({'; '.join(key_mismatch(old, key))}); use another --seqkd_cache folder or delete this one")
-
-
-def _chunk_path(cache_dir: str, start: int, stop: int) -> str:
-    return os.path.join(cache_dir, f"chunk_{start:010d}_{stop:010d}.pt")
 
 
 def _pack(responses: list) -> dict:
@@ -151,13 +147,7 @@ def teacher_responses(generate: Generate, prompts: Sequence[list], key: dict, ca
             if final is not None:
                 state["hit"] = True
             else:
-                for start in range(0, n, chunk_size):
-                    stop = min(n, start + chunk_size)
-                    p = _chunk_path(cache_dir, start, stop)
-                    if os.path.exists(p):
-                        got = _load(p, stop - start, digest)
-                        if got is not None:
-                            have[start] = got
+                have = finished_chunks(cache_dir, n, chunk_size, lambda p, size: _load(p, size, digest))
                 state["done"] = sorted(have)
     state = gather(state if main else None)[0]
     if state["error"]:
