@@ -17,7 +17,7 @@ Side by side in one run:
    student after the online run, and vs the initial (healed) student; at ``--temperature``, log-probs rounded to fp16 as stored), and
    bytes/token.
 
-    nice -n 5 python benchmarks/teacher_cache.py                 # 30 steps x 2 x 64 tokens (+ 20 healing steps)
+    nice -n 5 python benchmarks/teacher_cache.py                 # 30 steps x 2 x 64 tokens (+ 40 healing steps)
     python benchmarks/teacher_cache.py --steps 4 --examples 24 --heal_steps 2    # quick
 
 Last line: JSON with ``cached_step_speedup`` (online / cached median step time; target >= 1.8), ``kl_rel_error``
@@ -119,9 +119,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10, help="student layers (copied from the teacher)")
     ap.add_argument("--temperature", type=float, default=1.0, help="KD temperature (cache build and training)")
     ap.add_argument("--alpha", type=float, default=1.0, help="KD weight (1 = pure distillation, no CE)")
-    ap.add_argument("--heal_steps", type=int, default=20, help="SFT steps healing the layer-copied student "
+    ap.add_argument("--heal_steps", type=int, default=40, help="SFT steps healing the layer-copied student "
                     "before both runs (0 = none)")
-    ap.add_argument("--heal_lr", type=float, default=1e-4, help="learning rate of the healing SFT run")
+    ap.add_argument("--heal_lr", type=float, default=3e-4, help="learning rate of the healing SFT run")
     ap.add_argument("--results", default=RESULTS, help="folder for teacher_cache.{json,md,png}")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
