@@ -12,6 +12,8 @@ the growth is what the loss needed. Variants alternate (naive, fused, naive, fus
 other processes hits both. The parent compares loss and gradients at the main size.
 
     nice -n 5 python benchmarks/kd_loss_memory.py                 # 8 x 1024, sweep 128..1024, 2 timing repeats
+    nice -n 5 python benchmarks/kd_loss_memory.py --loss sparse   # the same for the offline teacher cache's loss
+                                                                  # (losses.sparse_kd vs losses.fused_sparse_kd)
     python benchmarks/kd_loss_memory.py --batch 2 --seqs 64,128 --repeats 1   # quick
 
 Last line: JSON with ``peak_ratio`` (fused / naive peak growth, target <= 0.125), ``time_ratio`` (fused / naive
@@ -46,8 +48,30 @@ def child(args) -> None:
     wt = torch.randn(V, Ht) / Ht ** 0.5
     labels = torch.randint(0, V, (B, n))
     kw = dict(temperature=args.temperature, alpha=args.alpha, divergence=args.divergence)
+    if args.loss == "sparse":  # the cached teacher: top-k + tail samples of the teacher rows, made before measuring
+        from kd_engine.losses.fused_sparse_kd import fused_sparse_kd_vector
+        from kd_engine.losses.sparse_kd import sample_tail, sparse_kd_loss, teacher_rows
+
+        g, parts = torch.Generator().manual_seed(args.seed), []
+        flat_t = ht.reshape(-1, Ht)
+        with torch.no_grad():
+            for i in range(0, flat_t.shape[0], 1024):
+                ids, logp, tail, log_p = teacher_rows(flat_t[i:i + 1024] @ wt.T, args.top_k, args.temperature)
+                parts.append((ids, logp.half().float(), tail.half().float(),
+                              *sample_tail(log_p, ids, args.tail_samples, g)))
+                del log_p
+        cached = [torch.cat(x) for x in zip(*parts)]
+        cached[4] = cached[4].half().float()
+        del parts, ht
+        kw = dict(temperature=args.temperature, alpha=args.alpha)
     with PeakGrowth(strict=True) as m:
-        if args.variant == "naive":
+        if args.loss == "sparse" and args.variant == "naive":
+            terms = sparse_kd_loss(hs @ ws.T, labels, *cached[:3], vocab_size=V, tail_ids=cached[3],
+                                   tail_logp=cached[4], **kw)
+        elif args.loss == "sparse":
+            vec = fused_sparse_kd_vector(hs, ws, labels, *cached, vocab_size=V, **kw)
+            terms = {"kd": vec[0], "ce": vec[1]}
+        elif args.variant == "naive":
             terms = distill_loss(hs @ ws.T, ht @ wt.T, labels, **kw)
         else:
             terms = fused_kd_loss(hs, ws, ht, wt, labels, **kw)
@@ -64,7 +88,8 @@ def run_child(args, variant: str, seq: int, save: str = "") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant, "--seq", str(seq),
            "--batch", str(args.batch), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
            "--teacher_hidden", str(args.teacher_hidden), "--temperature", str(args.temperature),
-           "--alpha", str(args.alpha), "--divergence", args.divergence, "--seed", str(args.seed)]
+           "--alpha", str(args.alpha), "--divergence", args.divergence, "--seed", str(args.seed),
+           "--loss", args.loss, "--top_k", str(args.top_k), "--tail_samples", str(args.tail_samples)]
     if save:
         cmd += ["--save", save]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -86,7 +111,8 @@ def plot(sweep: dict, path: str, args) -> bool:
     ax.set_yscale("log")
     ax.set_xlabel(f"sequence length (batch {args.batch})")
     ax.set_ylabel("peak memory growth, MiB (fwd + bwd)")
-    ax.set_title(f"KD loss, vocab {args.vocab:,}, hidden {args.hidden}")
+    ax.set_title(f"{'cached-teacher ' if args.loss == 'sparse' else ''}KD loss, vocab {args.vocab:,}, "
+                 f"hidden {args.hidden}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return save_figure(fig, path)
@@ -105,6 +131,11 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5, help="KD weight (1 - alpha on hard-label CE)")
     ap.add_argument("--divergence", default="forward_kl", help="forward_kl | reverse_kl | jsd")
     ap.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    ap.add_argument("--loss", default="dense", help="dense: online teacher (both models' hidden states and "
+                    "weights); sparse: offline teacher cache (top-k + tail samples), results in "
+                    "kd_loss_memory_sparse.*")
+    ap.add_argument("--top_k", type=int, default=32, help="--loss sparse: cached top-k")
+    ap.add_argument("--tail_samples", type=int, default=8, help="--loss sparse: cached tail samples")
     ap.add_argument("--results", default=RESULTS, help="folder for kd_loss_memory.{json,md,png}")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="fused", help=argparse.SUPPRESS)
@@ -142,7 +173,8 @@ def main() -> None:
     peak_ratio = sweep["fused"][str(main_seq)] / sweep["naive"][str(main_seq)]
     time_ratio = min(times["fused"]) / min(times["naive"])
     os.makedirs(args.results, exist_ok=True)
-    png = os.path.join(args.results, "kd_loss_memory.png")
+    name = "kd_loss_memory" + ("_sparse" if args.loss == "sparse" else "")
+    png = os.path.join(args.results, name + ".png")
     has_plot = plot(sweep, png, args)
     summary = {"batch": args.batch, "seq": main_seq, "vocab": args.vocab, "hidden": args.hidden,
                "teacher_hidden": args.teacher_hidden, "divergence": args.divergence,
@@ -151,18 +183,20 @@ def main() -> None:
                "peak_ratio": round(peak_ratio, 4), "time_ratio": round(time_ratio, 3),
                "max_abs_diff": max_abs_diff, "sweep_peak_mib": sweep, "plot": png if has_plot else None,
                "command": "python benchmarks/kd_loss_memory.py " + " ".join(sys.argv[1:])}
-    with open(os.path.join(args.results, "kd_loss_memory.json"), "w") as f:
+    with open(os.path.join(args.results, name + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
     rows = "\n".join(f"| {s} | {sweep['naive'][s]:.0f} | {sweep['fused'][s]:.0f} |"
                      for s in sorted(sweep["naive"], key=int))
-    with open(os.path.join(args.results, "kd_loss_memory.md"), "w") as f:
-        f.write(f"# KD loss fwd+bwd: fused chunked vs naive\n\n`{summary['command']}`\n\n"
+    what = (f"cached teacher (top-{args.top_k} + {args.tail_samples} tail samples)" if args.loss == "sparse"
+            else f"online teacher, {args.divergence}")
+    with open(os.path.join(args.results, name + ".md"), "w") as f:
+        f.write(f"# KD loss fwd+bwd: fused chunked vs naive, {what}\n\n`{summary['command']}`\n\n"
                 f"batch {args.batch}, vocab {args.vocab}, hidden {args.hidden}/{args.teacher_hidden}, "
-                f"{args.divergence}, T={args.temperature}, alpha={args.alpha}\n\n"
+                f"T={args.temperature}, alpha={args.alpha}\n\n"
                 f"peak_ratio {peak_ratio:.4f}, time_ratio {time_ratio:.3f} (best of {args.repeats}), "
                 f"max_abs_diff {max_abs_diff:.2e}\n\n| seq | naive peak MiB | fused peak MiB |\n|---|---|---|\n"
-                f"{rows}\n" + (f"\n![peak vs length](kd_loss_memory.png)\n" if has_plot else ""))
-    print(f"results in {args.results}/kd_loss_memory.{{json,md}}" + (" and .png" if has_plot else ""))
+                f"{rows}\n" + (f"\n![peak vs length]({name}.png)\n" if has_plot else ""))
+    print(f"results in {args.results}/{name}.{{json,md}}" + (" and .png" if has_plot else ""))
     print(json.dumps({k: summary[k] for k in ("peak_ratio", "time_ratio", "max_abs_diff", "peak_mib")}))
 
 

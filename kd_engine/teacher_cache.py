@@ -28,6 +28,9 @@ def parse(argv):
     ap.add_argument("--top_k", type=int, default=32, help="teacher tokens kept per position (1..vocab)")
     ap.add_argument("--temperature", type=float, default=2.0, help="temperature of the cached log-probs "
                     "(must equal the training run's --temperature)")
+    ap.add_argument("--tail_samples", type=int, default=8, help="tokens sampled per position from the teacher's tail "
+                    "(outside the top k; 0 = store only the tail's mass): makes the loss an unbiased full-KL estimate")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tail samples (with each example's content hash)")
     ap.add_argument("--max_length", type=int, default=128, help="max tokens per example (as in training)")
     ap.add_argument("--text_column", default="text", help="text (or prompt / source) column")
     ap.add_argument("--target_column", default=None, help="response / target column (prompt-response or seq2seq)")
@@ -37,7 +40,7 @@ def parse(argv):
     ap.add_argument("--chunk_size", type=int, default=256, help="examples per part file (resume granularity)")
     ap.add_argument("--teacher_dtype", default="fp32", help="fp32 | bf16 (the teacher's compute dtype)")
     ap.add_argument("--logp_dtype", default="fp16", help="fp16 | bf16 | fp32: stored log-prob precision "
-                    "(6k+6 bytes/token at fp16/bf16, 8k+8 at fp32)")
+                    "(6 (k+1+tail_samples) bytes/token at fp16/bf16, 8 (...) at fp32)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
@@ -50,6 +53,8 @@ def _validate(a, tokenizer) -> None:
     if a.top_k <= 0 or (tokenizer is not None and a.top_k > len(tokenizer)):
         raise ConfigError(f"top_k must be in [1, vocab size{f' {len(tokenizer)}' if tokenizer else ''}]; got "
                           f"{a.top_k}")
+    if a.tail_samples < 0:
+        raise ConfigError(f"tail_samples must be >= 0; got {a.tail_samples}")
     if a.temperature <= 0:
         raise ConfigError(f"temperature must be > 0; got {a.temperature}")
     for key in ("max_length", "batch_size", "chunk_size"):
@@ -81,7 +86,7 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     from .dist import barrier, broadcast_object
     from .errors import KDError
     from .losses.kd import shift_for_causal_lm
-    from .losses.sparse_kd import top_k_rows
+    from .losses.sparse_kd import sample_tail, teacher_rows
     from .methods.kd import model_inputs, seq2seq_inputs
     from .models.build import load_teacher_model, resolve_task
     from .models.loading import load_tokenizer
@@ -89,6 +94,8 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     _validate(a, None)  # cheap checks first
     tok = load_tokenizer(a.tokenizer or a.teacher)
     _validate(a, tok)
+    if a.top_k == len(tok):
+        a.tail_samples = 0  # nothing outside the top k
     cfg = train_config(a)
     task = resolve_task(a.task, cfg)
     if task not in ("causal_lm", "seq2seq_lm"):
@@ -96,7 +103,7 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     manifest = store.make_manifest(teacher=a.teacher, tokenizer=tok, tokenizer_name=a.tokenizer or a.teacher,
                                    train_file=a.train_file, text_column=a.text_column, target_column=a.target_column,
                                    task=task, max_length=a.max_length, top_k=a.top_k, temperature=a.temperature,
-                                   logp_dtype=a.logp_dtype)
+                                   logp_dtype=a.logp_dtype, tail_samples=a.tail_samples, seed=a.seed)
     data = build_supervised_data(cfg, tok, task)  # bad/empty data fails here, before anything is written
     if len(data.train) == 0:
         raise KDError(f"{a.train_file}: no examples")
@@ -125,7 +132,8 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
         if os.path.exists(path):
             continue
         mine = list(range(start + rank, min(n, start + a.chunk_size), world))
-        parts = {"keys": [], "offsets": [0], "ids": [], "logp": [], "log_tail": [], "targets": []}
+        parts = {"keys": [], "offsets": [0], "ids": [], "logp": [], "log_tail": [], "targets": [], "tail_ids": [],
+                 "tail_logp": []}
         for b in range(0, len(mine), a.batch_size):
             idx = mine[b:b + a.batch_size]
             batch = data.collate_fn([data.train[i] for i in idx])
@@ -136,10 +144,20 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
             if task == "causal_lm":
                 logits, labels = shift_for_causal_lm(logits, labels)
             mask = labels != -100
-            ids, logp, tail = top_k_rows(logits[mask], a.top_k, a.temperature, vocab)
-            parts["keys"] += store.batch_keys(batch, task)
-            for row in mask:
-                parts["offsets"].append(parts["offsets"][-1] + int(row.sum()))
+            ids, logp, tail, log_p = teacher_rows(logits[mask], a.top_k, a.temperature, vocab)
+            keys = store.batch_keys(batch, task)
+            parts["keys"] += keys
+            row0 = 0
+            for key, row in zip(keys, mask):
+                n_rows = int(row.sum())
+                parts["offsets"].append(parts["offsets"][-1] + n_rows)
+                if a.tail_samples:  # drawn per example, seeded by its content: same samples at any rank/order/resume
+                    g = torch.Generator().manual_seed(store.sample_seed(key, a.seed))
+                    sl = slice(row0, row0 + n_rows)
+                    t_ids, t_logp = sample_tail(log_p[sl], ids[sl], a.tail_samples, g)
+                    parts["tail_ids"].append(t_ids.to(torch.int32))
+                    parts["tail_logp"].append(t_logp.to(ldt))
+                row0 += n_rows
             parts["ids"].append(ids.to(torch.int32))
             parts["logp"].append(logp.to(ldt))
             parts["log_tail"].append(tail.to(ldt))
@@ -150,11 +168,14 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
         merged = {"keys": parts["keys"], "offsets": torch.tensor(parts["offsets"], dtype=torch.int64),
                   "ids": cat("ids", (0, a.top_k), torch.int32), "logp": cat("logp", (0, a.top_k), ldt),
                   "log_tail": cat("log_tail", (0,), ldt), "targets": cat("targets", (0,), torch.int32)}
+        if a.tail_samples:
+            merged["tail_ids"] = cat("tail_ids", (0, a.tail_samples), torch.int32)
+            merged["tail_logp"] = cat("tail_logp", (0, a.tail_samples), ldt)
         store.save(merged, path)
         logger.info("teacher cache: examples %d-%d done (rank %d)", start, min(n, start + a.chunk_size), rank)
     starts = list(range(0, n, a.chunk_size))
     pieces = [torch.load(store.part_path(a.output_dir, s, rank), weights_only=True) for s in starts]
-    store.save(store.concat_parts(pieces, a.top_k, ldt), store.shard_path(a.output_dir, rank))
+    store.save(store.concat_parts(pieces, a.top_k, ldt, a.tail_samples), store.shard_path(a.output_dir, rank))
     barrier()
     for s in starts:
         os.remove(store.part_path(a.output_dir, s, rank))
@@ -163,8 +184,8 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
         tokens = sum(int(torch.load(store.shard_path(a.output_dir, r), weights_only=True, mmap=True)["offsets"][-1])
                      for r in range(world))
         info = {"shards": [os.path.basename(store.shard_path(a.output_dir, r)) for r in range(world)],
-                "examples": n, "tokens": tokens, "bytes_per_token": (4 + ldt.itemsize) * (a.top_k + 1),
-                "logp_dtype": a.logp_dtype, "top_k": a.top_k}
+                "examples": n, "tokens": tokens, "bytes_per_token": (4 + ldt.itemsize) * (a.top_k + 1 + a.tail_samples),
+                "logp_dtype": a.logp_dtype, "top_k": a.top_k, "tail_samples": a.tail_samples}
         store.save(info, os.path.join(a.output_dir, store.COMPLETE))
     return broadcast_object(info)
 
@@ -187,7 +208,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     if rank == 0:
-        print(f"teacher cache: {info['examples']} examples, {info['tokens']} tokens, top-{info['top_k']}, "
+        print(f"teacher cache: {info['examples']} examples, {info['tokens']} tokens, top-{info['top_k']}"
+              f"{' + %d tail samples' % info['tail_samples'] if info.get('tail_samples') else ''}, "
               f"{info['bytes_per_token']} bytes/token -> {a.output_dir}", flush=True)
     return 0
 

@@ -13,8 +13,10 @@ A cache folder ``C`` holds:
 A shard holds, for every real target token of its examples in order: ``ids`` int32 ``[N, k]``, ``logp`` fp16
 ``[N, k]`` (teacher log-probabilities at the manifest's temperature; ``--logp_dtype`` bf16/fp32 also), ``log_tail``
 ``[N]`` (log of the probability mass outside the top k), ``targets`` int32 ``[N]`` (the label tokens, checked at
-every lookup), and the example index: ``keys`` (content hashes) and ``offsets`` int64 ``[E + 1]``. Bytes per token:
-``6 (k + 1)`` at fp16 (``8 (k + 1)`` at fp32), plus the per-example index.
+every lookup), and the example index: ``keys`` (content hashes) and ``offsets`` int64 ``[E + 1]``. With
+``--tail_samples m`` also ``tail_ids`` int32 ``[N, m]`` and ``tail_logp`` ``[N, m]``: m draws from the teacher's
+distribution outside the top k (see ``losses.sparse_kd``), seeded per example by its content hash and ``--seed``.
+Bytes per token: ``6 (k + 1 + m)`` at fp16 (``8 (k + 1 + m)`` at fp32), plus the per-example index.
 
 Examples are keyed by a content hash of their token ids (``example_key``), so a lookup finds the right rows
 whatever the order, rank, epoch or resume point of the training run.
@@ -73,6 +75,11 @@ def batch_keys(batch: dict, task: str) -> list[str]:
     return out
 
 
+def sample_seed(key: str, seed: int) -> int:
+    """Seed of one example's tail samples: its content hash and the build's ``--seed``."""
+    return (int(key[:15], 16) + 1_000_003 * int(seed)) % (1 << 63)
+
+
 def row_targets(labels: torch.Tensor) -> list[torch.Tensor]:
     """Per example, the label tokens of its real rows (labels already aligned with the logit rows)."""
     return [row[row != -100] for row in labels]
@@ -80,12 +87,12 @@ def row_targets(labels: torch.Tensor) -> list[torch.Tensor]:
 
 def make_manifest(*, teacher: str, tokenizer, tokenizer_name: str, train_file: str, text_column: str,
                   target_column: Optional[str], task: str, max_length: int, top_k: int, temperature: float,
-                  logp_dtype: str = "fp16") -> dict:
+                  logp_dtype: str = "fp16", tail_samples: int = 0, seed: int = 0) -> dict:
     m = {"format": FORMAT, "teacher": teacher, "tokenizer": tokenizer_name, "tokenizer_sha256":
          tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer), "train_file": os.path.abspath(train_file),
          "corpus_sha256": file_sha256(train_file), "text_column": text_column, "target_column": target_column,
          "task": task, "max_length": int(max_length), "top_k": int(top_k), "temperature": float(temperature),
-         "logp_dtype": logp_dtype}
+         "logp_dtype": logp_dtype, "tail_samples": int(tail_samples), "seed": int(seed)}
     return json.loads(json.dumps(m, sort_keys=True))
 
 
@@ -138,16 +145,20 @@ def save(obj: dict, path: str) -> None:
     _atomic_save(obj, path)
 
 
-def concat_parts(parts: list[dict], k: int, logp_dtype=torch.float16) -> dict:
+def concat_parts(parts: list[dict], k: int, logp_dtype=torch.float16, tail_samples: int = 0) -> dict:
     keys, offsets, n = [], [0], 0
     for p in parts:
         keys += p["keys"]
         offsets += [n + o for o in p["offsets"][1:].tolist()]
         n += int(p["offsets"][-1])
     cat = (lambda name, shape, dt: torch.cat([p[name] for p in parts]) if parts else torch.empty(shape, dtype=dt))
-    return {"keys": keys, "offsets": torch.tensor(offsets, dtype=torch.int64),
-            "ids": cat("ids", (0, k), torch.int32), "logp": cat("logp", (0, k), logp_dtype),
-            "log_tail": cat("log_tail", (0,), logp_dtype), "targets": cat("targets", (0,), torch.int32)}
+    out = {"keys": keys, "offsets": torch.tensor(offsets, dtype=torch.int64),
+           "ids": cat("ids", (0, k), torch.int32), "logp": cat("logp", (0, k), logp_dtype),
+           "log_tail": cat("log_tail", (0,), logp_dtype), "targets": cat("targets", (0,), torch.int32)}
+    if tail_samples:
+        out["tail_ids"] = cat("tail_ids", (0, tail_samples), torch.int32)
+        out["tail_logp"] = cat("tail_logp", (0, tail_samples), logp_dtype)
+    return out
 
 
 class TeacherCache:
@@ -162,6 +173,7 @@ class TeacherCache:
         with open(done, encoding="utf-8") as f:
             self.info = json.load(f)
         self.k = int(self.manifest["top_k"])
+        self.tail_samples = int(self.manifest.get("tail_samples", 0))
         self.shards = [torch.load(os.path.join(path, s), map_location="cpu", weights_only=True, mmap=True)
                        for s in self.info["shards"]]
         self.index: dict[str, tuple[int, int, int]] = {}
@@ -177,9 +189,10 @@ class TeacherCache:
                               f"cache for this teacher/tokenizer/corpus/length/temperature")
 
     def lookup(self, keys: list[str], targets: list[torch.Tensor]):
-        """``(ids [N, k] int64, logp [N, k] fp32, log_tail [N] fp32)`` for the examples ``keys`` whose real target
-        tokens are ``targets`` (one 1-D tensor per example); KDError if an example is missing or differs."""
-        ids, logp, tail = [], [], []
+        """``(ids [N, k] int64, logp [N, k] fp32, log_tail [N] fp32, tail_ids [N, m] int64 or None, tail_logp
+        [N, m] fp32 or None)`` for the examples ``keys`` whose real target tokens are ``targets`` (one 1-D tensor
+        per example); KDError if an example is missing or differs."""
+        ids, logp, tail, t_ids, t_logp = [], [], [], [], []
         for key, tgt in zip(keys, targets):
             hit = self.index.get(key)
             if hit is None:
@@ -192,4 +205,8 @@ class TeacherCache:
             ids.append(sh["ids"][a:b])
             logp.append(sh["logp"][a:b])
             tail.append(sh["log_tail"][a:b])
-        return (torch.cat(ids).long(), torch.cat(logp).float(), torch.cat(tail).float())
+            if self.tail_samples:
+                t_ids.append(sh["tail_ids"][a:b])
+                t_logp.append(sh["tail_logp"][a:b])
+        sampled = (torch.cat(t_ids).long(), torch.cat(t_logp).float()) if self.tail_samples else (None, None)
+        return (torch.cat(ids).long(), torch.cat(logp).float(), torch.cat(tail).float(), *sampled)

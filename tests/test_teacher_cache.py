@@ -109,7 +109,7 @@ def test_lookup_by_content_finds_the_right_rows_in_any_order(assets, tmp_path):
     with torch.no_grad():
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, lab = shift_for_causal_lm(logits, batch["labels"])
-    ids, logp, tail = cache.lookup(store.batch_keys(batch, "causal_lm"), store.row_targets(lab))
+    ids, logp, tail, *_ = cache.lookup(store.batch_keys(batch, "causal_lm"), store.row_targets(lab))
     want_ids, want_logp, _ = top_k_rows(logits[lab != -100], 5, 2.0, tiny.vocab_size())
     assert torch.equal(ids, want_ids)
     assert torch.allclose(logp, want_logp, atol=2e-3)
@@ -124,13 +124,13 @@ def test_interrupted_build_resumes_and_equals_a_straight_build(assets, tmp_path,
     from kd_engine.losses import sparse_kd
 
     calls = {"n": 0}
-    real = sparse_kd.top_k_rows
+    real = sparse_kd.teacher_rows
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(sparse_kd, "top_k_rows", counting)
+    monkeypatch.setattr(sparse_kd, "teacher_rows", counting)
     assert _build(assets, tmp_path / "straight", "--top_k", "4", "--chunk_size", "6", "--batch_size", "3") == 0
     straight_calls, calls["n"] = calls["n"], 0
     real_save = store.save
@@ -154,7 +154,8 @@ def test_interrupted_build_resumes_and_equals_a_straight_build(assets, tmp_path,
     assert 0 < calls["n"] < straight_calls  # the two finished parts were not recomputed
     a = torch.load(tmp_path / "straight" / "shard-00000.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "shard-00000.pt", weights_only=True)
-    assert a["keys"] == b["keys"] and all(torch.equal(a[k], b[k]) for k in ("ids", "logp", "log_tail", "offsets"))
+    assert a["keys"] == b["keys"] and all(torch.equal(a[k], b[k]) for k in ("ids", "logp", "log_tail", "offsets",
+                                                                            "tail_ids", "tail_logp"))
     assert not any(n.startswith("part-") for n in os.listdir(tmp_path / "resumed"))
 
 
@@ -217,3 +218,72 @@ def test_two_rank_build_and_shuffled_two_rank_training_read_the_right_rows(asset
     assert len(a) == 3
     for (ka, ca), (kb, cb) in zip(a, b):
         assert ka == pytest.approx(kb, rel=1e-4) and ca == pytest.approx(cb, rel=1e-4)
+
+
+def test_sampled_tail_is_an_unbiased_estimate_of_the_full_kl_and_its_gradient():
+    """methods: the top-k + sampled-tail loss averages (over the draws) to the full forward KL and its gradient,
+    where the top-k + tail-mass bucket loss stays a biased lower bound; with k = vocab both are the full KL."""
+    from kd_engine.losses.sparse_kd import sample_tail, teacher_rows
+
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 40, dtype=torch.float64).float(), torch.randn(4, 40) * 2
+    s.requires_grad_(True)
+    full = kl_div_rows(s, t, 1.0)
+    (g_full,) = torch.autograd.grad(full, s)
+    ids, logp, tail, log_p = teacher_rows(t, 5)
+    g = torch.Generator().manual_seed(0)
+    draws, grads = [], []
+    for _ in range(3000):
+        t_ids, t_logp = sample_tail(log_p, ids, 4, g)
+        assert not (t_ids.unsqueeze(-1) == ids.unsqueeze(1)).any()  # drawn outside the top k only
+        assert torch.equal(t_logp, log_p.gather(1, t_ids))
+        est = sparse_kl_rows(s, ids, logp, tail, 1.0, None, t_ids, t_logp).mean()
+        draws.append(est.detach())
+        grads.append(torch.autograd.grad(est, s)[0])
+    draws, grads = torch.stack(draws), torch.stack(grads)
+    se = draws.std() / len(draws) ** 0.5
+    assert abs(draws.mean() - full.detach()) < 4 * se
+    g_se = grads.std(0) / len(grads) ** 0.5
+    assert ((grads.mean(0) - g_full).abs() <= 4 * g_se + 1e-6).float().mean() > 0.97
+    bucket = sparse_kl_rows(s, ids, logp, tail, 1.0).mean()
+    assert full.item() - bucket.item() > 20 * se  # the bucket form misses the tail's shape
+    # k = vocab: the tail is empty, the samples weigh 0, the loss is the full KL
+    ids, logp, tail, log_p = teacher_rows(t, 40)
+    t_ids, t_logp = sample_tail(log_p, ids, 4, g)
+    assert sparse_kl_rows(s, ids, logp, tail, 1.0, None, t_ids, t_logp).mean().item() == pytest.approx(
+        full.item(), rel=1e-5)
+
+
+def test_tail_samples_are_fixed_per_example_whatever_the_chunking(assets, tmp_path):
+    from kd_engine import teacher_cache_store as store
+
+    assert _build(assets, tmp_path / "a", "--top_k", "4", "--tail_samples", "6", "--chunk_size", "5",
+                  "--batch_size", "2") == 0
+    assert _build(assets, tmp_path / "b", "--top_k", "4", "--tail_samples", "6", "--chunk_size", "24",
+                  "--batch_size", "7") == 0
+    assert _build(assets, tmp_path / "s1", "--top_k", "4", "--tail_samples", "6", "--seed", "1") == 0
+    info = json.load(open(tmp_path / "a" / "complete.json"))
+    assert info["tail_samples"] == 6 and info["bytes_per_token"] == 6 * (4 + 1 + 6)
+    caches = [store.TeacherCache(str(tmp_path / n)) for n in ("a", "b", "s1")]
+    shards = [torch.load(tmp_path / n / "shard-00000.pt", weights_only=True) for n in ("a", "b", "s1")]
+    assert shards[0]["tail_ids"].shape == (int(shards[0]["offsets"][-1]), 6)
+    for key, (_, lo, hi) in caches[0].index.items():
+        _, lo_b, hi_b = caches[1].index[key]
+        assert torch.equal(shards[0]["tail_ids"][lo:hi], shards[1]["tail_ids"][lo_b:hi_b])
+        assert torch.equal(shards[0]["tail_logp"][lo:hi], shards[1]["tail_logp"][lo_b:hi_b])
+        assert not (shards[0]["tail_ids"][lo:hi].unsqueeze(-1) == shards[0]["ids"][lo:hi].unsqueeze(1)).any()
+    assert not torch.equal(shards[0]["tail_ids"], shards[2]["tail_ids"])  # another --seed, other draws
+    from kd_engine.config import build_config
+    from kd_engine.engine.trainer import Trainer
+
+    # training from it (fused in the student's output layer by default, and naive on full logits): the lookup hands
+    # the samples to the loss, both give the same losses
+    Trainer(build_config(_train(assets, tmp_path / "run", "--teacher_cache", str(tmp_path / "a")))).fit()
+    Trainer(build_config(_train(assets, tmp_path / "naive", "--teacher_cache", str(tmp_path / "a"),
+                                "--kd_loss_impl", "naive"))).fit()
+    fused, naive = _losses(tmp_path / "run"), _losses(tmp_path / "naive")
+    assert len(fused) == 3 and all(torch.isfinite(torch.tensor(fused)).flatten())
+    for (ka, ca), (kb, cb) in zip(fused, naive):
+        assert ka == pytest.approx(kb, rel=1e-4) and ca == pytest.approx(cb, rel=1e-4)
+    assert _build(assets, tmp_path / "neg", "--top_k", "4", "--tail_samples", "-1") == 2
+    assert not (tmp_path / "neg").exists()

@@ -99,27 +99,34 @@ class _FusedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if getattr(ctx, "used", False):  # the stored gradients are scaled in place below
-            raise RuntimeError("fused KD: backward through the same loss twice is not supported")
-        ctx.used = True
-        grad_h, grad_w = ctx.saved_tensors
-        h_shape, h_dtype, w_shape, w_dtype, vocab, alpha = ctx.meta
-        same = torch.equal(grad_out[0], grad_out[1]) or bool(grad_out.isnan().all())  # NaN: the guard skips it
-        if 0.0 < alpha < 1.0 and not same:
-            raise RuntimeError("fused KD: the kd and ce terms must be back-propagated with the same weight "
-                               "(sum them before backward)")
-        scale = grad_out[0] if alpha > 0.0 else grad_out[1]
-        gh = gw = None
-        if ctx.needs_input_grad[0]:
-            gh = (grad_h * scale).to(h_dtype).reshape(h_shape)
-        if ctx.needs_input_grad[1]:
-            grad_w.mul_(scale)  # in place: no second [V, H] buffer
-            if vocab == w_shape[0] and w_dtype == grad_w.dtype:
-                gw = grad_w
-            else:
-                gw = torch.zeros(w_shape, dtype=w_dtype, device=grad_w.device)
-                gw[:vocab] = grad_w
+        gh, gw = scaled_stored_grads(ctx, grad_out, "fused KD")
         return gh, gw, None, None, None, None, None, None, None, None, None
+
+
+def scaled_stored_grads(ctx, grad_out: torch.Tensor, name: str):
+    """Backward of a fused loss that stored ``(grad_h, grad_w)`` in forward (``ctx.meta`` = hidden shape/dtype,
+    weight shape/dtype, vocab, alpha): scale them by the upstream gradient of its ``[kd, ce]`` vector."""
+    if getattr(ctx, "used", False):  # the stored gradients are scaled in place below
+        raise RuntimeError(f"{name}: backward through the same loss twice is not supported")
+    ctx.used = True
+    grad_h, grad_w = ctx.saved_tensors
+    h_shape, h_dtype, w_shape, w_dtype, vocab, alpha = ctx.meta
+    same = torch.equal(grad_out[0], grad_out[1]) or bool(grad_out.isnan().all())  # NaN: the guard skips it
+    if 0.0 < alpha < 1.0 and not same:
+        raise RuntimeError(f"{name}: the kd and ce terms must be back-propagated with the same weight "
+                           "(sum them before backward)")
+    scale = grad_out[0] if alpha > 0.0 else grad_out[1]
+    gh = gw = None
+    if ctx.needs_input_grad[0]:
+        gh = (grad_h * scale).to(h_dtype).reshape(h_shape)
+    if ctx.needs_input_grad[1]:
+        grad_w.mul_(scale)  # in place: no second [V, H] buffer
+        if vocab == w_shape[0] and w_dtype == grad_w.dtype:
+            gw = grad_w
+        else:
+            gw = torch.zeros(w_shape, dtype=w_dtype, device=grad_w.device)
+            gw[:vocab] = grad_w
+    return gh, gw
 
 
 def fused_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,

@@ -15,6 +15,7 @@ from ..data.supervised import build_supervised_data
 from ..errors import ConfigError
 from ..losses.divergences import check_divergence, distill_loss
 from ..losses.fused_kd import fused_kd_vector, terms_of
+from ..losses.fused_sparse_kd import fused_sparse_kd_vector
 from ..losses.sparse_kd import sparse_kd_loss
 from ..losses.kd import logit_kd_loss
 from ..models import lm_head
@@ -156,15 +157,28 @@ class LogitKD(Method):
         return terms_of(vector, o.alpha)
 
     def _cached_loss(self, ctx, batch):
-        """Sparse KL over the cached top-k + tail bucket; rows found by the examples' content hashes."""
+        """Sparse KL over the cached top-k + tail (bucket, or sampled); rows found by the examples' content hashes.
+        Fused (default for LMs): computed inside the student's output layer, chunk by chunk, no full logits."""
         from .. import teacher_cache_store as store
 
         if self.cache is None:
             self.cache = store.TeacherCache(self.opts.teacher_cache)
-        inputs = self._inputs(ctx.student.module, batch)
-        s, lab = aligned_logits(self._task(), ctx.student(**inputs).logits, batch["labels"])
-        ids, logp, tail = self.cache.lookup(store.batch_keys(batch, self._task()), store.row_targets(lab))
-        return sparse_kd_loss(s, lab, ids, logp, tail, self.opts.temperature, self.opts.alpha, self.vocab_size)
+        o, student, task = self.opts, ctx.student.module, self._task()
+        inputs = self._inputs(student, batch)
+        lab = batch["labels"][:, 1:] if task == "causal_lm" else batch["labels"]
+        cached = self.cache.lookup(store.batch_keys(batch, task), store.row_targets(lab))
+        if not self._fused():
+            s, lab = aligned_logits(task, ctx.student(**inputs).logits, batch["labels"])
+            return sparse_kd_loss(s, lab, *cached[:3], o.temperature, o.alpha, self.vocab_size, *cached[3:])
+        head = lm_head.output_layer(student, "student")
+
+        def loss_in_head(h):
+            return fused_sparse_kd_vector(h[:, :-1] if task == "causal_lm" else h, head.weight, lab, *cached,
+                                          o.temperature, o.alpha, self.vocab_size)
+
+        with lm_head.head_replaced(student, loss_in_head, "student"):
+            vector = ctx.student(**inputs).logits
+        return terms_of(vector, o.alpha)
 
     @torch.no_grad()
     def eval_step(self, ctx, batch):
