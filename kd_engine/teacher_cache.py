@@ -204,6 +204,9 @@ def main(argv=None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             rank, world, _ = init_distributed()
         info = build(a, rank, world)
+        from .dist import shutdown
+
+        shutdown()
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -190,8 +190,8 @@ def test_bad_input_exit_2_and_nothing_written(assets, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_two_rank_build_and_shuffled_two_rank_training_read_the_right_rows(assets, tmp_path):
-    """Built on 2 ranks (one shard each), trained on 2 ranks with shuffling: every lookup checks the cached target
-    tokens against the batch (a wrong row raises), and the losses equal the online 2-rank run's."""
+    """Built on 2 ranks (one shard each), trained on 2 ranks with shuffling (ZeRO-0 and ZeRO-3): every lookup checks
+    the cached target tokens against the batch (a wrong row raises), and the losses equal the online 2-rank run's."""
     from kd_engine.dist import free_port
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -214,10 +214,18 @@ def test_two_rank_build_and_shuffled_two_rank_training_read_the_right_rows(asset
                          "--per_device_train_batch_size", "2"))
     launch(train, _train(assets, tmp_path / "online", "--teacher", str(assets / "teacher"),
                          "--per_device_train_batch_size", "2"))
-    a, b = _losses(tmp_path / "cached"), _losses(tmp_path / "online")
-    assert len(a) == 3
-    for (ka, ca), (kb, cb) in zip(a, b):
+    # ZeRO-3 with every parameter partitioned: the fused cached loss runs inside the student's output layer, where
+    # DeepSpeed's hooks gather the lm_head weight
+    z3 = json.load(open("ds_configs/zero3.json"))
+    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    launch(train, _train(assets, tmp_path / "cached_z3", "--teacher_cache", str(tmp_path / "c"),
+                         "--per_device_train_batch_size", "2", "--deepspeed", str(tmp_path / "z3.json")))
+    a, b, c = _losses(tmp_path / "cached"), _losses(tmp_path / "online"), _losses(tmp_path / "cached_z3")
+    assert len(a) == len(c) == 3
+    for (ka, ca), (kb, cb), (kc, cc) in zip(a, b, c):
         assert ka == pytest.approx(kb, rel=1e-4) and ca == pytest.approx(cb, rel=1e-4)
+        assert kc == pytest.approx(kb, rel=1e-4) and cc == pytest.approx(cb, rel=1e-4)
 
 
 def test_sampled_tail_is_an_unbiased_estimate_of_the_full_kl_and_its_gradient():
