@@ -62,6 +62,36 @@ def test_causal_lm_fused_and_naive_give_the_same_losses(assets, tmp_path, extra)
     assert fused.student.module.config.hidden_size == 32
 
 
+def _evals(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in ("split", "step", "eval_s", "time", "epoch")}
+            for r in rows if r["split"] == "eval"]
+
+
+def test_fused_evaluation_is_chunked_and_equals_the_naive_one(assets, tmp_path, monkeypatch):
+    """Evaluation of an LM under the fused setting computes the same metrics from hidden states, a few rows at a
+    time (chunk of 5 rows forced): no full-vocabulary logits of either model."""
+    from kd_engine.methods import _supervised
+
+    real = _supervised.chunked_evaluation_metrics
+    seen = []
+
+    def small_chunks(*a, **k):
+        seen.append(a[1].shape)
+        return real(*a, **dict(k, chunk_rows=5))
+
+    monkeypatch.setattr("kd_engine.methods.kd.chunked_evaluation_metrics", small_chunks)
+    extra = ["--eval_split", "0.25", "--eval_on_start", "true", "--per_device_eval_batch_size", "3"]
+    _run(_causal(assets, tmp_path / "fused", "fused", *extra))
+    _run(_causal(assets, tmp_path / "naive", "naive", *extra))
+    a, b = _evals(tmp_path / "fused"), _evals(tmp_path / "naive")
+    assert seen and len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb) and {"lm_loss", "kd_kl", "teacher_lm_loss", "teacher_agreement"} <= set(ra)
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
+
+
 def _t5(d):
     import sentencepiece as spm
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
@@ -86,7 +116,7 @@ def test_seq2seq_t5_fused_and_naive_give_the_same_losses(assets, tmp_path):
         return ["--method", "kd", "--teacher", str(teacher), "--student.layers", "1", "--train_file",
                 str(assets / "pairs.jsonl"), "--target_column", "target", "--output_dir", str(out), "--max_steps",
                 "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
-                "--disable_tqdm", "true", "--kd_loss_impl", impl, "--divergence", "reverse_kl"]
+                "--disable_tqdm", "true", "--kd_loss_impl", impl, "--divergence", "reverse_kl", "--eval_split", "0.25"]
 
     tr = _run(argv(tmp_path / "fused", "fused"))
     assert tr.method._task() == "seq2seq_lm" and tr.method.vocab_size == 60
@@ -96,6 +126,9 @@ def test_seq2seq_t5_fused_and_naive_give_the_same_losses(assets, tmp_path):
     for ra, rb in zip(a, b):
         for x, y in zip(ra, rb):
             assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
+    ea, eb = _evals(tmp_path / "fused"), _evals(tmp_path / "naive")  # chunked evaluation, seq2seq rows
+    assert len(ea) == len(eb) == 1 and "teacher_lm_loss" in ea[0]
+    assert all(ea[0][k] == pytest.approx(eb[0][k], rel=1e-5, abs=1e-6) for k in ea[0])
 
 
 def test_output_layer_not_found_names_the_model_and_suggests_naive():

@@ -45,3 +45,29 @@ def evaluation_metrics(task, s, t, labels, vocab_size, temperature) -> dict:
         out["teacher_accuracy"] = (float(((t_v.argmax(-1) == labels) & mask).sum()), n)
         out["teacher_" + loss_key] = (float(hard_cross_entropy(t, labels, vocab_size)) * n, n)
     return out
+
+
+def chunked_evaluation_metrics(task, s_hidden, s_weight, t_hidden, t_weight, labels, vocab_size, temperature,
+                               chunk_rows=None) -> dict:
+    """``evaluation_metrics`` from the inputs of the output layers (aligned with ``labels``; shift causal LMs
+    first), a chunk of real rows at a time: no ``[rows x vocab]`` logits of either model beyond one chunk."""
+    from ..losses.fused_kd import chunk_rows_for
+
+    vocab = int(vocab_size or s_weight.shape[0])
+    flat_y = labels.reshape(-1)
+    idx = (flat_y != -100).nonzero().squeeze(-1)
+    fs = s_hidden.reshape(-1, s_hidden.shape[-1])
+    ft = t_hidden.reshape(-1, t_hidden.shape[-1]) if t_hidden is not None else None
+    ws = s_weight[:vocab].float()
+    wt = t_weight[:vocab].float() if t_weight is not None else None
+    out: dict = {}
+    step = chunk_rows_for(vocab, chunk_rows)
+    for start in range(0, idx.numel(), step):
+        rows = idx[start:start + step]
+        s = fs[rows].float() @ ws.T
+        t = ft[rows].float() @ wt.T if ft is not None else None
+        for k, (total, n) in evaluation_metrics(task, s, t, flat_y[rows], None, temperature).items():
+            old = out.get(k, (0.0, 0.0))
+            out[k] = (old[0] + total, old[1] + n)
+    return out
+

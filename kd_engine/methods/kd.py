@@ -20,7 +20,8 @@ from ..losses.sparse_kd import sparse_kd_loss
 from ..losses.kd import logit_kd_loss
 from ..models import lm_head
 from ..models.build import load_or_build_student, load_teacher_model, resolve_task
-from ._supervised import aligned_logits, evaluation_metrics, model_inputs, seq2seq_inputs
+from ._supervised import (aligned_logits, chunked_evaluation_metrics, evaluation_metrics, model_inputs,
+                          seq2seq_inputs)
 from .base import DataBundle, Method, register
 
 
@@ -182,6 +183,8 @@ class LogitKD(Method):
 
     @torch.no_grad()
     def eval_step(self, ctx, batch):
+        if self._fused():
+            return self._chunked_eval(ctx, batch)
         inputs = self._inputs(ctx.student.module, batch)
         s_logits = ctx.student(**inputs).logits
         t_logits = ctx.teacher_forward(**inputs).logits if self.needs_teacher else None
@@ -189,6 +192,23 @@ class LogitKD(Method):
         s, lab = aligned_logits(self._task(), s_logits, labels)
         t = aligned_logits(self._task(), t_logits, labels)[0] if t_logits is not None else None
         return evaluation_metrics(self._task(), s, t, lab, self.vocab_size, self.opts.temperature)
+
+    def _chunked_eval(self, ctx, batch):
+        """LMs: the same metrics from both models' hidden states, a chunk of rows at a time (no full logits)."""
+        student = ctx.student.module
+        inputs = self._inputs(student, batch)
+        s_h = lm_head.hidden_states(ctx.student, student, "student", **inputs)
+        t_h = t_w = None
+        if self.needs_teacher:
+            t_h = lm_head.hidden_states(ctx.teacher_forward, ctx.teacher_module, "teacher", **inputs)
+            t_w = lm_head.output_layer(ctx.teacher_module, "teacher").weight
+        s_w = lm_head.output_layer(student, "student").weight
+        labels = batch["labels"]
+        if self._task() == "causal_lm":
+            labels, s_h, t_h = labels[:, 1:], s_h[:, :-1], (t_h[:, :-1] if t_h is not None else None)
+        with lm_head.gathered(*(w for w in (s_w, t_w) if w is not None)):
+            return chunked_evaluation_metrics(self._task(), s_h, s_w, t_h, t_w, labels, self.vocab_size,
+                                              self.opts.temperature)
 
     def card_info(self):
         o = self.opts
