@@ -189,3 +189,46 @@ def test_seqkd_refuses_a_cache_after_the_teacher_changed(assets, tmp_path):
     with pytest.raises(KDError, match="weights"):
         _run(_argv(teacher, assets, tmp_path / "b", "--seqkd_cache", str(cache), "--max_steps", "1"))
     assert sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_seqkd_killed_mid_generation_resumes_from_its_finished_chunks(assets, tmp_path):
+    """A real SIGKILL of the training process while the teacher generates: the finished chunks stay, nothing looks
+    complete, and the rerun generates only the missing chunks; its responses equal an uninterrupted build's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_gkd_method import write_pairs
+
+    write_pairs(tmp_path / "many.jsonl", 240, seed=7)
+    env = tiny.cpu_env({"KD_ENGINE_CACHE": str(tmp_path / "kc")})
+
+    def cmd(out, cache):
+        argv = _argv(assets / "teacher", assets, out, "--seqkd_cache", str(cache), "--seqkd_chunk_size", "2",
+                     "--seqkd_batch_size", "2", "--max_new_tokens", "12", "--max_steps", "1")
+        argv[argv.index("--train_file") + 1] = str(tmp_path / "many.jsonl")
+        return [sys.executable, os.path.abspath("launch/train.py"), *argv]
+
+    killed = tmp_path / "killed_cache"
+    p = subprocess.Popen(cmd(tmp_path / "a", killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and len(list(killed.glob("chunk_*.pt"))) < 3:
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    done = len(list(killed.glob("chunk_*.pt")))
+    assert done >= 3 and not (killed / "responses.pt").exists(), "the build finished before the kill"
+    r = subprocess.run(cmd(tmp_path / "b", killed), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [ln for ln in r.stderr.splitlines() if "resuming" in ln]
+    assert resumed and f"{done} of 120 chunks" in resumed[0], resumed
+    assert "(%d chunks generated)" % (120 - done) in r.stderr
+    straight = tmp_path / "straight_cache"
+    r = subprocess.run(cmd(tmp_path / "c", straight), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(d / "responses.pt", weights_only=True) for d in (killed, straight))
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["lengths"], b["lengths"])
+    assert not list(killed.glob("chunk_*.pt"))
