@@ -6,14 +6,14 @@
 #      prompt/answer pairs (loss on the answer only, --target_column answer).
 #   3. From student_init, STEPS steps each of --method minillm (pretraining batch from the Wikipedia sample),
 #      --method kd (alpha 0.5, temperature 1, same prompt/answer data), --method sft (continued), --method seqkd
-#      (teacher responses sampled once for the STEPS x BS training prompts it trains on, cached) and --method gkd
-#      (beta 0.5, lmbda 0.5),
-#      same lr. (The seqkd and gkd rows were added by issue 15 and have not been run yet: the measured time below
-#      is for the first three.)
-#   4. benchmarks/minillm_compare.py: teacher, student_init and the five students on the held-out prompts
+#      (teacher responses sampled once at temperature 1 for the STEPS x BS training prompts it trains on, cached: MiniLLM's
+#      SeqKD baseline), seqkd_greedy (the same with greedy teacher responses: Kim & Rush's mode approximation,
+#      kd_engine's default) and --method gkd (beta 0.5, lmbda 0.5), same lr.
+#   4. benchmarks/minillm_compare.py: teacher, student_init and the six students on the held-out prompts
 #      -> benchmarks/results/minillm_compare.{json,md}.
 #
-#   bash scripts/minillm_demo.sh            # measured 43 min on the 2-core CPU machine (student_init 8, rest 35)
+#   bash scripts/minillm_demo.sh            # 2-core CPU machine: student_init + 5 methods + comparison 22 min
+#                                           # (student_init 2 min), seqkd_greedy added afterwards in 5.4 min
 #
 # Env: OUT (outputs/minillm_demo), TEACHER (offline:smollm2-135m), LAYERS (10), HELDOUT (64), INIT_STEPS (40),
 #      STEPS (24), LR (3e-5, the compared methods), INIT_LR (2e-4), BS (8), PROMPT_LEN (128),
@@ -85,7 +85,7 @@ train student_init 2 --method sft --teacher "$TEACHER" --student.layers "$LAYERS
   --warmup_steps $(( INIT_STEPS / 10 )) --learning_rate "$INIT_LR"
 S=$OUT/student_init/final
 
-# 3. the five methods from student_init, same steps and lr; meanwhile (PARALLEL=1) the teacher and student_init
+# 3. the six methods from student_init, same steps and lr; meanwhile (PARALLEL=1) the teacher and student_init
 #    rows of the comparison are computed
 RES=${RES:-benchmarks/results/minillm_compare}
 compare() {  # OUT_PREFIX THREADS NAME=PATH ... ; rows already in OUT_PREFIX.json / cmp_*.json (same settings) are kept
@@ -103,6 +103,9 @@ RUNS=(
   "sft --method sft --student $S --max_steps $STEPS --learning_rate $LR"
   "seqkd --method seqkd --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR
    --max_prompt_length $PROMPT_LEN --max_new_tokens $NEW_TOKENS --seqkd_do_sample true --seqkd_batch_size $BS
+   --max_train_samples $(( STEPS * BS ))"
+  "seqkd_greedy --method seqkd --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR
+   --max_prompt_length $PROMPT_LEN --max_new_tokens $NEW_TOKENS --seqkd_batch_size $BS
    --max_train_samples $(( STEPS * BS ))"
   "gkd --method gkd --teacher $TEACHER --student $S --max_steps $STEPS --learning_rate $LR
    --max_prompt_length $PROMPT_LEN --max_new_tokens $NEW_TOKENS --beta 0.5 --lmbda 0.5"
@@ -127,10 +130,10 @@ else
   done
 fi
 
-# 4. held-out comparison: teacher, student_init and the five students
+# 4. held-out comparison: teacher, student_init and the six students
 echo "== compare -> $RES.{json,md}"
 compare "$RES" 2 student_init="$S" minillm="$OUT/minillm/final" kd="$OUT/kd/final" sft="$OUT/sft/final" \
-  seqkd="$OUT/seqkd/final" gkd="$OUT/gkd/final" \
+  seqkd="$OUT/seqkd/final" seqkd_greedy="$OUT/seqkd_greedy/final" gkd="$OUT/gkd/final" \
   > "$OUT/compare.log" 2>&1 || { echo "compare failed, see $OUT/compare.log" >&2; tail -20 "$OUT/compare.log" >&2; exit 1; }
 echo "== stages 3-4: $(( SECONDS - t0 )) s"
 cat "$RES.md"
