@@ -4,9 +4,9 @@ chunk (what the offline teacher cache needs at LLM scale: with no teacher in mem
 largest tensor left).
 
 For each chunk of real rows (labels != -100, in row-major order: the order of the cached rows) the forward pass
-computes the chunk's logits, the loss of ``sparse_kd.sparse_kd_loss`` (the same function, so the values agree by
-construction) and its gradient for the chunk's logits by autograd on that chunk alone, then moves that gradient
-to the hidden states and the weight. As in ``fused_kd``, backward only scales the stored gradients, and the two
+computes the chunk's logits, the rows of ``sparse_kd.sparse_kl_rows`` and their gradient for the chunk's logits in
+closed form (``_sparse_kl_and_grad``; tested equal to autograd through the naive loss), then moves that gradient to
+the hidden states and the weight. As in ``fused_kd``, backward only scales the stored gradients, and the two
 returned terms must be back-propagated with the same weight.
 """
 from __future__ import annotations
@@ -14,10 +14,38 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-
 from .fused_kd import chunk_rows_for, scaled_stored_grads
-from .sparse_kd import sparse_kl_rows
+
+
+def _xlogy_exp(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+
+
+def _sparse_kl_and_grad(logits, T, ids, logp, log_tail, t_ids, t_logp):
+    """Rows of ``sparse_kd.sparse_kl_rows`` and their gradient w.r.t. ``z = logits / T`` (fp32, ``[r, V]``):
+    ``q * (sum of the target weights) - (the target weights, scattered)`` with the top-k weights ``p_i``, the
+    sampled-tail weights ``p_tail / m`` per draw, or for the tail bucket ``p_tail * q_j / q_tail`` on the tail."""
+    log_q = torch.log_softmax(logits / T, -1)
+    p_top = logp.exp()
+    rows = _xlogy_exp(logp, log_q.gather(1, ids)).sum(-1)
+    p_tail = torch.where(log_tail.exp() > 0, log_tail.exp(), torch.zeros_like(log_tail))
+    if t_ids is not None and t_ids.shape[-1] > 0:
+        rows = rows + torch.where(p_tail > 0, p_tail * (t_logp - log_q.gather(1, t_ids)).mean(-1),
+                                  torch.zeros_like(p_tail))
+        g = log_q.exp_().mul_((p_top.sum(-1) + p_tail)[:, None])
+        g.scatter_add_(1, ids, -p_top)
+        g.scatter_add_(1, t_ids, (-p_tail / t_ids.shape[-1])[:, None].expand_as(t_ids).contiguous())
+        return rows, g
+    rest = log_q.scatter(1, ids, float("-inf"))
+    log_q_tail = torch.logsumexp(rest, -1)
+    rows = rows + _xlogy_exp(log_tail, log_q_tail)
+    finite = torch.where(torch.isfinite(log_q_tail), log_q_tail, torch.zeros_like(log_q_tail))  # empty tail: 0s
+    tail_share = rest.sub_(finite[:, None]).exp_()  # q_j / q_tail on the tail, 0 on the top k
+    g = log_q.exp_().mul_((p_top.sum(-1) + p_tail)[:, None])
+    g.scatter_add_(1, ids, -p_top)
+    g.sub_(tail_share.mul_(p_tail[:, None]))
+    return rows, g
 
 
 class _FusedSparseKD(torch.autograd.Function):
@@ -39,19 +67,23 @@ class _FusedSparseKD(torch.autograd.Function):
             sl = slice(start, start + chunk_rows)
             rows = idx[sl]
             h = flat_h[rows].float()
-            logits = (h @ w.T).requires_grad_(True)
-            with torch.enable_grad():
-                kd = sparse_kl_rows(logits, ids[sl], logp[sl], log_tail[sl], T, None,
-                                    None if t_ids is None else t_ids[sl], None if t_logp is None else t_logp[sl])
-                terms = [alpha * T * T * kd.sum() / n]
-                if alpha < 1.0:
-                    terms.append((1.0 - alpha) * F.cross_entropy(logits, flat_y[rows], reduction="sum") / n)
-                vec = torch.stack(terms)
-                (g,) = torch.autograd.grad(vec.sum(), logits)
-            out[: vec.numel()] += vec.detach()
+            logits = h @ w.T
+            kd, g = _sparse_kl_and_grad(logits, T, ids[sl], logp[sl], log_tail[sl],
+                                        None if t_ids is None else t_ids[sl], None if t_logp is None else t_logp[sl])
+            out[0] += alpha * T * T * kd.sum() / n
+            g.mul_(alpha * T / n)  # d(alpha * T^2 * KL(z)) / ds with z = s / T, mean over rows
+            if alpha < 1.0:
+                log_q1 = torch.log_softmax(logits, -1)
+                y = flat_y[rows]
+                out[1] -= (1.0 - alpha) * log_q1.gather(1, y[:, None]).sum() / n
+                q1 = log_q1.exp_()
+                q1[torch.arange(q1.shape[0], device=q1.device), y] -= 1.0
+                g.add_(q1, alpha=(1.0 - alpha) / n)
+                del q1, log_q1
+            del logits
             grad_h[rows] = g @ w
             grad_w.addmm_(g.T, h)
-            del logits, g, h, kd, vec, terms
+            del g, h, kd
         ctx.save_for_backward(grad_h, grad_w)
         ctx.meta = (s_hidden.shape, s_hidden.dtype, s_weight.shape, s_weight.dtype, vocab, alpha)
         return out
