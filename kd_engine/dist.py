@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 import socket
 from typing import Optional
 
@@ -164,6 +165,27 @@ def shutdown() -> None:
             dist.destroy_process_group()
     except Exception:  # a peer already gone (killed after a stop signal): nothing left to tear down in order
         pass
+
+
+def exit_process(rc: int) -> int:
+    """End a process of a multi-process run with exit status ``rc`` without the interpreter's finalization: streams
+    and log handlers are flushed, then ``os._exit``. Gloo's worker threads can still hold work objects (with
+    tensors) that DeepSpeed's engine keeps; destroyed during finalization they abort the process (SIGABRT,
+    "terminate called without an active exception") after the run has finished and written everything: seen
+    twice on 2-rank CPU test runs in this project, and the reason pytorch/pytorch#179291 was proposed. Single
+    processes return ``rc`` for a normal exit."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return rc
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun (rank discovery used mpi4py): mpirun requires MPI_Finalize
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
 
 
 def device():

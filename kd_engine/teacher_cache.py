@@ -218,4 +218,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .dist import exit_process
+
+    sys.exit(exit_process(main()))
