@@ -60,7 +60,7 @@ class _FusedKD(torch.autograd.Function):
         n = idx.numel()
         w_s = s_weight[:vocab].float()
         w_t = t_weight[:vocab].detach().float()
-        grad_w = torch.zeros_like(w_s)
+        grad_w = None  # the first chunk's g.T @ h, then accumulated: no zero-filled [V, H] pass
         grad_h = torch.zeros(flat_h.shape, dtype=torch.float32, device=flat_h.device)
         kd_sum = torch.zeros((), dtype=torch.float32, device=flat_h.device)
         ce_sum = torch.zeros_like(kd_sum)
@@ -89,9 +89,9 @@ class _FusedKD(torch.autograd.Function):
                 del q1, log_q1
             del s_logits
             grad_h[rows] = g @ w_s
-            grad_w.addmm_(g.T, h)
+            grad_w = g.T @ h if grad_w is None else grad_w.addmm_(g.T, h)
             del g, h
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, torch.zeros_like(w_s) if grad_w is None else grad_w)
         ctx.meta = (s_hidden.shape, s_hidden.dtype, s_weight.shape, s_weight.dtype, vocab, alpha)
         if n == 0:
             return torch.zeros(2, dtype=torch.float32, device=flat_h.device)
@@ -120,7 +120,8 @@ def scaled_stored_grads(ctx, grad_out: torch.Tensor, name: str):
     if ctx.needs_input_grad[0]:
         gh = (grad_h * scale).to(h_dtype).reshape(h_shape)
     if ctx.needs_input_grad[1]:
-        grad_w.mul_(scale)  # in place: no second [V, H] buffer
+        if not bool(scale == 1.0):
+            grad_w.mul_(scale)  # in place: no second [V, H] buffer
         if vocab == w_shape[0] and w_dtype == grad_w.dtype:
             gw = grad_w
         else:

@@ -59,7 +59,7 @@ class _FusedSparseKD(torch.autograd.Function):
         if ids.shape[0] != n:
             raise ValueError(f"{ids.shape[0]} cached rows for {n} real rows")
         w = s_weight[:vocab].detach().float()
-        grad_w = torch.zeros_like(w)
+        grad_w = None  # the first chunk's g.T @ h, then accumulated: no zero-filled [V, H] pass
         grad_h = torch.zeros(flat_h.shape, dtype=torch.float32, device=flat_h.device)
         out = torch.zeros(2, dtype=torch.float32, device=flat_h.device)
         T = float(temperature)
@@ -82,9 +82,9 @@ class _FusedSparseKD(torch.autograd.Function):
                 del q1, log_q1
             del logits
             grad_h[rows] = g @ w
-            grad_w.addmm_(g.T, h)
+            grad_w = g.T @ h if grad_w is None else grad_w.addmm_(g.T, h)
             del g, h, kd
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, torch.zeros_like(w) if grad_w is None else grad_w)
         ctx.meta = (s_hidden.shape, s_hidden.dtype, s_weight.shape, s_weight.dtype, vocab, alpha)
         return out
 
