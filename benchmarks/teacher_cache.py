@@ -11,8 +11,9 @@ Side by side in one run:
    dominated by noise; both runs below start from this same healed student;
 1. build the cache (``python -m kd_engine.teacher_cache``, k = ``--top_k``, fp16 log-probs, at ``--temperature``);
 2. ``--method kd`` for ``--steps`` steps online (teacher loaded) and from the cache (no teacher), same student
-   init, data order and seed, each in its own process: median step time (teacher_ms + student_ms of the logged
-   steps after the first), peak RSS of the process (``wait4``), held-out perplexity after the last step;
+   init, data order and seed, each in its own process, ``--repeats`` times in alternating order: median step time
+   over the repeats (teacher_ms + student_ms of the logged steps after the first of each run), peak RSS of the
+   process (``wait4``), held-out perplexity after the last step (checked equal across repeats);
 3. KL error of the top-k + tail approximation vs the full KL for k in ``--ks`` on held-out tokens (teacher vs the
    student after the online run, and vs the initial (healed) student; at ``--temperature``, log-probs rounded to fp16 as stored), and
    bytes/token.
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=0, help="training paragraphs (default steps x batch)")
     ap.add_argument("--eval_examples", type=int, default=32, help="held-out paragraphs for perplexity")
     ap.add_argument("--top_k", type=int, default=32, help="k of the cache used for training")
+    ap.add_argument("--repeats", type=int, default=2, help="training runs per variant, in alternating order (step "
+                    "time: median over all of their steps)")
     ap.add_argument("--tail_samples", type=int, default=8, help="tail samples of the third run's cache "
                     "(0 = no third run)")
     ap.add_argument("--ks", default="8,32,128", help="k values for the KL error")
@@ -194,16 +197,26 @@ def main() -> None:
         res = {}
         runs = [("online", ["--teacher", TEACHER, "--kd_loss_impl", "naive", "--export", "true"])]
         runs += [(name, ["--teacher_cache", c]) for name, c in caches.items()]
-        for name, extra in runs:
-            out = os.path.join(tmp, name)
-            wall, mib = run([sys.executable, os.path.join(ROOT, "launch", "train.py"), *common,
-                             "--output_dir", out, *extra], env)
-            rows = log_rows(out, "train")[1:]
-            step = statistics.median(r["teacher_ms"] + r["student_ms"] for r in rows)
-            ev = log_rows(out, "eval")[-1]
-            res[name] = {"step_ms": step, "teacher_ms": statistics.median(r["teacher_ms"] for r in rows),
-                         "peak_rss_mib": mib, "wall_s": wall, "ppl": math.exp(ev["lm_loss"])}
-            print(f"{name}: step {step:.0f} ms, peak RSS {mib:.0f} MiB, ppl {res[name]['ppl']:.3f}", flush=True)
+        steps, per_rep = {n: [] for n, _ in runs}, {n: [] for n, _ in runs}
+        for rep in range(args.repeats):  # alternating order, so that drift of the machine hits every variant
+            for name, extra in (runs if rep % 2 == 0 else runs[::-1]):
+                out = os.path.join(tmp, name if rep == 0 else f"{name}_{rep}")
+                wall, mib = run([sys.executable, os.path.join(ROOT, "launch", "train.py"), *common,
+                                 "--output_dir", out, *extra], env)
+                rows = log_rows(out, "train")[1:]
+                steps[name] += rows
+                ppl = math.exp(log_rows(out, "eval")[-1]["lm_loss"])
+                per_rep[name].append(statistics.median(r["teacher_ms"] + r["student_ms"] for r in rows))
+                if rep == 0:
+                    res[name] = {"peak_rss_mib": mib, "wall_s": wall, "ppl": ppl}
+                elif ppl != res[name]["ppl"]:
+                    raise SystemExit(f"error: {name} ppl {ppl} in repeat {rep} vs {res[name]['ppl']}: not deterministic")
+                print(f"{name} (repeat {rep}): step {per_rep[name][-1]:.0f} ms, peak RSS {mib:.0f} MiB, ppl {ppl:.3f}",
+                      flush=True)
+        for name in res:
+            res[name].update(step_ms=statistics.median(r["teacher_ms"] + r["student_ms"] for r in steps[name]),
+                             teacher_ms=statistics.median(r["teacher_ms"] for r in steps[name]),
+                             step_ms_per_repeat=per_rep[name])
         ks = [int(k) for k in args.ks.split(",")]
         kl = kl_errors(os.path.join(tmp, "online", "final"), paths[1], ks, 8, args.max_length, args.temperature,
                        args.tail_samples)
@@ -232,12 +245,13 @@ def main() -> None:
              f"{args.max_length} tokens, k={args.top_k} (fp16), T={args.temperature:g}, alpha={args.alpha:g}, all runs "
              f"from the same student healed by {args.heal_steps} SFT steps (lr {args.heal_lr:g}); `cached`: top-k + "
              f"tail mass, `cached_tail`: top-k + {m} tokens sampled from the teacher's tail (`--tail_samples {m}`)"
-             f"\n\n| run | median step ms | speedup | peak RSS MiB | held-out ppl | ppl vs online | cache B/token |\n"
+             f"\n\n| run | median step ms (each repeat) | speedup | peak RSS MiB | held-out ppl | ppl vs online | cache B/token |\n"
              f"|---|---|---|---|---|---|---|\n"]
     for k, v in res.items():
         sp = summary["cached_step_speedup"].get(k)
         rel = summary["ppl_rel_diff"].get(k)
-        lines.append(f"| {k} | {v['step_ms']:.0f} | {f'{sp:.2f}' if sp else '-'} | {v['peak_rss_mib']:.0f} | "
+        reps = " / ".join(f"{x:.0f}" for x in v["step_ms_per_repeat"])
+        lines.append(f"| {k} | {v['step_ms']:.0f} ({reps}) | {f'{sp:.2f}' if sp else '-'} | {v['peak_rss_mib']:.0f} | "
                      f"{v['ppl']:.3f} | {f'{rel:+.2%}' if rel is not None else '-'} | "
                      f"{infos[k]['bytes_per_token'] if k in infos else '-'} |\n")
     lines.append(f"\nThe online teacher forward (its `teacher_ms`) is {share:.0%} of the online step: dropping it alone "
