@@ -49,6 +49,23 @@ def _divergence_and_grad(log_q: torch.Tensor, log_p: torch.Tensor, div: str, bet
     return rows, g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
 
 
+def add_ce_grad_(g: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
+    """Adds ``weight * (softmax(logits) - onehot(y))`` to ``g`` in place; returns the chunk's summed CE (T = 1)."""
+    log_q1 = torch.log_softmax(logits, -1)
+    ce = -log_q1.gather(1, y[:, None]).sum()
+    q1 = log_q1.exp_()
+    q1[torch.arange(q1.shape[0], device=q1.device), y] -= 1.0
+    g.add_(q1, alpha=weight)
+    return ce
+
+
+def chunk_grads_(g, h, w, rows, grad_h, grad_w):
+    """The chunk's logit gradient ``g`` moved to its hidden states (written into ``grad_h[rows]``) and to the weight
+    (the first chunk's ``g.T @ h``, then accumulated: no zero-filled ``[V, H]`` pass); returns ``grad_w``."""
+    grad_h[rows] = g @ w
+    return g.T @ h if grad_w is None else grad_w.addmm_(g.T, h)
+
+
 class _FusedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, div, beta, temperature, alpha, vocab,
@@ -60,7 +77,7 @@ class _FusedKD(torch.autograd.Function):
         n = idx.numel()
         w_s = s_weight[:vocab].float()
         w_t = t_weight[:vocab].detach().float()
-        grad_w = None  # the first chunk's g.T @ h, then accumulated: no zero-filled [V, H] pass
+        grad_w = None  # chunk_grads_ makes it
         grad_h = torch.zeros(flat_h.shape, dtype=torch.float32, device=flat_h.device)
         kd_sum = torch.zeros((), dtype=torch.float32, device=flat_h.device)
         ce_sum = torch.zeros_like(kd_sum)
@@ -80,16 +97,9 @@ class _FusedKD(torch.autograd.Function):
             kd_sum += kd_rows.sum()
             g.mul_(alpha * T / n)  # d(alpha * T^2 * D(z)) / ds with z = s / T, mean over rows
             if with_ce:
-                log_q1 = torch.log_softmax(s_logits, -1)
-                y = flat_y[rows]
-                ce_sum -= log_q1.gather(1, y[:, None]).sum()
-                q1 = log_q1.exp_()
-                q1[torch.arange(q1.shape[0], device=q1.device), y] -= 1.0
-                g.add_(q1, alpha=(1.0 - alpha) / n)
-                del q1, log_q1
+                ce_sum += add_ce_grad_(g, s_logits, flat_y[rows], (1.0 - alpha) / n)
             del s_logits
-            grad_h[rows] = g @ w_s
-            grad_w = g.T @ h if grad_w is None else grad_w.addmm_(g.T, h)
+            grad_w = chunk_grads_(g, h, w_s, rows, grad_h, grad_w)
             del g, h
         ctx.save_for_backward(grad_h, torch.zeros_like(w_s) if grad_w is None else grad_w)
         ctx.meta = (s_hidden.shape, s_hidden.dtype, s_weight.shape, s_weight.dtype, vocab, alpha)

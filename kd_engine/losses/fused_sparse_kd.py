@@ -14,12 +14,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from .fused_kd import chunk_rows_for, scaled_stored_grads
-
-
-def _xlogy_exp(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+from .fused_kd import add_ce_grad_, chunk_grads_, chunk_rows_for, scaled_stored_grads
+from .sparse_kd import _xlogy_exp
 
 
 def _sparse_kl_and_grad(logits, T, ids, logp, log_tail, t_ids, t_logp):
@@ -59,7 +55,7 @@ class _FusedSparseKD(torch.autograd.Function):
         if ids.shape[0] != n:
             raise ValueError(f"{ids.shape[0]} cached rows for {n} real rows")
         w = s_weight[:vocab].detach().float()
-        grad_w = None  # the first chunk's g.T @ h, then accumulated: no zero-filled [V, H] pass
+        grad_w = None  # chunk_grads_ makes it
         grad_h = torch.zeros(flat_h.shape, dtype=torch.float32, device=flat_h.device)
         out = torch.zeros(2, dtype=torch.float32, device=flat_h.device)
         T = float(temperature)
@@ -73,16 +69,9 @@ class _FusedSparseKD(torch.autograd.Function):
             out[0] += alpha * T * T * kd.sum() / n
             g.mul_(alpha * T / n)  # d(alpha * T^2 * KL(z)) / ds with z = s / T, mean over rows
             if alpha < 1.0:
-                log_q1 = torch.log_softmax(logits, -1)
-                y = flat_y[rows]
-                out[1] -= (1.0 - alpha) * log_q1.gather(1, y[:, None]).sum() / n
-                q1 = log_q1.exp_()
-                q1[torch.arange(q1.shape[0], device=q1.device), y] -= 1.0
-                g.add_(q1, alpha=(1.0 - alpha) / n)
-                del q1, log_q1
+                out[1] += (1.0 - alpha) * add_ce_grad_(g, logits, flat_y[rows], (1.0 - alpha) / n) / n
             del logits
-            grad_h[rows] = g @ w
-            grad_w = g.T @ h if grad_w is None else grad_w.addmm_(g.T, h)
+            grad_w = chunk_grads_(g, h, w, rows, grad_h, grad_w)
             del g, h, kd
         ctx.save_for_backward(grad_h, torch.zeros_like(w) if grad_w is None else grad_w)
         ctx.meta = (s_hidden.shape, s_hidden.dtype, s_weight.shape, s_weight.dtype, vocab, alpha)
