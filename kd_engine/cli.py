@@ -40,6 +40,14 @@ def final_line(cfg, steps: int, metrics: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .dist import end_process
+    from .engine.signals import EXIT_STOPPED
+
+    rc = _run(argv)
+    return end_process(rc, meet=rc in (0, EXIT_STOPPED))
+
+
+def _run(argv: Optional[list[str]]) -> int:
     from .engine.signals import EXIT_STOPPED, Stopped
     from .errors import KDError
 
@@ -67,16 +75,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         metrics = trainer.fit()
         if int(os.environ.get("RANK", "0")) == 0:
             print(final_line(parsed.train, trainer.global_step, metrics), flush=True)
-        from .dist import shutdown
-
-        shutdown()
         return 0
     except Stopped as exc:  # a stop signal: checkpoint written (and the SLURM job requeued when asked)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"kd_engine: {exc}", file=sys.stderr, flush=True)
-        from .dist import shutdown
-
-        shutdown()
         return EXIT_STOPPED
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

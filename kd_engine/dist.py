@@ -151,32 +151,26 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def shutdown() -> None:
-    """Orderly end of a multi-process run that succeeded (or stopped on a signal every rank agreed on): the ranks
-    meet, then the process group is destroyed, instead of leaving gloo's threads to the interpreter's teardown
-    (a rank of a 2-rank test run once aborted at exit with "terminate called without an active exception")."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch.distributed as dist
-
-    try:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    except Exception:  # a peer already gone (killed after a stop signal): nothing left to tear down in order
-        pass
-
-
-def exit_process(rc: int) -> int:
-    """End a process of a multi-process run with exit status ``rc`` without the interpreter's finalization: streams
-    and log handlers are flushed, then ``os._exit``. Gloo's worker threads can still hold work objects (with
-    tensors) that DeepSpeed's engine keeps; destroyed during finalization they abort the process (SIGABRT,
-    "terminate called without an active exception") after the run has finished and written everything: seen
-    twice on 2-rank CPU test runs in this project, and the reason pytorch/pytorch#179291 was proposed. Single
-    processes return ``rc`` for a normal exit."""
+def end_process(rc: int, meet: bool) -> int:
+    """How every kd_engine entry point ends. A single process returns ``rc``. A process of a multi-process run
+    (``meet``: the run succeeded, or stopped on a signal every rank agreed on) meets the other ranks and destroys the
+    process group, then calls MPI_Finalize under mpirun (mpirun requires it), flushes log handlers and streams and
+    leaves with ``os._exit(rc)``, skipping the interpreter's finalization: gloo work objects (with tensors) that
+    DeepSpeed's engine still holds, destroyed there, abort the process after it has finished and written everything
+    (SIGABRT, "terminate called without an active exception"; seen twice on 2-rank CPU test runs here, the problem
+    pytorch/pytorch#179291 describes)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return rc
-    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun (rank discovery used mpi4py): mpirun requires MPI_Finalize
+    import torch.distributed as dist
+
+    if meet:
+        try:
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+        except Exception:  # a peer already gone (killed after a stop signal): nothing left to tear down in order
+            pass
+    mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
     logging.shutdown()

@@ -196,28 +196,24 @@ def main(argv=None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    from .dist import end_process, init_distributed, setup_environment
+
     try:
-        from .dist import init_distributed, setup_environment
 
         setup_environment()  # launcher variables (torchrun, deepspeed, mpirun), CPU accelerator when no GPU
         rank, world = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             rank, world, _ = init_distributed()
         info = build(a, rank, world)
-        from .dist import shutdown
-
-        shutdown()
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return end_process(2, meet=False)
     if rank == 0:
         print(f"teacher cache: {info['examples']} examples, {info['tokens']} tokens, top-{info['top_k']}"
               f"{' + %d tail samples' % info['tail_samples'] if info.get('tail_samples') else ''}, "
               f"{info['bytes_per_token']} bytes/token -> {a.output_dir}", flush=True)
-    return 0
+    return end_process(0, meet=True)
 
 
 if __name__ == "__main__":
-    from .dist import exit_process
-
-    sys.exit(exit_process(main()))
+    sys.exit(main())

@@ -13,7 +13,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kd_engine.cli import main  # noqa: E402
-from kd_engine.dist import exit_process  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(exit_process(main()))  # multi-process runs skip the interpreter's teardown (see exit_process)
+    sys.exit(main())

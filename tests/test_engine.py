@@ -56,10 +56,7 @@ def test_every_zero_stage_steps_and_teacher_stays_frozen(assets, tmp_path, stage
     from transformers import AutoModelForCausalLM
 
     cfg = tmp_path / "ds.json"
-    ds = json.load(open(f"ds_configs/zero{stage}.json"))
-    if stage == 3:
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition the tiny model
-    cfg.write_text(json.dumps(ds))
+    tiny.ds_config_file(cfg, stage)
     tr = run(base_args(assets, tmp_path / "out", "--deepspeed", str(cfg)))
     assert tr.global_step == 2
     log = [json.loads(line) for line in open(tmp_path / "out" / "train_log.jsonl")]

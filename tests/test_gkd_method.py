@@ -173,9 +173,7 @@ def test_gkd_two_ranks_zero3_torchrun(assets, tmp_path):
     import subprocess
     import sys
 
-    z3 = json.load(open("ds_configs/zero3.json"))
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    tiny.ds_config_file(tmp_path / "z3.json")
     out = tmp_path / "out"
     env = tiny.cpu_env({"KD_ENGINE_CACHE": str(tmp_path / "cache")})
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", "--master_addr",

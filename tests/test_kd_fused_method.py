@@ -162,9 +162,7 @@ def test_two_rank_zero3_fused_equals_naive(assets, tmp_path):
 
     from kd_engine.dist import free_port
 
-    z3 = json.load(open("ds_configs/zero3.json"))
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    tiny.ds_config_file(tmp_path / "z3.json")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     for impl in ("fused", "naive"):
         argv = _causal(assets, tmp_path / impl, impl, "--deepspeed", str(tmp_path / "z3.json"),

@@ -23,9 +23,7 @@ def assets(tmp_path_factory):
     tiny.make_llama(str(d / "teacher"), layers=4, dropout=0.1)  # dropout on: RNG state must be restored
     tiny.write_lines(str(d / "train.txt"), tiny.sentences(40))
     tiny.write_lines(str(d / "eval.txt"), tiny.sentences(8, seed=1))
-    z3 = json.load(open("ds_configs/zero3.json"))
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (d / "zero3.json").write_text(json.dumps(z3))
+    tiny.ds_config_file(d / "zero3.json")
     return d
 
 

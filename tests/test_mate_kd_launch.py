@@ -26,9 +26,7 @@ def assets(tmp_path_factory):
     json.dump(cfg, open(d / "teacher" / "config.json", "w"))
     tiny.write_classification_tsv(str(d / "train.tsv"), 64)
     tiny.write_classification_tsv(str(d / "eval.tsv"), 16, seed=1)
-    z3 = json.load(open("ds_configs/zero3.json"))
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (d / "zero3.json").write_text(json.dumps(z3))
+    tiny.ds_config_file(d / "zero3.json")
     return d
 
 

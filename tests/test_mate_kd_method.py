@@ -17,15 +17,8 @@ from kd_engine.config import build_config
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_process_env(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                                          "KD_ENGINE_CACHE")}
-    tiny.single_process_env(str(tmp_path_factory.mktemp("kdcache")))
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with tiny.single_process_env_kept(str(tmp_path_factory.mktemp("kdcache"))):
+        yield
 
 
 def make_classifier(path, arch="bert", layers=4, seed=0, num_labels=2, vocab_size=None):

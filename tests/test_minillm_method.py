@@ -37,10 +37,7 @@ def _run(argv):
 @pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.slow)])
 def test_minillm_trains_with_rollouts_ppo_and_pt(assets, tmp_path, stage):
     cfg = tmp_path / "ds.json"
-    ds = json.load(open(f"ds_configs/zero{stage}.json"))
-    if stage == 3:
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    cfg.write_text(json.dumps(ds))
+    tiny.ds_config_file(cfg, stage)
     out = tmp_path / "out"
     tr = _run(["--method", "minillm", "--teacher", str(assets / "teacher"), "--student.layers", "1",
                "--train_file", str(assets / "prompts.jsonl"), "--eval_file", str(assets / "prompts.jsonl"),
@@ -176,9 +173,7 @@ def test_minillm_two_ranks_zero3_torchrun(assets, tmp_path):
     import subprocess
     import sys
 
-    z3 = json.load(open("ds_configs/zero3.json"))
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    tiny.ds_config_file(tmp_path / "z3.json")
     out = tmp_path / "out"
     env = tiny.cpu_env({"KD_ENGINE_CACHE": str(tmp_path / "cache")})
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", "--master_addr",

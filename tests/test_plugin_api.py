@@ -153,9 +153,7 @@ def test_teacher_forward_with_grad_at_zero3(tmp_path):
     flows through the teacher's activations (its engine's forward wrapper refused that backward before)."""
     tiny.make_llama(str(tmp_path / "teacher"), layers=2)
     tiny.write_lines(str(tmp_path / "train.txt"), tiny.sentences(16))
-    z3 = json.load(open("ds_configs/zero3.json"))
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition the tiny models
-    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    tiny.ds_config_file(tmp_path / "z3.json")
     a = _run(["--method", "toy_adversarial", "--teacher", str(tmp_path / "teacher"), "--student.layers", "1",
               "--train_file", str(tmp_path / "train.txt"), "--output_dir", str(tmp_path / "z3"), "--max_steps", "2",
               "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--disable_tqdm", "true",

@@ -216,9 +216,7 @@ def test_two_rank_build_and_shuffled_two_rank_training_read_the_right_rows(asset
                          "--per_device_train_batch_size", "2"))
     # ZeRO-3 with every parameter partitioned: the fused cached loss runs inside the student's output layer, where
     # DeepSpeed's hooks gather the lm_head weight
-    z3 = json.load(open("ds_configs/zero3.json"))
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    tiny.ds_config_file(tmp_path / "z3.json")
     launch(train, _train(assets, tmp_path / "cached_z3", "--teacher_cache", str(tmp_path / "c"),
                          "--per_device_train_batch_size", "2", "--deepspeed", str(tmp_path / "z3.json")))
     a, b, c = _losses(tmp_path / "cached"), _losses(tmp_path / "online"), _losses(tmp_path / "cached_z3")

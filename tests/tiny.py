@@ -1,6 +1,8 @@
 """Tiny real models, tokenizers and data files for tests (random weights, built from configs, saved to disk)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 
@@ -95,6 +97,33 @@ def single_process_env(cache_dir: str) -> None:
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()), KD_ENGINE_CACHE=cache_dir)
+
+
+def ds_config_file(path, stage: int = 3) -> str:
+    """``ds_configs/zero{stage}.json`` written to ``path``; at stage 3 with ``stage3_param_persistence_threshold`` 0,
+    so that the tiny test models are really partitioned (no parameter is small enough to stay whole)."""
+    ds = json.load(open(f"ds_configs/zero{stage}.json"))
+    if stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    with open(path, "w") as f:
+        json.dump(ds, f)
+    return str(path)
+
+
+@contextlib.contextmanager
+def single_process_env_kept(cache_dir: str):
+    """``single_process_env`` for a block; the launcher variables and KD_ENGINE_CACHE are put back afterwards."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "KD_ENGINE_CACHE")
+    old = {k: os.environ.get(k) for k in keys}
+    single_process_env(cache_dir)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cpu_env(extra: dict | None = None) -> dict:

@@ -25,7 +25,7 @@ def _sparse_kl_and_grad(logits, T, ids, logp, log_tail, t_ids, t_logp):
     log_q = torch.log_softmax(logits / T, -1)
     p_top = logp.exp()
     rows = _xlogy_exp(logp, log_q.gather(1, ids)).sum(-1)
-    p_tail = torch.where(log_tail.exp() > 0, log_tail.exp(), torch.zeros_like(log_tail))
+    p_tail = log_tail.exp()
     if t_ids is not None and t_ids.shape[-1] > 0:
         rows = rows + torch.where(p_tail > 0, p_tail * (t_logp - log_q.gather(1, t_ids)).mean(-1),
                                   torch.zeros_like(p_tail))
