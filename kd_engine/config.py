@@ -39,6 +39,8 @@ class TrainConfig:
     tokenizer: Optional[str] = None  # default: the student's, else the teacher's
     trust_remote_code: bool = False  # allow model code shipped with a hub model
     teacher_dtype: str = "auto"  # auto (student's training dtype) | fp32 | bf16 | fp16
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 for both models (default: transformers')
+    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
     # data
     train_file: Optional[str] = None  # training data file (jsonl/csv/tsv/txt) or dataset id
     eval_file: Optional[str] = None  # held-out data file (jsonl/csv/tsv/txt)
@@ -46,6 +48,8 @@ class TrainConfig:
     text_pair_column: Optional[str] = None  # second text of sentence pairs (NLI)
     label_column: Optional[str] = None  # class label column (classification)
     target_column: Optional[str] = None  # response (causal LM, loss on it only) or target text (seq2seq)
+    messages_column: Optional[str] = None  # chat rows (list of {role, content}) rendered with the chat template
+    packing: bool = False  # causal LM kd/sft/seqkd: several examples per row, no attention across them
     max_length: int = 128  # tokens per example (longer ones are cut)
     max_train_samples: Optional[int] = None  # use at most this many training examples
     max_eval_samples: Optional[int] = None  # use at most this many evaluation examples
@@ -274,6 +278,12 @@ def build_config(argv: list[str]) -> ParsedConfig:
     if train.student.init == "auto":
         train.student.init = method_cls.default_student_init
     validate_train_config(train)
+    if train.packing and not method_cls.supports_packing:
+        raise ConfigError(f"--packing: method '{method_name}' needs one example per row (it generates from, or keeps "
+                          f"state for, each row); packing works with kd, sft and seqkd on causal LMs")
+    if train.messages_column and not method_cls.supports_messages:
+        raise ConfigError(f"--messages_column: method '{method_name}' does not read chat data (methods that do: kd, "
+                          f"sft, seqkd, gkd, minillm)")
     from .data.split import check_data_options
 
     check_data_options(train, method_name, method_cls.data_options)
@@ -295,6 +305,13 @@ def validate_train_config(c: TrainConfig) -> None:
     _check_choice("lr_scheduler_type", c.lr_scheduler_type, ("linear", "constant", "cosine"))
     _check_choice("report_to", c.report_to, ("tensorboard", "none"))
     _check_choice("student.init", c.student.init, ("teacher_layers", "random"))
+    if c.attn_implementation is not None:
+        from .models.attention import check_attn_implementation
+
+        check_attn_implementation(c.attn_implementation)
+    if c.messages_column is not None and (c.text_pair_column or c.target_column or c.label_column):
+        raise ConfigError("--messages_column holds whole conversations: it excludes --target_column, "
+                          "--text_pair_column and --label_column")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "max_length", "save_total_limit", "logging_steps", "max_nonfinite_steps"):
         if getattr(c, key) < 1:

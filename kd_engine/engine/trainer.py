@@ -25,6 +25,7 @@ from ..data.sampler import ResumableBatchSampler, infinite_batches
 from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, skip_single_rank_allreduce, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
     zero_stage
 from ..errors import KDError
+from ..models.attention import apply_attn_implementation, enable_gradient_checkpointing
 from ..models.loading import check_same_vocab, load_tokenizer
 from ..models.modes import eval_mode, frozen_parameters
 from . import autoresume, checkpoint, faults, reshard, signals
@@ -111,8 +112,9 @@ class Trainer:
     def next_batch(self) -> dict[str, torch.Tensor]:
         idx = next(self._batch_iter)
         batch = self.collate(self.data.train, idx)
-        if "attention_mask" in batch:
-            self.tokens_seen += int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask", batch.get("token_mask"))  # token_mask: packed rows (no attention mask)
+        if mask is not None:
+            self.tokens_seen += int(mask.sum())
         self.samples_seen += len(idx)
         return to_device(batch, self.device)
 
@@ -199,8 +201,16 @@ class Trainer:
         if self.method.needs_teacher and teacher is None:
             raise KDError(f"method '{self.method.name}' needs a teacher: pass --teacher PATH_OR_ID")
         student = self.method.load_student(ctx, teacher)
+        for model, which in ((teacher, "teacher"), (student, "student")):
+            apply_attn_implementation(model, cfg.attn_implementation, which)
+        self.student_use_cache = enable_gradient_checkpointing(student) if cfg.gradient_checkpointing else None
         if teacher is not None and self.method.requires_same_vocab:
-            check_same_vocab(self._teacher_tokenizer(), self.tokenizer, teacher, student)
+            teacher_tok = self._teacher_tokenizer()
+            check_same_vocab(teacher_tok, self.tokenizer, teacher, student)
+            if cfg.messages_column and teacher_tok is not self.tokenizer and \
+                    getattr(teacher_tok, "chat_template", None) != getattr(self.tokenizer, "chat_template", None):
+                logger.warning("teacher and student chat templates differ: both models see the conversation as the "
+                               "student's template renders it (token-level methods need one token sequence)")
         self.data = self.method.build_data(ctx)
         if self.data.train is None or len(self.data.train) == 0:
             raise KDError("the training data is empty")
@@ -375,6 +385,8 @@ class Trainer:
             }
             if getattr(self, "initial_metrics", None):
                 card["extra"].update({f"before training: {k}": f"{v:.6g}" for k, v in self.initial_metrics.items()})
+            if getattr(self, "student_use_cache", None):  # the exported config generates with the KV cache
+                self.student.module.config.use_cache = self.student_use_cache
             export_student(self.student, self.tokenizer, os.path.join(cfg.output_dir, "final"), self.rank,
                            dist.barrier, card)
         self.monitor.close()

@@ -70,9 +70,9 @@ class ResponseOptions:
 
     def check_against(self, cfg) -> None:
         """Checks that need the engine config, before anything is written."""
-        if self.needs_dataset_targets() and not cfg.target_column:
-            raise ConfigError("this run trains on the dataset's responses: pass --target_column")
-        if cfg.eval_file and not cfg.target_column:
+        if self.needs_dataset_targets() and not (cfg.target_column or cfg.messages_column):
+            raise ConfigError("this run trains on the dataset's responses: pass --target_column or --messages_column")
+        if cfg.eval_file and not (cfg.target_column or cfg.messages_column):
             raise ConfigError("--eval_file needs --target_column (reference responses to score)")
         if self.needs_teacher_responses():
             self.check_seqkd_cache(cfg)
@@ -117,13 +117,16 @@ def config_key(cfg, opts: ResponseOptions) -> dict:
     src = cfg.train_file or ""
     return {"teacher": cfg.teacher, "decoding": opts.decoding(cfg.seed), "text_column": cfg.text_column,
             "train_file_sha256": file_sha256(src) if os.path.isfile(src) else src,
-            "max_train_samples": cfg.max_train_samples}
+            "max_train_samples": cfg.max_train_samples,
+            **({"messages_column": cfg.messages_column} if cfg.messages_column else {})}
 
 
 class ResponseMethod(GenerativeMixin, LogitKD):
     """LogitKD on prompt/response rows; teacher responses on demand (``uses_teacher_responses``)."""
 
     Options = ResponseOptions
+    supports_packing = False  # gkd samples a response per row; seqkd packs each micro-batch (below)
+    supports_messages = True
 
     def uses_teacher_responses(self) -> bool:
         return self.opts.needs_teacher_responses()
@@ -151,23 +154,31 @@ class ResponseMethod(GenerativeMixin, LogitKD):
         cfg, o = self.cfg, self.opts
         if not cfg.train_file:
             raise KDError(f"{self.name} needs prompts: pass --train_file (prompt in --text_column)")
-        targets = cfg.target_column if self.trains_on_dataset_targets() else None
+        targets = (cfg.target_column or cfg.messages_column) if self.trains_on_dataset_targets() else None
         if self.trains_on_dataset_targets() and not targets:
-            raise KDError(f"{self.name} trains on dataset responses here: pass --target_column")
-        args = dict(max_prompt_length=o.max_prompt_length, max_new_tokens=o.max_new_tokens)
+            raise KDError(f"{self.name} trains on dataset responses here: pass --target_column or --messages_column")
+        args = dict(max_prompt_length=o.max_prompt_length, max_new_tokens=o.max_new_tokens,
+                    messages_column=cfg.messages_column)
         train, info = load_prompt_rows(cfg.train_file, ctx.tokenizer, cfg.text_column, targets, split="train",
-                                       max_rows=cfg.max_train_samples, **args)
+                                       max_rows=cfg.max_train_samples, need_response=bool(targets), **args)
         ev = None
         if cfg.eval_file:
-            if not cfg.target_column:
+            if not (cfg.target_column or cfg.messages_column):
                 raise KDError("--eval_file needs --target_column (reference responses to score)")
             ev, ev_info = load_prompt_rows(cfg.eval_file, ctx.tokenizer, cfg.text_column, cfg.target_column,
-                                           split="validation", max_rows=cfg.max_eval_samples, **args)
+                                           split="validation", max_rows=cfg.max_eval_samples, need_response=True,
+                                           **args)
             info.update({f"eval_{k}": v for k, v in ev_info.items()})
         if any(info.values()):
             logger.warning("%s: prompts longer than max_prompt_length / targets longer than max_new_tokens were "
                            "cut: %s", self.name, info)
-        self.collate = PromptResponseCollator(ctx.tokenizer.pad_token_id, self._task() == "causal_lm")
+        pack = None
+        if cfg.packing:
+            if self._task() != "causal_lm":
+                raise KDError(f"--packing is for causal LMs; this run's task is {self._task()}")
+            pack = o.max_prompt_length + o.max_new_tokens  # the longest one example can be
+        self.collate = PromptResponseCollator(ctx.tokenizer.pad_token_id, self._task() == "causal_lm",
+                                              pack_capacity=pack)
         self._train_rows = train
         lengths = [len(r["prompt_ids"]) + len(r.get("response_ids", ())) for r in train]
         return DataBundle(train=train, eval=ev, collate_fn=self.collate, train_lengths=lengths,

@@ -14,7 +14,7 @@ def aligned_logits(task: str, logits: torch.Tensor, labels: torch.Tensor):
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids",
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids",
                                                      "decoder_input_ids", "decoder_attention_mask")}
 
 

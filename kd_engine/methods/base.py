@@ -54,6 +54,11 @@ class Method:
     # the data options this method's build_data honours, by the rule of kd_engine/data/split.py (split_rows);
     # using any other one is a configuration error, never silently ignored
     data_options: ClassVar[tuple[str, ...]] = DATA_OPTIONS
+    # --packing (several examples per row) works with this method's causal-LM data; methods that generate from or
+    # keep per-example state for each row (gkd, minillm, zero_shot, ...) leave it False and refuse the option
+    supports_packing: ClassVar[bool] = False
+    # --messages_column (chat rows rendered with the chat template) is read by this method's data
+    supports_messages: ClassVar[bool] = False
 
     def __init__(self, cfg, opts):
         self.cfg = cfg

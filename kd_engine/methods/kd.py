@@ -66,6 +66,9 @@ class KDOptions:
     def check_against(self, cfg) -> None:
         """Checks that need the engine config, before anything is written: the cache must match this run."""
         if self.teacher_cache:
+            if cfg.packing or cfg.messages_column:
+                raise ConfigError("teacher_cache rows are looked up per example of --text_column/--target_column data: "
+                                  "it excludes --packing and --messages_column")
             cached_run_check(self.teacher_cache, cfg, self.task)
 
 
@@ -75,6 +78,8 @@ class LogitKD(Method):
 
     Options = KDOptions
     lm_loss_key = "lm_loss"
+    supports_packing = True
+    supports_messages = True
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)

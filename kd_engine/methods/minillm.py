@@ -53,6 +53,7 @@ class MiniLLM(GenerativeMixin, Method):
     """Reverse-KL policy-gradient distillation with teacher-mixed sampling (MiniLLM)."""
 
     Options = MiniLLMOptions
+    supports_messages = True
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
@@ -79,9 +80,17 @@ class MiniLLM(GenerativeMixin, Method):
     def _prompt_dataset(self, ds, path: str, ctx, with_targets: bool = False):
         from ..data.files import require_columns
 
+        tok, limit = ctx.tokenizer, self.opts.max_prompt_length
+        if self.cfg.messages_column:  # conversations: prompt up to the last assistant turn's generation prompt
+            from ..data.prompt_response import chat_prompt_rows
+
+            chat, info = chat_prompt_rows(ds, path, tok, self.cfg.messages_column, limit, self.opts.max_new_tokens,
+                                          need_response=with_targets)
+            rows = [{"input_ids": r["prompt_ids"], "attention_mask": [1] * len(r["prompt_ids"]),
+                     **({"target_labels": r["response_ids"]} if "response_ids" in r else {})} for r in chat]
+            return rows, info["cut_prompts"]
         tgt_col = self.cfg.target_column if with_targets and self.cfg.target_column in ds.column_names else None
         require_columns(ds, [self.cfg.text_column], path)
-        tok, limit = ctx.tokenizer, self.opts.max_prompt_length
         keep = [i for i, t in enumerate(ds[self.cfg.text_column]) if t is not None and str(t).strip()]
         if not keep:
             raise KDError(f"{path}: no non-empty prompts in column '{self.cfg.text_column}'")

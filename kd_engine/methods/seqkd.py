@@ -34,6 +34,7 @@ class SeqKD(ResponseMethod):
     """Sequence-level KD: supervised training on the teacher's cached responses."""
 
     Options = SeqKDOptions
+    supports_packing = True  # each micro-batch's prompt + teacher response examples packed at collate time
 
     def _fused(self) -> bool:
         return False  # no teacher term in the loss

@@ -52,6 +52,8 @@ class SupervisedFineTune(Method):
     lm_loss_key = "lm_loss"
     needs_teacher = False
     requires_same_vocab = False
+    supports_packing = True
+    supports_messages = True
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
