@@ -14,8 +14,14 @@ def aligned_logits(task: str, logits: torch.Tensor, labels: torch.Tensor):
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids",
-                                                     "decoder_input_ids", "decoder_attention_mask")}
+    """The batch's model inputs. Packed rows (position ids, no attention mask) also get ``use_cache=False``:
+    transformers creates a KV cache in every forward that does not say so, even in training, and with a cache it
+    skips the packed-sequence detection, so the examples of a row would attend to each other."""
+    out = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids",
+                                                    "decoder_input_ids", "decoder_attention_mask")}
+    if "position_ids" in out and "attention_mask" not in out:
+        out["use_cache"] = False
+    return out
 
 
 def seq2seq_inputs(model, batch: dict) -> dict:
