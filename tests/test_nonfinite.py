@@ -83,3 +83,42 @@ def test_non_finite_weights_are_never_saved(assets, tmp_path, monkeypatch, capsy
     assert "step-00000002" in errors[0]
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002"]  # the good one was not rotated out
     assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nonfinite_steps_are_skipped_at_bf16_through_deepspeeds_overflow_path(assets, tmp_path, monkeypatch, capsys,
+                                                                              caplog, stage):
+    """bf16 at ZeRO-2 and ZeRO-3 (every parameter partitioned): DeepSpeed's own optimizer sees the NaN/inf gradient
+    norm and skips the step (no loss scaler at bf16); the guard counts it, no weight changes, nothing NaN is
+    exported."""
+    import json as _json
+
+    ds = _json.load(open(f"ds_configs/zero{stage}_bf16.json"))
+    if stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "ds.json"
+    path.write_text(_json.dumps(ds))
+    monkeypatch.setenv("KD_ENGINE_NONFINITE", "loss@2,grad@4")
+    out = tmp_path / "o"
+    rc = cli_main(_args(assets, out, "--max_steps", "5", "--deepspeed", str(path), "--save_steps", "1",
+                        "--save_total_limit", "10", "--max_length", "16"))
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert "step 2: non-finite loss or gradients" in caplog.text and "step 4: non-finite" in caplog.text
+    train = [r for r in _log(out) if r["split"] == "train"]
+    assert [r["skipped_steps"] for r in train] == [0, 1, 1, 2, 2]
+    ck = out / "checkpoints"
+    from safetensors.torch import load_file
+
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in final.values())
+    assert all(v.dtype == torch.bfloat16 or v.dtype == torch.float32 for v in final.values())
+    assert sorted(os.listdir(ck))[-1] == "step-00000005"
+
+    def master(step):  # this rank's fp32 master weights (ZeRO-2: single_partition..., ZeRO-3: fp32_flat_groups)
+        d = torch.load(ck / f"step-{step:08d}" / "student" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       weights_only=False)["optimizer_state_dict"]
+        return torch.cat(d.get("single_partition_of_fp32_groups") or d["fp32_flat_groups"])
+
+    w = {s: master(s) for s in range(1, 6)}
+    assert torch.equal(w[1], w[2]) and torch.equal(w[3], w[4])  # the skipped steps changed no weight
+    assert not torch.equal(w[2], w[3]) and not torch.equal(w[4], w[5])  # the others did
