@@ -104,6 +104,11 @@ def test_attn_implementation_reaches_both_models(assets, tmp_path, impl):
     tr = _trainer(_args(assets, tmp_path / impl, "--attn_implementation", impl, "--max_steps", "1"))
     assert tr.student.module.config._attn_implementation == impl
     assert tr.teacher_model.config._attn_implementation == impl
+    # the teacher stores no activations: its forward runs under inference_mode (grad=True: MATE-KD's generator step)
+    x = torch.tensor([[5, 9, 10, 11]])
+    assert tr.teacher_forward(input_ids=x).logits.is_inference()
+    out = tr.teacher_forward(grad=True, input_ids=x).logits
+    assert not out.is_inference() and not any(p.requires_grad for p in tr.teacher_model.parameters())
 
 
 BAD = [

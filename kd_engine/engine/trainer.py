@@ -69,13 +69,16 @@ class Trainer:
 
     @contextlib.contextmanager
     def teacher_block(self, grad: bool = False):
-        """The teacher module for a block of teacher-only work, timed as teacher time; no autograd unless ``grad``
-        (then gradients reach the inputs' sources through its activations, never its frozen parameters)."""
+        """The teacher module for a block of teacher-only work, timed as teacher time. Without ``grad`` it runs under
+        ``torch.inference_mode`` (no autograd records, no version counters; its outputs may enter the student's loss,
+        where every loss here derives new tensors from them instead of saving them for backward). With ``grad``
+        (MATE-KD's generator step) gradients reach the inputs' sources through its activations, never its frozen
+        parameters."""
         if self.teacher_model is None:
             raise RuntimeError(f"method '{self.method.name}' has no teacher engine (needs_teacher = False)")
         t0 = time.perf_counter()
         try:
-            with contextlib.nullcontext() if grad else torch.no_grad():
+            with contextlib.nullcontext() if grad else torch.inference_mode():
                 yield self.teacher_model
         finally:
             self.teacher_seconds += time.perf_counter() - t0

@@ -109,8 +109,8 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     t = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
     if s.shape[0] == 0:
         return student_logits.sum() * 0.0 + teacher_logits.sum() * 0.0
-    if kind == "mse":
-        return F.mse_loss(s, t, reduction="mean")
+    if kind == "mse":  # (s - t)^2, not F.mse_loss: that saves t for backward, and the teacher's outputs may be
+        return (s - t).pow(2).mean()  # inference-mode tensors (kd_engine's teacher forward), which cannot be saved
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
     if kind == "kl":
