@@ -19,7 +19,12 @@ the figure per variant is the median over the logged windows after the first of 
 
 Last line: JSON with ``packing_tokens_per_s_gain`` (packed / padded_grouped; target >= 1.3),
 ``packing_gain_vs_random`` (packed / padded_random), ``real_token_share`` per variant; also
-``benchmarks/results/packing.{json,md}``.
+``benchmarks/results/NAME.{json,md}`` (``--name``, default packing).
+
+The demo corpus's "paragraphs" are mostly whole articles (median 584 SmolLM2 tokens, 10 % under 188, 10 % over
+1,390): at ``--max_length 128`` 98 % of every padded row is already real text, so packing can only gain where the
+rows are long enough for the lengths to vary (``--max_length 1024``: 0.59 of a row's tokens are real on average in
+random order, 0.34 at 2048).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12, help="steps per run")
     ap.add_argument("--repeats", type=int, default=2, help="runs per variant, alternating")
     ap.add_argument("--examples", type=int, default=4000, help="demo paragraphs read")
+    ap.add_argument("--name", default="packing", help="results file name under benchmarks/results/")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     from kd_engine.demo_data import news_corpus
@@ -88,9 +94,9 @@ def main() -> int:
                "target": {"packing_tokens_per_s_gain": 1.3},
                "command": "python benchmarks/packing.py " + " ".join(sys.argv[1:])}
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "packing.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(RESULTS, "packing.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
         f.write(f"# Packing vs padding ({args.batch} rows x {args.max_length} tokens, SmolLM2-135M -> 10-layer student, "
                 f"kd, CPU, {args.repeats} alternating repeats)\n\n| variant | real tokens/s (median) | step (ms) | real "
                 "share of row tokens |\n|---|---|---|---|\n")

@@ -305,6 +305,8 @@ def validate_train_config(c: TrainConfig) -> None:
     _check_choice("lr_scheduler_type", c.lr_scheduler_type, ("linear", "constant", "cosine"))
     _check_choice("report_to", c.report_to, ("tensorboard", "none"))
     _check_choice("student.init", c.student.init, ("teacher_layers", "random"))
+    if not str(c.output_dir).strip():
+        raise ConfigError("output_dir must not be empty (the run folder: checkpoints, logs, final/)")
     if c.attn_implementation is not None:
         from .models.attention import check_attn_implementation
 

@@ -73,10 +73,18 @@ def load_mapping(path: str, what: str) -> dict:
 
     from .errors import ConfigError
 
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise ConfigError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start + 1}: 0x{exc.object[exc.start]:02x}); "
+                          f"is it the right file?") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}") from None
     try:
         if path.endswith(".json"):
             data = json.loads(text)

@@ -40,4 +40,7 @@ def preflight(parsed) -> None:
     path = cfg.deepspeed or DEFAULT_DS_CONFIG
     ds, probe = load_ds_config(path), copy.deepcopy(cfg)  # the trainer resolves the real ones later
     resolve_batch_geometry(probe, ds, world, path, getattr(parsed, "explicit", None))
-    resolve_ds_config(ds, probe, world, steps, on_cpu=os.environ.get("DS_ACCELERATOR") == "cpu")
+    resolved = resolve_ds_config(ds, probe, world, steps, on_cpu=os.environ.get("DS_ACCELERATOR") == "cpu")
+    from .ds_validate import validate_ds_json
+
+    validate_ds_json(resolved, path)

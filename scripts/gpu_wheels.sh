@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 W=.gpu_wheels
 mkdir -p "$W"
-pip wheel -q --no-deps -w "$W" deepspeed==0.19.8 datasets==5.2.0 dill multiprocess 2>&1 | grep -v "^WARNING: Location" || true
+rm -f "$W"/*.whl
+pip wheel -q --no-deps -w "$W" deepspeed==0.19.8 datasets==5.2.0 2>&1 | grep -v "^WARNING: Location" || true
+# the GPU image's python3 is 3.12 (device tool's KINDS.md): multiprocess ships per-version wheels
+pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" -d "$W" \
+  dill==0.4.1 multiprocess==0.70.19 2>&1 | grep -v "^WARNING: Location" || true
 python - <<'PY'
 import os, shutil
 from kd_engine.models.loading import offline_model_path

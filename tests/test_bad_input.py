@@ -28,6 +28,29 @@ def assets(tmp_path_factory):
                                                      "gradient_accumulation_steps": 1}))
     (d / "fp16.json").write_text(json.dumps({"fp16": {"enabled": True}}))
     (d / "micro3.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))  # the command line says 4
+    (d / "garbage.yaml").write_bytes(bytes(range(128, 256)) * 4)
+    (d / "stage7.json").write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    (d / "typo_key.json").write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    (d / "typo_zero_key.json").write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comn": True}}))
+    import shutil
+
+    import torch
+
+    shutil.copytree(d / "teacher", d / "truncated")
+    w = d / "truncated" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    shutil.copytree(d / "teacher", d / "pickled")
+    os.remove(d / "pickled" / "model.safetensors")
+
+    class Payload:  # a pickle that would run code: torch's weights_only loader refuses it
+        def __reduce__(self):
+            return (os.getpid, ())
+
+    torch.save({"w": Payload()}, d / "pickled" / "pytorch_model.bin")
+    shutil.copytree(d / "teacher", d / "no_tokenizer")
+    for f in os.listdir(d / "no_tokenizer"):
+        if "token" in f:
+            os.remove(d / "no_tokenizer" / f)
     prev = d / "previous_run"
     assert cli_main(_args(d, prev, "--max_steps", "1", "--export", "false")) == 0
     (prev / "notes.txt").write_text("user's own file")
@@ -60,6 +83,16 @@ CASES = [
     ("non-finite value", ["--learning_rate", "nan"], "finite"),
     ("max_nonfinite_steps 0", ["--max_nonfinite_steps", "0"], "max_nonfinite_steps must be >= 1"),
     ("forgotten teacher", ["--teacher", ""], "needs a teacher: pass --teacher"),
+    ("binary garbage YAML", ["--config", "{d}/garbage.yaml"], "is not UTF-8 text"),
+    ("folder as YAML", ["--config", "{d}"], "is a folder, not a file"),
+    ("DeepSpeed value it rejects", ["--deepspeed", "{d}/stage7.json"], "zero_optimization.stage: Input should be"),
+    ("DeepSpeed key typo", ["--deepspeed", "{d}/typo_key.json"], "did you mean 'zero_optimization'"),
+    ("DeepSpeed zero key typo", ["--deepspeed", "{d}/typo_zero_key.json"], "did you mean 'overlap_comm'"),
+    ("empty output_dir", ["--output_dir", ""], "output_dir must not be empty"),
+    ("truncated safetensors", ["--teacher", "{d}/truncated"], "model.safetensors is damaged or incomplete"),
+    ("pickle-only weights", ["--teacher", "{d}/pickled"], "pytorch_model.bin is a pickle"),
+    ("folder without tokenizer", ["--teacher", "{d}/no_tokenizer"], "holds no usable tokenizer"),
+    ("file as model folder", ["--teacher", "{d}/teacher/config.json"], "is a file; give the folder"),
 ]
 
 

@@ -87,7 +87,11 @@ def resolve(name_or_path: str, require_config: bool = True) -> str:
         name_or_path.count("/") != 1)
     path = os.path.expanduser(name_or_path)
     if os.path.exists(path):
-        if require_config and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if not os.path.isdir(path):
+            what = "model" if require_config else "tokenizer"
+            raise KDError(f"{what} path {name_or_path} is a file; give the folder that holds the {what} "
+                          f"({'config.json and weights' if require_config else 'tokenizer.json / tokenizer_config.json'})")
+        if require_config and not os.path.isfile(os.path.join(path, "config.json")):
             raise KDError(f"model folder {name_or_path} has no config.json")
         return path
     if looks_local:
@@ -95,9 +99,37 @@ def resolve(name_or_path: str, require_config: bool = True) -> str:
     return name_or_path  # a hub id
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _hub_error(name: str, exc: Exception) -> KDError:
     return KDError(f"could not load '{name}': not a local folder, and the hub could not provide it "
-                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+                   f"({_first_line(exc)})")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "vocab.json")
+
+
+def _local_model_error(name: str, path: str, exc: Exception) -> KDError:
+    """The one-line error for a local model folder that did not load: which file, and what to do."""
+    import pickle
+
+    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
+    if not present:
+        return KDError(f"model folder {name} has no weights ({' / '.join(WEIGHT_FILES[::2])}); save the model there "
+                       f"with save_pretrained")
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return KDError(f"model folder {name}: {present[0]} is a pickle that torch's safe loader refuses "
+                       f"(weights_only: it holds more than tensors); convert it to model.safetensors with a tool you "
+                       f"trust, or use a safetensors checkpoint")
+    if type(exc).__name__ == "SafetensorError" or "safetensors" in type(exc).__module__:
+        return KDError(f"model folder {name}: {present[0]} is damaged or incomplete ({_first_line(exc)}); copy or "
+                       f"download it again")
+    return KDError(f"model folder {name} did not load ({_first_line(exc)})")
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
@@ -119,6 +151,11 @@ def load_tokenizer(name_or_path: Optional[str], trust_remote_code: bool = False)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if os.path.isdir(path):
+            have = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+            raise KDError(f"folder {name_or_path} holds no usable tokenizer ("
+                          + ("none of " + ", ".join(TOKENIZER_FILES) if not have else _first_line(exc))
+                          + "); save one there (tokenizer.save_pretrained) or pass --tokenizer") from None
         raise _hub_error(name_or_path, exc) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -135,15 +172,20 @@ def load_model(name_or_path: str, task: str, *, dtype: Any = None, trust_remote_
         raise KDError(f"unknown model task '{task}' (known: {', '.join(TASK_AUTO_CLASSES)})")
     auto = getattr(transformers, TASK_AUTO_CLASSES[task])
     path = resolve(name_or_path)
+    local = os.path.isdir(path)
     try:
         return auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise KDError(f"'{name_or_path}' ({type(load_config(path)).__name__}) has no {task} head "
                           f"({TASK_AUTO_CLASSES[task]})") from None
-        raise _hub_error(name_or_path, exc) from None
+        raise (_local_model_error(name_or_path, path, exc) if local else _hub_error(name_or_path, exc)) from None
     except OSError as exc:
-        raise _hub_error(name_or_path, exc) from None
+        raise (_local_model_error(name_or_path, path, exc) if local else _hub_error(name_or_path, exc)) from None
+    except Exception as exc:  # safetensors' SafetensorError, pickle's UnpicklingError, torch's load errors
+        if not local:
+            raise
+        raise _local_model_error(name_or_path, path, exc) from None
 
 
 def tokenizer_fingerprint(tok) -> tuple:
