@@ -105,6 +105,9 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
         return "fresh"
     if not os.path.isdir(output_dir):
         raise KDError(f"output_dir {output_dir} exists and is not a directory")
+    from .runlock import check_free
+
+    check_free(output_dir)  # a live run there first: its folder is never resumed, replaced or shared
     entries = [e for e in os.listdir(output_dir) if not e.startswith(".")]
     if not entries:
         if resume:

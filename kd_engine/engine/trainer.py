@@ -33,6 +33,7 @@ from .context import Compute, Context
 from .export import count_params, export_student
 from .guard import NonFiniteGuard
 from .monitor import Monitor
+from .runlock import RunLock
 from .teacher import build_teacher_engine
 
 logger = logging.getLogger("kd_engine")
@@ -233,7 +234,18 @@ class Trainer:
         trainable = [p for p in student.parameters() if p.requires_grad]
         if not trainable:
             raise KDError("the student has no trainable parameters (everything frozen?)")
-        # the first write, once models, data and configs passed: a rejected run changes nothing
+        # the first write, once models, data and configs passed: a rejected run changes nothing. Rank 0 takes the
+        # folder's run lock first (two runs started into one folder: one trains, the other stops here)
+        err = None
+        if self.rank == 0:
+            try:
+                self.runlock = RunLock(cfg.output_dir)
+                self.runlock.acquire()
+            except KDError as exc:
+                self.runlock, err = None, str(exc)
+        err = dist.broadcast_object(err)
+        if err is not None:
+            raise KDError(err)
         checkpoint.prepare_output_dir(cfg.output_dir, self.run_mode, self.method.name, to_dict(cfg), self.rank)
         dist.barrier()
         faults.install_poison(student, lambda: self.global_step + 1)
@@ -319,6 +331,14 @@ class Trainer:
 
     # ---- loop -------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
+        try:
+            return self._fit()
+        finally:
+            if getattr(self, "runlock", None) is not None:
+                self.runlock.release()
+                self.runlock = None
+
+    def _fit(self) -> dict[str, float]:
         self.stopper = signals.StopSignals(self.cfg.stop_signals)  # a stop signal acts at the next step boundary
         self._setup()
         self._resume()
