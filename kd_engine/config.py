@@ -349,7 +349,7 @@ def validate_train_config(c: TrainConfig) -> None:
     c.resume = "true" if flag in ("1", "true", "yes", "on") else "false" if flag in ("0", "false", "no", "off") \
         else flag
     _check_choice("resume", c.resume, ("false", "true", "auto"))
-    from .engine.signals import parse_signals
+    from .signal_names import parse_signals
 
     parse_signals(c.stop_signals)
     if c.resume != "false" and c.overwrite_output_dir:

@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from ..models.loading import load_tokenizer
+        from ..model_files import load_tokenizer
         from ..paths import cache_dir as default_cache_dir
 
         tok = load_tokenizer(args.tokenizer)

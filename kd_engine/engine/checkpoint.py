@@ -31,7 +31,7 @@ import torch
 
 from ..errors import KDError
 from ..io import write_text
-from . import faults, manifest
+from . import faults, manifest, reshard
 
 logger = logging.getLogger("kd_engine")
 
@@ -268,7 +268,6 @@ def load(path: str, engines: dict, rank: int, world_size: Optional[int] = None, 
          ) -> tuple[dict, dict]:
     """Load every engine from a complete checkpoint; returns (the student's client state, this rank's state).
     A checkpoint written with another world size goes through DeepSpeed's universal checkpoint (reshard.py)."""
-    from . import reshard
 
     geo = reshard.saved_geometry(path)
     resharded = bool(geo and world_size and int(geo["world_size"]) != world_size)

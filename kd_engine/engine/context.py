@@ -27,17 +27,41 @@ reads configuration, runs the teacher and the student through these calls, and r
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, Protocol, TypeVar, Union
 
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import TrainConfig
-    from .trainer import Trainer
 
 LossTerms = dict[str, torch.Tensor]
 Compute = Callable[[], Union[LossTerms, tuple[LossTerms, dict[str, Any]]]]
 T = TypeVar("T")
+
+
+class EngineServices(Protocol):
+    """What a ``Context`` needs of the engine behind it (the ``Trainer`` provides it; nothing here imports it)."""
+
+    cfg: Any
+    opts: Any
+    tokenizer: Any
+    device: torch.device
+    rank: int
+    world_size: int
+    global_step: int
+    total_steps: int
+    student: Any
+    teacher_model: Optional[torch.nn.Module]
+
+    def teacher_forward(self, grad: bool = False, **inputs) -> Any: ...
+    def teacher_block(self, grad: bool = False) -> contextlib.AbstractContextManager[torch.nn.Module]: ...
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def accumulate(self, compute: "Compute", engine: Any = None) -> dict[str, float]: ...
+    def student_step(self) -> None: ...
+    def add_engine(self, name: str, model: torch.nn.Module, ds_overrides: Optional[dict] = None, optimizer=None,
+                   lr_scheduler=None) -> Any: ...
+    def frozen(self, engine: Any) -> contextlib.AbstractContextManager[torch.nn.Module]: ...
+    def log_scalars(self, values: dict[str, float], prefix: str = "train") -> None: ...
 
 
 class _Read(Generic[T]):
@@ -57,7 +81,7 @@ class Context:
 
     __slots__ = ("_trainer",)
 
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer: EngineServices):
         self._trainer = trainer
 
     # ---- configuration and placement (read-only) ---------------------------------------------------------

@@ -34,13 +34,13 @@ def saved_geometry(path: str) -> Optional[dict]:
         return None
 
 
-def adapt_accumulation(cfg, world_size: int) -> Optional[dict]:
+def adapt_accumulation(cfg, world_size: int, latest) -> Optional[dict]:
     """On ``--resume`` with another world size: set micro-batch and accumulation so that the global batch stays the
-    checkpoint's. Returns the checkpoint's geometry when it changed anything."""
-    from .checkpoint import latest_checkpoint
-
+    checkpoint's. ``latest``: ``checkpoint.latest_checkpoint(cfg.output_dir)`` or None (the caller reads it: this
+    module is below ``checkpoint``, which calls it to load). Returns the checkpoint's geometry when it changed
+    anything."""
     resuming = cfg.resume in (True, "true", "auto")  # bool, or the str of --resume false|true|auto
-    latest = latest_checkpoint(cfg.output_dir) if resuming and os.path.isdir(cfg.output_dir) else None
+    latest = latest if resuming else None
     geo = saved_geometry(latest[1]) if latest else None
     if not geo or int(geo["world_size"]) == world_size:
         return None

@@ -22,7 +22,8 @@ import subprocess
 import time
 from typing import Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError  # noqa: F401  (re-exported errors of old imports)
+from ..signal_names import parse_signals  # noqa: F401  (parse_signals lived here)
 
 logger = logging.getLogger("kd_engine")
 
@@ -37,22 +38,6 @@ class Stopped(Exception):
         super().__init__(f"stopped by {signame} at step {step}; checkpoint {path}; "
                          f"{'requeued' if requeued else 'not requeued'}")
         self.step, self.path, self.requeued, self.signame = step, path, requeued, signame
-
-
-def parse_signals(names: list[str]) -> list[signal.Signals]:
-    """``['USR1', 'SIGTERM', 'none']`` -> signals; unknown names are a ConfigError (exit 2 before any work)."""
-    out = []
-    for raw in names:
-        name = raw.strip().upper()
-        if name in ("", "NONE"):
-            continue
-        full = name if name.startswith("SIG") else "SIG" + name
-        sig = getattr(signal.Signals, full, None) if full.isidentifier() else None
-        if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ConfigError(f"stop_signals: '{raw}' is not a signal that can be caught "
-                              "(use names like USR1, USR2, TERM, INT, HUP; 'none' disables)")
-        out.append(sig)
-    return out
 
 
 class StopSignals:

@@ -191,7 +191,9 @@ class Trainer:
         set_seed(cfg.seed)
         # batch geometry first: everything below (sampler, step count, DeepSpeed config) follows from it
         ds_raw = load_ds_config(cfg.deepspeed or DEFAULT_DS_CONFIG)
-        reshard.adapt_accumulation(cfg, self.world_size)  # --resume on another world size keeps the global batch
+        resuming = cfg.resume in (True, "true", "auto") and os.path.isdir(cfg.output_dir)
+        latest = checkpoint.latest_checkpoint(cfg.output_dir) if resuming else None
+        reshard.adapt_accumulation(cfg, self.world_size, latest)  # --resume on another world size: same global batch
         self.geometry = resolve_batch_geometry(cfg, ds_raw, self.world_size, cfg.deepspeed or DEFAULT_DS_CONFIG,
                                                self.explicit)
 

