@@ -188,3 +188,26 @@ def test_torchrun_two_nodes_on_localhost_without_slurm(assets, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "world size 2 | ZeRO stage 3" in logs[0]
     assert [r["step"] for r in rows(out, "train")] == [1, 2, 3] and (out / "final" / "model.safetensors").exists()
+
+
+def test_time_limit_without_a_warning_signal_checkpoints_and_requeues(cluster, assets, tmp_path):
+    """No USR1 before the limit (`--signal CONT@5`: a signal nobody acts on): at the time limit SLURM sends TERM with
+    the job COMPLETING, Reason=TimeLimit; the ranks checkpoint, rank 0 requeues, the job restarts and resumes."""
+    out = tmp_path / "run"
+    job = cluster.sbatch("--nodes", "1", "--time", "1", "--signal", "CONT@5", "--output",
+                         str(assets / "logs" / "%j.out"), SBATCH, *train_args(assets), "--max_steps", "1000000",
+                         "--logging_steps", "50", env=job_env(cluster, assets, out))
+    t0 = time.time()
+    log = ""
+    while time.time() - t0 < 300:
+        log = log_of(assets, job) if (assets / "logs" / f"{job}.out").exists() else ""
+        if re.search(r"resumed from \S+ at step \d+", log):
+            break
+        time.sleep(1)
+    cluster.run("scancel", job)
+    m = re.search(r"stopped by SIGTERM at step (\d+) .*; checkpoint (\S+); requeueing SLURM job", log)
+    assert m, log[-3000:]
+    r = re.search(r"resumed from (\S+) at step (\d+)", log)
+    assert r, log[-3000:]
+    assert r.group(2) == m.group(1) and os.path.basename(r.group(1)) == os.path.basename(m.group(2))
+    assert "restart 1:" in log and "DUE TO TIME LIMIT" in log

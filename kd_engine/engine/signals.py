@@ -100,15 +100,20 @@ def slurm_job_to_requeue() -> Optional[str]:
 
 
 def job_is_requeueable(job: str) -> bool:
-    """A batch job submitted with --requeue (or under JobRequeue=1 without --no-requeue) that is still RUNNING: a
-    USR1 warning, ``scancel --signal``, or a partition-priority preemption during its grace time. ``scancel JOB``
-    also sends TERM, but the job is then COMPLETING: it must stay cancelled."""
+    """A batch job submitted with --requeue (or under JobRequeue=1 without --no-requeue) that is still RUNNING (a
+    USR1 warning, ``scancel --signal``, or a partition-priority preemption during its grace time), or one that
+    reached its time limit: SLURM then sends TERM with the job COMPLETING and ``Reason=TimeLimit``, and
+    ``scontrol requeue`` still takes it (measured on the local cluster: the job restarted with
+    SLURM_RESTART_COUNT=1). ``scancel JOB`` also sends TERM with the job COMPLETING for another reason: it must stay
+    cancelled."""
     try:
         info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return False
     toks = set(info.split())
-    return "Requeue=1" in toks and "BatchFlag=1" in toks and "JobState=RUNNING" in toks
+    if "Requeue=1" not in toks or "BatchFlag=1" not in toks:
+        return False
+    return "JobState=RUNNING" in toks or ("JobState=COMPLETING" in toks and "Reason=TimeLimit" in toks)
 
 
 def requeue(job: str) -> bool:
