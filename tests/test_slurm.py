@@ -211,3 +211,21 @@ def test_time_limit_without_a_warning_signal_checkpoints_and_requeues(cluster, a
     assert r, log[-3000:]
     assert r.group(2) == m.group(1) and os.path.basename(r.group(1)) == os.path.basename(m.group(2))
     assert "restart 1:" in log and "DUE TO TIME LIMIT" in log
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_stop_without_requeue_reports_75_under_every_launcher(cluster, assets, tmp_path, launcher):
+    """torchrun and DeepSpeed's launcher turn a rank's exit 75 into their own failure code; train.sbatch reports 75
+    (stopped after a checkpoint, run again) from rank 0's stopped.json."""
+    out = tmp_path / "run"
+    job = cluster.sbatch("--nodes", "2", "--output", str(assets / "logs" / "%j.out"), SBATCH, *train_args(assets),
+                         "--requeue_on_stop", "false", env=job_env(cluster, assets, out, LAUNCHER=launcher))
+    wait_for_step(out, 3)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    info = cluster.wait(job, timeout=180)
+    log = log_of(assets, job)
+    assert info["ExitCode"] == "75:0" and info["Restarts"] == "0", log[-3000:]
+    assert "job step exited with 75" in log
+    stopped = json.load(open(out / "stopped.json"))
+    assert stopped["signal"] == "SIGUSR1" and stopped["requeue"] is False and stopped["exit_code"] == 75
+    assert os.path.isfile(os.path.join(stopped["checkpoint"], "COMPLETE"))

@@ -38,7 +38,7 @@ logger = logging.getLogger("kd_engine")
 RUN_MARKER = "kd_run.json"
 STATE_FILE = "state.json"  # the trainer's own state in a checkpoint: step, data position, counters
 # every top-level entry kd_engine writes into an output folder; --overwrite_output_dir deletes these and no others
-OWNED = [RUN_MARKER, "checkpoints", "tensorboard", "train_log.jsonl", "final"]
+OWNED = [RUN_MARKER, "checkpoints", "tensorboard", "train_log.jsonl", "final", "stopped.json"]
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIXES = (".tmp-export-", f".tmp-{RUN_MARKER}-")  # kd_engine.io's temporary names
 _verified: dict[tuple[str, float], Optional[str]] = {}

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ logger = logging.getLogger("kd_engine")
 
 EXIT_STOPPED = 75
 DEFAULT_SIGNALS = ["USR1", "TERM"]
+STOPPED_FILE = "stopped.json"  # written by rank 0 when a stop signal ended the run (step, signal, checkpoint)
 
 
 class Stopped(Exception):
@@ -149,5 +151,11 @@ def stop(trainer, stopper: StopSignals) -> Stopped:
                     f"requeueing SLURM job {job}" if will_requeue else f"not requeued ({why})")
         for h in logging.getLogger().handlers:
             h.flush()
+    if trainer.is_main:  # for launchers that report their own exit code (torchrun: 1): train.sbatch reads it
+        from ..io import write_text
+
+        write_text(os.path.join(trainer.cfg.output_dir, STOPPED_FILE),
+                   json.dumps({"step": trainer.global_step, "signal": signame, "checkpoint": path,
+                               "requeue": will_requeue, "exit_code": EXIT_STOPPED, "time": time.time()}) + "\n")
     requeued = will_requeue and requeue(job)  # kills this job's processes: nothing may follow that matters
     return Stopped(trainer.global_step, path, requeued, signame)
