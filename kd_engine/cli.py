@@ -52,6 +52,7 @@ def _run(argv: Optional[list[str]]) -> int:
     from .errors import KDError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    parsed = None
     try:
         from .config import build_config, help_text
 
@@ -85,7 +86,18 @@ def _run(argv: Optional[list[str]]) -> int:
         return 2
     except Exception as exc:  # a collective that failed because another rank died or hung (--dist_timeout)
         from . import dist
+        from .io import free_mib, is_disk_full
 
+        out = parsed.train.output_dir if parsed is not None else None
+        if out and is_disk_full(exc, out):  # a log, TensorBoard or export write: checkpoints handle their own
+            from .engine.checkpoint import latest_checkpoint
+
+            last = latest_checkpoint(out) if os.path.isdir(out) else None
+            print(f"error: no space left on the file system of {out} ({free_mib(out):.1f} MiB free) while writing "
+                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); newest "
+                  f"complete checkpoint: {last[1] if last else '(none)'}; free space, then --resume",
+                  file=sys.stderr, flush=True)
+            return 2
         if not dist.is_lost_rank_error(exc):
             raise
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

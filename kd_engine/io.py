@@ -66,6 +66,30 @@ def atomic_dir(target: str, replace: bool = True, prefix: str | None = None) -> 
         raise
 
 
+def is_disk_full(exc: BaseException, path: str) -> bool:
+    """Whether ``exc``, raised while writing under ``path``, is the file system running out of space: ENOSPC /
+    EDQUOT, or an error of a writer that hides the errno (torch's zip writer: 'unexpected pos ...') while the file
+    system under ``path`` has (almost) nothing left."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        return shutil.disk_usage(probe or ".").free < 4 * 2 ** 20
+    except OSError:
+        return False
+
+
+def free_mib(path: str) -> float:
+    try:
+        return shutil.disk_usage(path).free / 2 ** 20
+    except OSError:
+        return float("nan")
+
+
 def load_mapping(path: str, what: str) -> dict:
     """A JSON (``.json``) or YAML file holding a mapping; one ``ConfigError`` naming ``what`` and the file when it
     is missing, does not parse, or holds something else (an empty YAML file is an empty mapping)."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import KDError
-from ..io import write_text
+from ..io import is_disk_full, write_text
 from . import faults, manifest, reshard
 
 logger = logging.getLogger("kd_engine")
@@ -237,21 +237,35 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     tmp = os.path.join(root, f".tmp-{name}")
     final = os.path.join(root, name)
     own = {"rng": rng_state(), "method": plain(rank_state or {}, "method state")}
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp, exist_ok=True)
+        barrier()
+        for tag, engine in engines.items():
+            engine.save_checkpoint(tmp, tag=tag, client_state={}, save_latest=False)
+        if rank == 0:  # step, data position, counters: JSON, not inside DeepSpeed's pickles
+            write_text(os.path.join(tmp, STATE_FILE), json.dumps(client_state, indent=1, sort_keys=True))
+        torch.save(own, os.path.join(tmp, f"rank{rank}.pt"))
+        faults.in_save(step, rank)
+        barrier()
+        if rank == 0:
+            digest = manifest.write(tmp, write_text)
+            write_text(os.path.join(tmp, manifest.COMPLETE),
+                       json.dumps({"step": step, "time": time.time(), "manifest_sha256": digest,
+                                   "geometry": geometry}))
+    except Exception as exc:  # a failed write (disk full): the half-written folder never looks complete
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not is_disk_full(exc, root):
+            raise
+        from ..io import free_mib
+
+        last = latest_checkpoint(output_dir)
+        raise KDError(f"no space left to write checkpoint {name} in {root} ({free_mib(root):.1f} MiB free); the "
+                      f"half-written copy was removed; newest complete checkpoint: {last[1] if last else '(none)'}. "
+                      f"Free space (or lower --save_total_limit), then --resume") from None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp, exist_ok=True)
-    barrier()
-    for tag, engine in engines.items():
-        engine.save_checkpoint(tmp, tag=tag, client_state={}, save_latest=False)
-    if rank == 0:  # step, data position, counters: JSON, not inside DeepSpeed's pickles
-        write_text(os.path.join(tmp, STATE_FILE), json.dumps(client_state, indent=1, sort_keys=True))
-    torch.save(own, os.path.join(tmp, f"rank{rank}.pt"))
-    faults.in_save(step, rank)
-    barrier()
-    if rank == 0:
-        digest = manifest.write(tmp, write_text)
-        write_text(os.path.join(tmp, manifest.COMPLETE),
-                   json.dumps({"step": step, "time": time.time(), "manifest_sha256": digest, "geometry": geometry}))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
