@@ -278,6 +278,18 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
     return final
 
 
+def method_states(path: str) -> list[dict]:
+    """Every saved rank's method state of a checkpoint (rank order), for a resume on another world size."""
+    names = sorted((n for n in os.listdir(path) if re.fullmatch(r"rank\d+\.pt", n)), key=lambda n: int(n[4:-3]))
+    out = []
+    for n in names:
+        try:
+            out.append(torch.load(os.path.join(path, n), weights_only=True).get("method", {}))
+        except Exception as exc:  # unpickling refused, damaged file
+            raise KDError(f"cannot read {os.path.join(path, n)}: {str(exc).splitlines()[0][:200]}") from None
+    return out
+
+
 def load(path: str, engines: dict, rank: int, world_size: Optional[int] = None, barrier=lambda: None
          ) -> tuple[dict, dict]:
     """Load every engine from a complete checkpoint; returns (the student's client state, this rank's state).

@@ -199,6 +199,15 @@ class Trainer:
 
         # decide about the output folder on every rank before anything is written
         self.run_mode = autoresume.run_mode(cfg)  # --resume false|true|auto
+        if self.run_mode == "resume" and latest is None:
+            latest = checkpoint.latest_checkpoint(cfg.output_dir)
+        geo_saved = reshard.saved_geometry(latest[1]) if self.run_mode == "resume" and latest else None
+        if geo_saved and int(geo_saved["world_size"]) != self.world_size:  # per-rank method state: carried or refused
+            why = self.method.reshard_refusal(checkpoint.method_states(latest[1]))
+            if why:
+                raise KDError(f"--resume on {self.world_size} rank(s): {latest[1]} was written by "
+                              f"{geo_saved['world_size']} ranks and {why}; resume it on {geo_saved['world_size']} "
+                              f"ranks, or from a checkpoint where that state is empty")
         dist.barrier()
 
         ctx = self.ctx

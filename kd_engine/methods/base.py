@@ -110,6 +110,12 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def reshard_refusal(self, states: list[dict]) -> Optional[str]:
+        """A resume on another world size gives rank r the saved rank r's state (new ranks none, extra saved ranks'
+        states are dropped). Given every saved rank's ``state_dict()``, return why that would be wrong (the
+        error's end), or None when it is fine (the default: no per-rank state that matters)."""
+        return None
+
     def card_info(self) -> dict:
         """Extra lines for the exported model card."""
         return {}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Optional
 
 import torch
 
@@ -357,6 +358,15 @@ class MiniLLM(GenerativeMixin, Method):
         if self.pt is not None:
             state["pt_sampler"] = self.pt_sampler.state_dict()
         return state
+
+    def reshard_refusal(self, states: list[dict]) -> Optional[str]:
+        busy = [r for r, s in enumerate(states) if s.get("buffer") or int(s.get("mb_pos", 0))]
+        if busy:
+            n = sum(len(s.get("buffer") or []) for s in states)
+            return (f"its ranks were mid-way through a PPO round (per-rank rollout buffers, {n} samples in all, "
+                    f"position {states[busy[0]].get('mb_pos', 0)} of {states[busy[0]].get('mb_per_round', 0)} "
+                    f"minibatches): they cannot be split over another number of ranks")
+        return None
 
     def load_state_dict(self, state: dict) -> None:
         self.round = int(state.get("round", 0))
