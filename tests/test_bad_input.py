@@ -152,3 +152,26 @@ def test_overwrite_output_dir_replaces_only_what_kd_engine_wrote(assets, tmp_pat
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002"]  # the old run's step-1 checkpoint is gone
     assert (out / "kd_run.json").read_text() != old_marker
     assert "done: 2 steps; checkpoints in" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["final", "checkpoints", "train_log.jsonl"])
+def test_symlinks_out_of_the_run_folder_are_never_written_through_or_deleted(assets, tmp_path, capsys, name):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(assets / "previous_run", out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("do not touch")
+    target = elsewhere if name != "train_log.jsonl" else elsewhere / "precious.txt"
+    link = out / name
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)
+    elif link.exists():
+        link.unlink()
+    link.symlink_to(target)
+    before, outside = _snapshot(out), _snapshot(elsewhere)
+    for extra in (["--overwrite_output_dir"], ["--resume"], ["--resume", "auto"]):
+        rc, lines = _one_error(capsys, _args(assets, out, *extra))
+        assert rc == 2 and len(lines) == 1 and "is a symbolic link to" in lines[0], (extra, lines)
+    assert _snapshot(out) == before and _snapshot(elsewhere) == outside

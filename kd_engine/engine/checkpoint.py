@@ -108,6 +108,7 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
     from .runlock import check_free
 
     check_free(output_dir)  # a live run there first: its folder is never resumed, replaced or shared
+    check_no_outside_links(output_dir)
     entries = [e for e in os.listdir(output_dir) if not e.startswith(".")]
     if not entries:
         if resume:
@@ -137,6 +138,19 @@ def owned_entries(output_dir: str) -> list[str]:
         owns = None
     names = owns if isinstance(owns, list) and all(isinstance(n, str) for n in owns) else OWNED
     return [n for n in names if n and "/" not in n and n not in (".", "..")]
+
+
+def check_no_outside_links(output_dir: str) -> None:
+    """KDError when a name kd_engine writes in the run folder is a symbolic link leading outside it: kd_engine would
+    write through it (checkpoints, logs, the export) or replace it; neither may touch what the link points to."""
+    root = os.path.realpath(output_dir)
+    for name in OWNED:
+        path = os.path.join(output_dir, name)
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if os.path.commonpath([root, target]) != root:
+                raise KDError(f"{path} is a symbolic link to {target}, outside the run folder: kd_engine neither "
+                              f"writes through it nor deletes it; remove the link or pick another --output_dir")
 
 
 def _remove(path: str) -> None:
