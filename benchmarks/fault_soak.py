@@ -11,7 +11,13 @@ on disk at the kill (a half-written ``.tmp-step-*`` checkpoint, a half export, .
     nice -n 5 python benchmarks/fault_soak.py              # 10 kills, 7.5 minutes on the 2 shared cores
     nice -n 5 python benchmarks/fault_soak.py --kills 3
 
-The last line printed is JSON with ``"kill_resume_bitwise": "k/N"``; the same goes to
+Then ``--concurrent`` trials of two runs started at the same moment into one new folder (one trains to the
+reference's weights, the other stops with one error, exit 2) and ``--disk_full`` trials with the run folder on a
+tmpfs of 150-450 KiB that fills during the run (one error, no half-written checkpoint, and the folder copied to a
+larger disk resumes bit-identical to the reference).
+
+The last line printed is JSON with ``"kill_resume_bitwise": "k/N"``, ``concurrent_start_ok``, ``disk_full_ok``;
+the same goes to
 ``benchmarks/results/fault_soak.{json,md}``.
 """
 from __future__ import annotations
@@ -118,6 +124,68 @@ def trial(d: str, out: str, steps: int, delay: float) -> dict:
     return {"delay_s": round(delay, 2), "killed_during": where, "restarts": restarts}
 
 
+def bitwise(out: str, w_ref: dict) -> bool:
+    import torch
+
+    w = weights(out)
+    return w.keys() == w_ref.keys() and all(torch.equal(w[k], w_ref[k]) for k in w)
+
+
+def concurrent_trial(d: str, out: str, steps: int, w_ref: dict) -> dict:
+    """Two runs started at the same moment into one new folder: one must train (to the reference's weights), the
+    other stop with one error and exit 2."""
+    e = env(d)
+    procs = [subprocess.Popen(argv(d, out, steps), env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    rcs = [p.returncode for p in procs]
+    lines = [[x for x in err.splitlines() if x.startswith("error:")] for err in errs]
+    loser = rcs.index(2) if sorted(rcs) == [0, 2] else None
+    t = {"exit_codes": rcs, "loser_error": (lines[loser][0][:200] if loser is not None and lines[loser] else None)}
+    t["ok"] = bool(loser is not None and len(lines[loser]) == 1 and "Traceback" not in errs[loser]
+                   and bitwise(out, w_ref) and log_records(out) == log_records_ref_cache[0])
+    return t
+
+
+log_records_ref_cache: list = []
+
+
+def disk_full_trial(d: str, out_parent: str, steps: int, size_kib: int, w_ref: dict, log_ref: list) -> dict:
+    """The run folder on a tmpfs of ``size_kib``: it fills during the run; one error, the newest complete
+    checkpoint kept; the folder copied to a larger disk resumes to the reference's weights and log."""
+    from kd_engine.engine.checkpoint import latest_checkpoint
+
+    mnt = os.path.join(out_parent, "fs")
+    os.makedirs(mnt, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", mnt], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        return {"size_kib": size_kib, "skipped": r.stderr.strip()[:200]}
+    try:
+        out = os.path.join(mnt, "run")
+        p = subprocess.run(argv(d, out, steps), env=env(d), capture_output=True, text=True, timeout=600)
+        lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+        ck = os.path.join(out, "checkpoints")
+        temps = [n for n in os.listdir(ck) if n.startswith(".tmp-")] if os.path.isdir(ck) else []
+        latest = latest_checkpoint(out)
+        t = {"size_kib": size_kib, "exit_code": p.returncode, "error": lines[0][:200] if lines else None,
+             "one_error": len(lines) == 1 and "Traceback" not in p.stderr, "leftover_temporaries": temps,
+             "latest_step": latest[0] if latest else None}
+        roomy = os.path.join(out_parent, "roomy")
+        shutil.copytree(out, roomy)
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    if p.returncode == 0:  # the disk did not fill: nothing to check
+        t["ok"] = None
+        return t
+    extra = ["--resume"] if t["latest_step"] else ["--overwrite_output_dir"]
+    r2 = subprocess.run(argv(d, roomy, steps, *extra), env=env(d), capture_output=True, text=True, timeout=600)
+    t["resumed_ok"] = r2.returncode == 0
+    t["ok"] = bool(p.returncode == 2 and t["one_error"] and not temps and t["resumed_ok"] and bitwise(roomy, w_ref)
+                   and log_records(roomy) == log_ref)
+    return t
+
+
 def run_preemption_part(n: int):
     """SLURM preemption (benchmarks/slurm_preempt.py): one 2-node job on the local cluster preempted ``n`` times;
     None when ``n`` is 0."""
@@ -137,6 +205,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--preemptions", type=int, default=3,
                     help="SLURM preemptions of one job on the local cluster (0: skip; needs root for the cluster)")
+    ap.add_argument("--concurrent", type=int, default=3, help="trials of two runs started at once into one folder")
+    ap.add_argument("--disk_full", type=int, default=3,
+                    help="trials with the run folder on a small tmpfs that fills up (needs root to mount)")
     args = ap.parse_args()
     import torch
 
@@ -180,6 +251,19 @@ def main() -> int:
             trials.append(t)
             print(f"trial {i}: killed {t['delay_s']} s after the first checkpoint, during {t['killed_during']}: "
                   f"bitwise={t['bitwise']} log_identical={t['log_identical']}", flush=True)
+        log_records_ref_cache[:] = [log_ref]
+        concurrent = []
+        for i in range(args.concurrent):
+            c = concurrent_trial(d, os.path.join(d, f"concurrent{i}"), args.steps, w_ref)
+            concurrent.append(c)
+            print(f"concurrent {i}: exit codes {c['exit_codes']}, ok={c['ok']}: {c['loser_error']}", flush=True)
+        full = []
+        for i in range(args.disk_full):
+            size = rng.randint(150, 450)  # KiB: the disk fills at different checkpoints / writes
+            f = disk_full_trial(d, os.path.join(d, f"diskfull{i}"), args.steps, size, w_ref, log_ref)
+            full.append(f)
+            print(f"disk full {i}: {size} KiB, exit {f.get('exit_code')}, latest step {f.get('latest_step')}, "
+                  f"ok={f.get('ok')}: {f.get('error') or f.get('skipped')}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)
@@ -190,6 +274,10 @@ def main() -> int:
                "steps": args.steps, "seed": args.seed,
                "killed_during": {w: sum(1 for t in trials if t["killed_during"] == w)
                                  for w in sorted({t["killed_during"] for t in trials})}}
+    summary["concurrent_start_ok"] = f"{sum(1 for c in concurrent if c['ok'])}/{len(concurrent)}"
+    ran = [f for f in full if f.get("ok") is not None]
+    summary["disk_full_ok"] = f"{sum(1 for f in ran if f['ok'])}/{len(ran)}"
+    summary["disk_full_not_filled"] = sum(1 for f in full if f.get("ok") is None)
     preempt = run_preemption_part(args.preemptions)
     if preempt is not None:
         summary["preempt_requeue_ok"] = preempt.get("preempt_requeue_ok")
@@ -197,16 +285,23 @@ def main() -> int:
     os.makedirs(RESULTS, exist_ok=True)
     cmd = "nice -n 5 python benchmarks/fault_soak.py " + " ".join(sys.argv[1:])
     with open(os.path.join(RESULTS, "fault_soak.json"), "w", encoding="utf-8") as fh:
-        json.dump({"command": cmd.strip(), "summary": summary, "trials": trials}, fh, indent=2)
+        json.dump({"command": cmd.strip(), "summary": summary, "trials": trials, "concurrent": concurrent,
+                   "disk_full": full}, fh, indent=2)
     rows = [f"| {i} | {t['delay_s']} | {t['killed_during']} | {t['bitwise']} | {t['log_identical']} |"
             for i, t in enumerate(trials)]
     with open(os.path.join(RESULTS, "fault_soak.md"), "w", encoding="utf-8") as fh:
         fh.write(f"# Fault soak\n\n`{cmd.strip()}`\n\nkill -9 then --resume, final weights bit-identical to an "
                  f"uninterrupted run: **{summary['kill_resume_bitwise']}** (reference run {ref_s:.1f} s, "
                  f"{args.steps} steps, a checkpoint after each).\n\n| trial | kill (s after the 1st checkpoint) | "
-                 "killed during | bitwise | log identical |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                 "killed during | bitwise | log identical |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+                 f"\nTwo runs started at once into one folder: **{summary['concurrent_start_ok']}** with one trained "
+                 f"(weights and log equal to the reference) and the other refused with one error.\n"
+                 f"\nRun folder on a small tmpfs that fills up: **{summary['disk_full_ok']}** with one error, no "
+                 f"half-written checkpoint left, and a resume (folder copied to a larger disk) ending bit-identical "
+                 f"to the reference ({summary['disk_full_not_filled']} trial(s) did not fill).\n")
     print(json.dumps(summary))
-    return 0 if ok == len(trials) else 1
+    good = ok == len(trials) and all(c["ok"] for c in concurrent) and all(f["ok"] for f in ran)
+    return 0 if good else 1
 
 
 if __name__ == "__main__":
