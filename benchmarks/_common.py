@@ -6,6 +6,9 @@
 - ``HERE`` / ``ROOT`` / ``RESULTS``: benchmarks/, the repository root, benchmarks/results/.
 - ``pyplot`` / ``save_figure``: matplotlib's pyplot on the Agg backend, or None (with a note) where the ``[plots]``
   extra is missing; a figure written the benchmarks' one way (tight layout, 100 dpi).
+- ``single_rank_env`` / ``timed_fit`` / ``train_losses``: a child process running the real engine as one rank
+  (launcher variables, CPU accelerator where there is no GPU), its steps timed (device-synchronised on CUDA), and
+  the logged training losses of its run folder.
 """
 from __future__ import annotations
 
@@ -82,3 +85,52 @@ def save_figure(fig, path: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
+
+
+def single_rank_env(port: int, **extra) -> dict:
+    """This process's environment for a one-rank child of the engine on loopback port ``port``."""
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def timed_fit(argv: list, before_step=None):
+    """Build the engine from ``argv`` as the CLI does (quiet logging, accelerator chosen), run ``fit`` with every
+    ``method.train_step`` timed; ``before_step(trainer)`` runs before each step's clock starts. Returns (trainer,
+    seconds per step)."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from kd_engine.cli import _setup_logging
+    from kd_engine.config import build_config
+    from kd_engine.dist import setup_environment
+    from kd_engine.engine.trainer import Trainer
+
+    parsed = build_config(argv)
+    _setup_logging(False)
+    setup_environment()
+    tr = Trainer(parsed)
+    inner, times = tr.method.train_step, []
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def timed(ctx):
+        if before_step is not None:
+            before_step(tr)
+        sync()
+        t0 = time.perf_counter()
+        out = inner(ctx)
+        sync()
+        times.append(time.perf_counter() - t0)
+        return out
+
+    tr.method.train_step = timed
+    tr.fit()
+    return tr, times
+
+
+def train_losses(output_dir: str) -> list:
+    import json
+
+    with open(os.path.join(output_dir, "train_log.jsonl"), encoding="utf-8") as fh:
+        return [r["loss"] for r in map(json.loads, fh) if r["split"] == "train" and "loss" in r]

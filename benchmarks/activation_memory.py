@@ -29,56 +29,36 @@ import subprocess
 import sys
 import tempfile
 
-from _common import RESULTS, ROOT, reset_peak, status_kib
+from _common import RESULTS, ROOT, reset_peak, single_rank_env, status_kib, timed_fit, train_losses
 
 TEACHER = "offline:smollm2-135m"
 
 
 def child(args) -> None:
     """One variant in this process: the engine's own kd run, the steps after the first measured."""
-    import time
-
-    sys.path.insert(0, ROOT)
-    from kd_engine.cli import _setup_logging
-    from kd_engine.config import build_config
-    from kd_engine.dist import setup_environment
-    from kd_engine.engine.trainer import Trainer
-
     argv = ["--method", "kd", "--teacher", TEACHER, "--student.layers", "10", "--train_file", args.train_file,
             "--max_train_samples", str(args.examples), "--packing", "true", "--max_length", str(args.max_length),
             "--per_device_train_batch_size", str(args.batch), "--max_steps", str(args.steps + 1),
             "--temperature", "1", "--alpha", "0.5", "--learning_rate", "1e-4", "--logging_steps", "1",
             "--output_dir", args.out, "--export", "false", "--disable_tqdm", "true", "--report_to", "none",
             "--gradient_checkpointing", "true" if args.ckpt else "false"]
-    parsed = build_config(argv)
-    _setup_logging(False)
-    setup_environment()
-    tr = Trainer(parsed)
-    inner = tr.method.train_step
-    marks = {"times": [], "base": None}
+    marks = {"base": None}
 
-    def measured(ctx):
+    def before_step(tr):
         if tr.global_step == 0:  # models, data and engines are built: what the steps add from here
             marks["base"] = status_kib("VmRSS")
             marks["exact"] = reset_peak()
-        t0 = time.perf_counter()
-        out = inner(ctx)
-        if tr.global_step >= 1:
-            marks["times"].append(time.perf_counter() - t0)
-        return out
 
-    tr.method.train_step = measured
-    tr.fit()
+    _, times = timed_fit(argv, before_step)
+    times = times[1:]  # the steps after the first
     peak = status_kib("VmHWM")
     import resource
 
     print("RESULT " + json.dumps({
         "step_peak_mib": (peak - marks["base"]) / 1024, "peak_reset_exact": marks.get("exact", False),
         "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "step_s": statistics.median(marks["times"]), "step_times": marks["times"],
-        "tokens_per_step": args.batch * args.max_length,
-        "losses": [json.loads(x)["loss"] for x in open(os.path.join(args.out, "train_log.jsonl"))
-                   if json.loads(x)["split"] == "train"]}), flush=True)
+        "step_s": statistics.median(times), "step_times": times, "tokens_per_step": args.batch * args.max_length,
+        "losses": train_losses(args.out)}), flush=True)
 
 
 def main() -> int:
@@ -99,12 +79,10 @@ def main() -> int:
     from kd_engine.demo_data import news_corpus
 
     train, _ = news_corpus()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(("plain", "checkpointed")):
-            env["MASTER_PORT"] = str(29600 + i)
+            env = single_rank_env(29600 + i, DS_ACCELERATOR="cpu")
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--train_file", train, "--out",
                    os.path.join(tmp, name), "--batch", str(args.batch), "--max_length", str(args.max_length),
                    "--steps", str(args.steps), "--examples", str(args.examples)] + (["--ckpt"] if i else [])

@@ -32,8 +32,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from _common import ROOT, single_rank_env, timed_fit, train_losses
+
 sys.path.insert(0, ROOT)
 
 # dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s) by device name; others: a measured matmul rate
@@ -121,11 +121,7 @@ def engine_child(args) -> None:
     """One engine run in this process (``--child``): RESULT line with figures."""
     import torch
 
-    from kd_engine.cli import _setup_logging
-    from kd_engine.config import build_config
-    from kd_engine.dist import setup_environment
     from kd_engine.engine.export import count_params
-    from kd_engine.engine.trainer import Trainer
 
     argv = ["--method", "kd", "--teacher", args.teacher, "--student.layers", str(args.layers), "--train_file",
             args.train_file, "--packing", "true", "--max_length", str(args.max_length),
@@ -133,29 +129,11 @@ def engine_child(args) -> None:
             "--alpha", "0.5", "--learning_rate", "1e-4", "--logging_steps", "1", "--output_dir", args.out,
             "--export", "false", "--disable_tqdm", "true", "--report_to", "none", "--deepspeed", args.ds,
             "--gradient_checkpointing", "true" if args.ckpt else "false"]
-    parsed = build_config(argv)
-    _setup_logging(False)
-    setup_environment()
-    tr = Trainer(parsed)
-    inner, times = tr.method.train_step, []
+    tr, times = timed_fit(argv)
     cuda = torch.cuda.is_available()
-
-    def timed(ctx):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = inner(ctx)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        return out
-
-    tr.method.train_step = timed
-    tr.fit()
     opt = tr.student.optimizer
     names = [type(opt).__name__, type(getattr(opt, "optimizer", None)).__name__]
-    losses = [json.loads(x)["loss"] for x in open(os.path.join(args.out, "train_log.jsonl"))
-              if json.loads(x)["split"] == "train"]
+    losses = train_losses(args.out)
     steady = times[2:] or times[1:] or times
     print("RESULT " + json.dumps({
         "step_s": statistics.median(steady), "tokens_per_step": args.batch * args.max_length,
@@ -168,9 +146,7 @@ def run_engine(args, teacher: str, corpus: str, ds: str, ckpt: bool, port: int, 
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--teacher", teacher, "--train_file", corpus,
            "--ds", ds, "--out", os.path.join(tmp, f"run-{int(ckpt)}"), "--batch", str(args.batch), "--max_length",
            str(args.max_length), "--steps", str(args.steps), "--layers", str(args.layers)] + (["--ckpt"] if ckpt else [])
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, env=single_rank_env(port), capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         return {"status": "fail", "error": (p.stderr or p.stdout)[-1500:]}

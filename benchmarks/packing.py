@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import RESULTS, ROOT
+from _common import RESULTS, ROOT, single_rank_env
 
 TEACHER = "offline:smollm2-135m"
 VARIANTS = {"padded_grouped": ["--group_by_length", "true"], "padded_random": ["--group_by_length", "false"],
@@ -56,8 +56,6 @@ def main() -> int:
     from kd_engine.demo_data import news_corpus
 
     train, _ = news_corpus()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     step_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +63,7 @@ def main() -> int:
             order = list(VARIANTS) if rep % 2 == 0 else list(reversed(VARIANTS))
             for name in order:
                 out = os.path.join(tmp, f"{name}-{rep}")
-                env["MASTER_PORT"] = str(29700 + rep * 10 + list(VARIANTS).index(name))
+                env = single_rank_env(29700 + rep * 10 + list(VARIANTS).index(name), DS_ACCELERATOR="cpu")
                 cmd = [sys.executable, "launch/train.py", "--method", "kd", "--teacher", TEACHER, "--student.layers",
                        "10", "--train_file", train, "--max_train_samples", str(args.examples), "--max_length",
                        str(args.max_length), "--per_device_train_batch_size", str(args.batch), "--max_steps",

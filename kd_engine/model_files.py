@@ -104,27 +104,8 @@ def _hub_error(name: str, exc: Exception) -> KDError:
                    f"({_first_line(exc)})")
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
                    "vocab.json")
-
-
-def _local_model_error(name: str, path: str, exc: Exception) -> KDError:
-    """The one-line error for a local model folder that did not load: which file, and what to do."""
-    import pickle
-
-    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
-    if not present:
-        return KDError(f"model folder {name} has no weights ({' / '.join(WEIGHT_FILES[::2])}); save the model there "
-                       f"with save_pretrained")
-    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
-        return KDError(f"model folder {name}: {present[0]} is a pickle that torch's safe loader refuses "
-                       f"(weights_only: it holds more than tensors); convert it to model.safetensors with a tool you "
-                       f"trust, or use a safetensors checkpoint")
-    if type(exc).__name__ == "SafetensorError" or "safetensors" in type(exc).__module__:
-        return KDError(f"model folder {name}: {present[0]} is damaged or incomplete ({_first_line(exc)}); copy or "
-                       f"download it again")
-    return KDError(f"model folder {name} did not load ({_first_line(exc)})")
 
 
 def load_tokenizer(name_or_path: Optional[str], trust_remote_code: bool = False):

@@ -21,11 +21,7 @@ def preflight(parsed) -> None:
     from .models.loading import resolve
 
     cfg = parsed.train
-    from .engine.runlock import check_free
-
-    if os.path.isdir(cfg.output_dir):  # a live run there: refused before anything else is looked at
-        check_free(cfg.output_dir)
-    if cfg.resume in (True, False, "true", "false"):  # "auto" (--resume auto) is decided by the trainer
+    if cfg.resume in (True, False, "true", "false"):  # also refuses a folder a live run holds (its lock)  # "auto" (--resume auto) is decided by the trainer
         check_output_dir(cfg.output_dir, cfg.resume in (True, "true"), cfg.overwrite_output_dir)
     method = parsed.method_cls
     cached = getattr(parsed.method_options, "teacher_cache", None)  # kd from a teacher cache loads no teacher

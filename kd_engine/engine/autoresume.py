@@ -50,12 +50,9 @@ def check_same_run(cfg, output_dir: str) -> None:
 def run_mode(cfg) -> str:
     """'fresh', 'resume' or 'overwrite' (the last also for an auto restart of our own run with no checkpoint)."""
     out = cfg.output_dir
-    if os.path.isdir(out):  # every mode: no live run there, no link out of the folder among kd_engine's names
-        from .runlock import check_free
-
-        check_free(out)
-        checkpoint.check_no_outside_links(out)
     if cfg.resume == "auto":
+        if os.path.isdir(out):  # check_output_dir does this for the other modes
+            checkpoint.check_folder_usable(out)
         if not os.path.isdir(out) or not [e for e in os.listdir(out) if not e.startswith(".")]:
             return checkpoint.check_output_dir(out, False, False)
         if _marker(out) is None:  # files that are not a run: refused, never touched

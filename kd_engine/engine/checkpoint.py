@@ -105,10 +105,7 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
         return "fresh"
     if not os.path.isdir(output_dir):
         raise KDError(f"output_dir {output_dir} exists and is not a directory")
-    from .runlock import check_free
-
-    check_free(output_dir)  # a live run there first: its folder is never resumed, replaced or shared
-    check_no_outside_links(output_dir)
+    check_folder_usable(output_dir)
     entries = [e for e in os.listdir(output_dir) if not e.startswith(".")]
     if not entries:
         if resume:
@@ -138,6 +135,14 @@ def owned_entries(output_dir: str) -> list[str]:
         owns = None
     names = owns if isinstance(owns, list) and all(isinstance(n, str) for n in owns) else OWNED
     return [n for n in names if n and "/" not in n and n not in (".", "..")]
+
+
+def check_folder_usable(output_dir: str) -> None:
+    """An existing run folder, in every mode: no live run holds it (its lock), no link out of it among our names."""
+    from .runlock import check_free
+
+    check_free(output_dir)  # a live run's folder is never resumed, replaced or shared
+    check_no_outside_links(output_dir)
 
 
 def check_no_outside_links(output_dir: str) -> None:
@@ -290,18 +295,6 @@ def save(output_dir: str, step: int, engines: dict, client_state: dict, rank: in
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     barrier()
     return final
-
-
-def method_states(path: str) -> list[dict]:
-    """Every saved rank's method state of a checkpoint (rank order), for a resume on another world size."""
-    names = sorted((n for n in os.listdir(path) if re.fullmatch(r"rank\d+\.pt", n)), key=lambda n: int(n[4:-3]))
-    out = []
-    for n in names:
-        try:
-            out.append(torch.load(os.path.join(path, n), weights_only=True).get("method", {}))
-        except Exception as exc:  # unpickling refused, damaged file
-            raise KDError(f"cannot read {os.path.join(path, n)}: {str(exc).splitlines()[0][:200]}") from None
-    return out
 
 
 def load(path: str, engines: dict, rank: int, world_size: Optional[int] = None, barrier=lambda: None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 from typing import Optional
@@ -60,3 +61,14 @@ class Monitor:
         if rank == 0 and size is not None and os.path.exists(path) and os.path.getsize(path) > int(size):
             with open(path, "r+b") as fh:
                 fh.truncate(int(size))
+
+
+def perplexities(metrics: dict[str, float], lm_loss_key) -> dict[str, float]:
+    """``perplexity`` = exp(the loss the method names as its LM loss, ``Method.lm_loss_key``), and
+    ``teacher_perplexity`` from ``teacher_<that key>`` where the method reports the teacher's own loss."""
+    out = {}
+    if lm_loss_key:
+        for prefix in ("", "teacher_"):
+            if prefix + lm_loss_key in metrics:
+                out[prefix + "perplexity"] = math.exp(min(metrics[prefix + lm_loss_key], 50.0))
+    return out

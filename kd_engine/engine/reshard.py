@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,29 @@ def load_engine(path: str, tag: str, engine, rank: int, barrier) -> tuple:
         if rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def method_states(path: str) -> list[dict]:
+    """Every saved rank's method state of a checkpoint (rank order), for a resume on another world size."""
+    import torch
+
+    names = sorted((n for n in os.listdir(path) if re.fullmatch(r"rank\d+\.pt", n)), key=lambda n: int(n[4:-3]))
+    out = []
+    for n in names:
+        try:
+            out.append(torch.load(os.path.join(path, n), weights_only=True).get("method", {}))
+        except Exception as exc:  # unpickling refused, damaged file
+            raise KDError(f"cannot read {os.path.join(path, n)}: {str(exc).splitlines()[0][:200]}") from None
+    return out
+
+
+def check_method_state(method, path: str, world_size: int) -> None:
+    """Before a resume of ``path`` on ``world_size`` ranks: KDError when it was written by another number of ranks
+    and the method's per-rank state cannot move (``Method.reshard_refusal``)."""
+    geo = saved_geometry(path)
+    if not geo or int(geo["world_size"]) == world_size:
+        return
+    why = method.reshard_refusal(method_states(path))
+    if why:
+        raise KDError(f"--resume on {world_size} rank(s): {path} was written by {geo['world_size']} ranks and "
+                      f"{why}; resume it on {geo['world_size']} ranks, or from a checkpoint where that state is empty")

@@ -163,6 +163,22 @@ class RunLock:
         self.info = None
 
 
+def take_on_rank0(output_dir: str, rank: int, broadcast) -> Optional[RunLock]:
+    """Rank 0 takes the folder's lock; every rank raises the same KDError when it could not (``broadcast``: an
+    object broadcast from rank 0, e.g. ``dist.broadcast_object``). Returns rank 0's lock (None elsewhere)."""
+    lock, err = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(output_dir)
+            lock.acquire()
+        except KDError as exc:
+            lock, err = None, str(exc)
+    err = broadcast(err)
+    if err is not None:
+        raise KDError(err)
+    return lock
+
+
 def read_lock_file(path: str) -> Optional[dict]:
     try:
         with open(path, encoding="utf-8") as f:

@@ -23,7 +23,6 @@ import subprocess
 import time
 from typing import Optional
 
-from ..errors import ConfigError  # noqa: F401  (re-exported errors of old imports)
 from ..signal_names import parse_signals  # noqa: F401  (parse_signals lived here)
 
 logger = logging.getLogger("kd_engine")

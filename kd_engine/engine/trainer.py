@@ -25,15 +25,15 @@ from ..data.sampler import ResumableBatchSampler, infinite_batches
 from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, skip_single_rank_allreduce, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
     zero_stage
 from ..errors import KDError
-from ..models.attention import apply_attn_implementation, enable_gradient_checkpointing
-from ..models.loading import check_same_vocab, load_tokenizer
+from ..models.attention import apply_model_options
+from ..models.loading import check_teacher_tokenizer
 from ..models.modes import eval_mode, frozen_parameters
 from . import autoresume, checkpoint, faults, reshard, signals
 from .context import Compute, Context
 from .export import count_params, export_student
 from .guard import NonFiniteGuard
-from .monitor import Monitor
-from .runlock import RunLock
+from .monitor import Monitor, perplexities  # noqa: F401  (perplexities: importable from here as before)
+from .runlock import take_on_rank0
 from .teacher import build_teacher_engine
 
 logger = logging.getLogger("kd_engine")
@@ -199,15 +199,9 @@ class Trainer:
 
         # decide about the output folder on every rank before anything is written
         self.run_mode = autoresume.run_mode(cfg)  # --resume false|true|auto
-        if self.run_mode == "resume" and latest is None:
-            latest = checkpoint.latest_checkpoint(cfg.output_dir)
-        geo_saved = reshard.saved_geometry(latest[1]) if self.run_mode == "resume" and latest else None
-        if geo_saved and int(geo_saved["world_size"]) != self.world_size:  # per-rank method state: carried or refused
-            why = self.method.reshard_refusal(checkpoint.method_states(latest[1]))
-            if why:
-                raise KDError(f"--resume on {self.world_size} rank(s): {latest[1]} was written by "
-                              f"{geo_saved['world_size']} ranks and {why}; resume it on {geo_saved['world_size']} "
-                              f"ranks, or from a checkpoint where that state is empty")
+        if self.run_mode == "resume":  # per-rank method state on another world size: carried or refused
+            latest = latest or checkpoint.latest_checkpoint(cfg.output_dir)
+            reshard.check_method_state(self.method, latest[1], self.world_size)
         dist.barrier()
 
         ctx = self.ctx
@@ -216,16 +210,9 @@ class Trainer:
         if self.method.needs_teacher and teacher is None:
             raise KDError(f"method '{self.method.name}' needs a teacher: pass --teacher PATH_OR_ID")
         student = self.method.load_student(ctx, teacher)
-        for model, which in ((teacher, "teacher"), (student, "student")):
-            apply_attn_implementation(model, cfg.attn_implementation, which)
-        self.student_use_cache = enable_gradient_checkpointing(student) if cfg.gradient_checkpointing else None
+        self.student_use_cache = apply_model_options(cfg, teacher, student)  # attention, checkpointing
         if teacher is not None and self.method.requires_same_vocab:
-            teacher_tok = self._teacher_tokenizer()
-            check_same_vocab(teacher_tok, self.tokenizer, teacher, student)
-            if cfg.messages_column and teacher_tok is not self.tokenizer and \
-                    getattr(teacher_tok, "chat_template", None) != getattr(self.tokenizer, "chat_template", None):
-                logger.warning("teacher and student chat templates differ: both models see the conversation as the "
-                               "student's template renders it (token-level methods need one token sequence)")
+            check_teacher_tokenizer(cfg, self.tokenizer, teacher, student)
         self.data = self.method.build_data(ctx)
         if self.data.train is None or len(self.data.train) == 0:
             raise KDError("the training data is empty")
@@ -247,16 +234,7 @@ class Trainer:
             raise KDError("the student has no trainable parameters (everything frozen?)")
         # the first write, once models, data and configs passed: a rejected run changes nothing. Rank 0 takes the
         # folder's run lock first (two runs started into one folder: one trains, the other stops here)
-        err = None
-        if self.rank == 0:
-            try:
-                self.runlock = RunLock(cfg.output_dir)
-                self.runlock.acquire()
-            except KDError as exc:
-                self.runlock, err = None, str(exc)
-        err = dist.broadcast_object(err)
-        if err is not None:
-            raise KDError(err)
+        self.runlock = take_on_rank0(cfg.output_dir, self.rank, dist.broadcast_object)
         checkpoint.prepare_output_dir(cfg.output_dir, self.run_mode, self.method.name, to_dict(cfg), self.rank)
         dist.barrier()
         faults.install_poison(student, lambda: self.global_step + 1)
@@ -276,17 +254,6 @@ class Trainer:
                         "none" if teacher is None else f"{count_params(self.teacher_model):,} params"
                         + (" (ZeRO-3 partitioned)" if zero_stage(self.ds_config) == 3 else " (replica)"),
                         len(self.data.train), self.total_steps, self.ds_config["train_batch_size"])
-
-    def _teacher_tokenizer(self):
-        """The teacher's own tokenizer (to compare with the student's), or the shared one if it ships none."""
-        src = self.cfg.teacher
-        if not src or src == (self.cfg.tokenizer or self.cfg.student.name_or_path or src):
-            return self.tokenizer
-        try:
-            return load_tokenizer(src, trust_remote_code=self.cfg.trust_remote_code)
-        except (KDError, OSError, ValueError):
-            logger.warning("teacher %s ships no tokenizer: comparing logit sizes only", src)
-            return self.tokenizer
 
     def _resume(self) -> None:
         if self.run_mode != "resume":
@@ -426,14 +393,3 @@ class Trainer:
         self.monitor.close()
         self.stopper.restore()
         return metrics
-
-
-def perplexities(metrics: dict[str, float], lm_loss_key) -> dict[str, float]:
-    """``perplexity`` = exp(the loss the method names as its LM loss, ``Method.lm_loss_key``), and
-    ``teacher_perplexity`` from ``teacher_<that key>`` where the method reports the teacher's own loss."""
-    out = {}
-    if lm_loss_key:
-        for prefix in ("", "teacher_"):
-            if prefix + lm_loss_key in metrics:
-                out[prefix + "perplexity"] = math.exp(min(metrics[prefix + lm_loss_key], 50.0))
-    return out

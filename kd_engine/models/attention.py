@@ -51,3 +51,11 @@ def enable_gradient_checkpointing(model):
     if use_cache:
         model.config.use_cache = False
     return use_cache
+
+
+def apply_model_options(cfg, teacher, student):
+    """``--attn_implementation`` on both models, ``--gradient_checkpointing`` on the student; returns the student
+    config's ``use_cache`` for the export to restore (None when checkpointing is off)."""
+    for model, which in ((teacher, "teacher"), (student, "student")):
+        apply_attn_implementation(model, cfg.attn_implementation, which)
+    return enable_gradient_checkpointing(student) if cfg.gradient_checkpointing else None

@@ -16,12 +16,32 @@ from typing import Any
 
 from ..errors import KDError
 # names, folders and tokenizers live in the leaf module kd_engine.model_files (the data layer uses them too)
-from ..model_files import (OFFLINE_MODELS, TASK_AUTO_CLASSES, TOKENIZER_FILES, WEIGHT_FILES,  # noqa: F401
-                           _first_line, _hub_error, _local_model_error, _package_dir, load_tokenizer,
-                           offline_model_path, resolve)
+from ..model_files import (OFFLINE_MODELS, TASK_AUTO_CLASSES, TOKENIZER_FILES, _first_line,  # noqa: F401
+                           _hub_error, _package_dir, load_tokenizer, offline_model_path, resolve)
 from ..paths import cache_root  # noqa: F401  (re-exported for older imports)
 
 logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _local_model_error(name: str, path: str, exc: Exception) -> KDError:
+    """The one-line error for a local model folder that did not load: which file, and what to do."""
+    import pickle
+
+    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
+    if not present:
+        return KDError(f"model folder {name} has no weights ({' / '.join(WEIGHT_FILES[::2])}); save the model there "
+                       f"with save_pretrained")
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return KDError(f"model folder {name}: {present[0]} is a pickle that torch's safe loader refuses "
+                       f"(weights_only: it holds more than tensors); convert it to model.safetensors with a tool you "
+                       f"trust, or use a safetensors checkpoint")
+    if type(exc).__name__ == "SafetensorError" or "safetensors" in type(exc).__module__:
+        return KDError(f"model folder {name}: {present[0]} is damaged or incomplete ({_first_line(exc)}); copy or "
+                       f"download it again")
+    return KDError(f"model folder {name} did not load ({_first_line(exc)})")
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
@@ -78,3 +98,20 @@ def check_same_vocab(teacher_tok, student_tok, teacher_model=None, student_model
                 continue  # a classifier: no vocabulary logits
             if rows is not None and rows < n:
                 raise KDError(f"{which} has {rows} logit rows but the tokenizer has {n} tokens")
+
+
+def check_teacher_tokenizer(cfg, tokenizer, teacher, student) -> None:
+    """Token-level methods: the teacher's own tokenizer (or the shared one if it ships none) must equal the
+    student's (``check_same_vocab``); with chat data, a teacher template that differs is a warning (both models see
+    the conversation as the student's template renders it: one token sequence for both)."""
+    teacher_tok, src = tokenizer, cfg.teacher
+    if src and src != (cfg.tokenizer or cfg.student.name_or_path or src):
+        try:
+            teacher_tok = load_tokenizer(src, trust_remote_code=cfg.trust_remote_code)
+        except (KDError, OSError, ValueError):
+            logger.warning("teacher %s ships no tokenizer: comparing logit sizes only", src)
+    check_same_vocab(teacher_tok, tokenizer, teacher, student)
+    if cfg.messages_column and teacher_tok is not tokenizer and \
+            getattr(teacher_tok, "chat_template", None) != getattr(tokenizer, "chat_template", None):
+        logger.warning("teacher and student chat templates differ: both models see the conversation as the "
+                       "student's template renders it (token-level methods need one token sequence)")
