@@ -58,7 +58,7 @@ def peak_tflops(smoke: bool) -> tuple[float, str]:
         if key in name:
             return v, f"{name}: datasheet dense bf16 {v} TFLOP/s"
     n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
     torch.cuda.synchronize()
@@ -145,7 +145,8 @@ def engine_child(args) -> None:
 def run_engine(args, teacher: str, corpus: str, ds: str, ckpt: bool, port: int, tmp: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--teacher", teacher, "--train_file", corpus,
            "--ds", ds, "--out", os.path.join(tmp, f"run-{int(ckpt)}"), "--batch", str(args.batch), "--max_length",
-           str(args.max_length), "--steps", str(args.steps), "--layers", str(args.layers)] + (["--ckpt"] if ckpt else [])
+           str(args.max_length), "--steps", str(args.steps), "--layers", str(args.layers)]
+    cmd += ["--ckpt"] if ckpt else []
     p = subprocess.run(cmd, env=single_rank_env(port), capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode != 0 or not lines:

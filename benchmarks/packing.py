@@ -95,8 +95,9 @@ def main() -> int:
     with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
-        f.write(f"# Packing vs padding ({args.batch} rows x {args.max_length} tokens, SmolLM2-135M -> 10-layer student, "
-                f"kd, CPU, {args.repeats} alternating repeats)\n\n| variant | real tokens/s (median) | step (ms) | real "
+        f.write(f"# Packing vs padding ({args.batch} rows x {args.max_length} tokens, SmolLM2-135M -> 10-layer "
+                f"student, kd, CPU, {args.repeats} alternating repeats)\n\n| variant | real tokens/s (median) | step "
+                "(ms) | real "
                 "share of row tokens |\n|---|---|---|---|\n")
         for k in med:
             f.write(f"| {k} | {med[k]:.0f} | {ms[k]:.0f} | {share[k]:.2f} |\n")

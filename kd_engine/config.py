@@ -39,7 +39,7 @@ class TrainConfig:
     tokenizer: Optional[str] = None  # default: the student's, else the teacher's
     trust_remote_code: bool = False  # allow model code shipped with a hub model
     teacher_dtype: str = "auto"  # auto (student's training dtype) | fp32 | bf16 | fp16
-    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 for both models (default: transformers')
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2, both models (default: transformers')
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
     # data
     train_file: Optional[str] = None  # training data file (jsonl/csv/tsv/txt) or dataset id

@@ -84,8 +84,8 @@ def resolve(name_or_path: str, require_config: bool = True) -> str:
     if os.path.exists(path):
         if not os.path.isdir(path):
             what = "model" if require_config else "tokenizer"
-            raise KDError(f"{what} path {name_or_path} is a file; give the folder that holds the {what} "
-                          f"({'config.json and weights' if require_config else 'tokenizer.json / tokenizer_config.json'})")
+            holds = "config.json and weights" if require_config else "tokenizer.json / tokenizer_config.json"
+            raise KDError(f"{what} path {name_or_path} is a file; give the folder that holds the {what} ({holds})")
         if require_config and not os.path.isfile(os.path.join(path, "config.json")):
             raise KDError(f"model folder {name_or_path} has no config.json")
         return path

@@ -21,7 +21,8 @@ def preflight(parsed) -> None:
     from .models.loading import resolve
 
     cfg = parsed.train
-    if cfg.resume in (True, False, "true", "false"):  # also refuses a folder a live run holds (its lock)  # "auto" (--resume auto) is decided by the trainer
+    # refuses a folder a live run holds (its lock) too; "auto" (--resume auto) is decided by the trainer
+    if cfg.resume in (True, False, "true", "false"):
         check_output_dir(cfg.output_dir, cfg.resume in (True, "true"), cfg.overwrite_output_dir)
     method = parsed.method_cls
     cached = getattr(parsed.method_options, "teacher_cache", None)  # kd from a teacher cache loads no teacher

@@ -52,7 +52,8 @@ OPTION_CASES = [
     ("packing for minilmv2", ["--method", "minilmv2", "--packing", "true"], "needs one example per row"),
     ("packing for gkd", ["--method", "gkd", "--packing", "true", "--target_column", "x"], "needs one example per row"),
     ("chat for mate_kd", ["--method", "mate_kd", "--messages_column", "messages"], "does not read chat data"),
-    ("chat with a target column", ["--messages_column", "messages", "--target_column", "y"], "excludes --target_column"),
+    ("chat with a target column", ["--messages_column", "messages", "--target_column", "y"],
+     "excludes --target_column"),
     ("chat template missing", ["--messages_column", "text"], "has none"),
 ]
 CASES = FILE_CASES + OPTION_CASES

@@ -148,7 +148,8 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int, at: st
             "labels": [t if m else -100 for t, m in zip(ids, mask)], "length": len(ids)}
 
 
-def encode_prompt_response(tokenizer, messages: list[dict], at: str, need_response: bool) -> tuple[list, Optional[list]]:
+def encode_prompt_response(tokenizer, messages: list[dict], at: str,
+                           need_response: bool) -> tuple[list, Optional[list]]:
     """(prompt_ids, response_ids or None): the prompt is the rendering before the last assistant turn, ending at
     the template's generation prompt; the response is that turn's assistant tokens. A conversation ending on
     another role is a prompt alone (the whole conversation plus the generation prompt)."""
