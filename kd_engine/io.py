@@ -91,38 +91,12 @@ def free_mib(path: str) -> float:
 
 
 def load_mapping(path: str, what: str) -> dict:
-    """A JSON (``.json``) or YAML file holding a mapping; one ``ConfigError`` naming ``what`` and the file when it
-    is missing, does not parse, or holds something else (an empty YAML file is an empty mapping)."""
-    import json
-
+    """A JSON (``.json``) or YAML file holding a mapping; one error naming ``what`` and the file when it is missing,
+    does not parse, or holds something else (see input_files.read_mapping)."""
     from .errors import ConfigError
+    from .input_files import InputFileError, read_mapping
 
-    if os.path.isdir(path):
-        raise ConfigError(f"{what} {path} is a folder, not a file")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what} not found: {path}")
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start + 1}: 0x{exc.object[exc.start]:02x}); "
-                          f"is it the right file?") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}") from None
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
-            from None
-    except Exception as exc:  # yaml.YAMLError
-        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} must hold a mapping of keys to values")
-    return data
+        return read_mapping(path, what)
+    except InputFileError as exc:  # a config file's problem is a configuration error
+        raise ConfigError(str(exc)) from None

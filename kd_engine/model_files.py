@@ -11,6 +11,7 @@ import os
 from typing import Optional
 
 from .errors import KDError
+from .input_files import reading
 from .io import atomic_dir
 from .paths import cache_root
 
@@ -61,8 +62,9 @@ def _convert_gguf(pkg_dir: str, gguf_file: str, target: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to a Hugging Face folder at %s (once)", gguf_file, target)
-    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file)
+    with reading("offline model file", os.path.join(pkg_dir, gguf_file)):
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file)
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -114,15 +116,17 @@ def load_tokenizer(name_or_path: Optional[str], trust_remote_code: bool = False)
     if not name_or_path:
         raise KDError("no tokenizer: set --tokenizer, --student or --teacher")
     path = resolve(name_or_path, require_config=False)
-    try:
+
+    def explain(exc: Exception) -> str:  # tokenizers' own parse errors are plain Exceptions
+        if not os.path.isdir(path):
+            return str(_hub_error(name_or_path, exc))
+        have = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+        return (f"folder {name_or_path} holds no usable tokenizer ("
+                + ("none of " + ", ".join(TOKENIZER_FILES) if not have else f"{', '.join(have)}: {_first_line(exc)}")
+                + "); save one there (tokenizer.save_pretrained) or pass --tokenizer")
+
+    with reading("tokenizer", name_or_path, explain=explain):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        if os.path.isdir(path):
-            have = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
-            raise KDError(f"folder {name_or_path} holds no usable tokenizer ("
-                          + ("none of " + ", ".join(TOKENIZER_FILES) if not have else _first_line(exc))
-                          + "); save one there (tokenizer.save_pretrained) or pass --tokenizer") from None
-        raise _hub_error(name_or_path, exc) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise KDError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")

@@ -24,6 +24,7 @@ NOT_TERMS = {"lr", "grad_norm", "samples_per_s", "tokens_per_s", "teacher_ms", "
 
 def read_log(run_dir: str) -> tuple[list[dict], list[dict]]:
     from .errors import KDError
+    from .input_files import reading
 
     path = os.path.join(run_dir, "train_log.jsonl")
     if not os.path.isdir(run_dir):
@@ -31,7 +32,7 @@ def read_log(run_dir: str) -> tuple[list[dict], list[dict]]:
     if not os.path.isfile(path):
         raise KDError(f"{run_dir} has no train_log.jsonl (not a kd_engine output folder?)")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with reading("training log", path), open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from kd_engine.errors import KDError
+from kd_engine.input_files import reading
 
 logger = logging.getLogger("kd_engine.shrink")
 
@@ -75,10 +76,8 @@ def _load_teacher(args):
     kw = {"trust_remote_code": args.trust_remote_code}
     if args.gguf_file:
         kw["gguf_file"] = args.gguf_file
-    try:
+    with reading("teacher config of", args.teacher):
         config = AutoConfig.from_pretrained(name, **kw)
-    except (OSError, ValueError) as e:
-        raise KDError(f"cannot load the teacher config from {args.teacher!r}: {e}") from None
     from kd_engine.models.student import check_request
 
     check_request(config, args.layers, args.decoder_layers)  # before the (possibly long) weight load
@@ -93,14 +92,10 @@ def _load_teacher(args):
         logger.warning("the teacher config names no architecture; loading it with %s", cls.__name__)
     if cls is None:
         raise KDError(f"teacher architecture {archs[0]!r} is not a transformers class (remote code is not supported)")
-    try:
+    with reading("teacher weights of", args.teacher):
         model = cls.from_pretrained(name, config=config, dtype="auto", **kw)
-    except (OSError, ValueError) as e:
-        raise KDError(f"cannot load the teacher weights from {args.teacher!r}: {e}") from None
-    try:
+    with reading("teacher tokenizer of", args.teacher):
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, **kw)
-    except (OSError, ValueError, TypeError) as e:
-        raise KDError(f"cannot load the teacher's tokenizer from {args.teacher!r}: {e}") from None
     return model.eval(), tokenizer
 
 

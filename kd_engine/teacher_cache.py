@@ -11,7 +11,6 @@ rerun with the same arguments skips the parts already written; when all are done
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -85,6 +84,7 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     from .data.supervised import build_supervised_data
     from .dist import barrier, broadcast_object
     from .errors import KDError
+    from .input_files import load_tensors, read_json
     from .losses.kd import shift_for_causal_lm
     from .losses.sparse_kd import sample_tail, teacher_rows
     from .methods.kd import model_inputs, seq2seq_inputs
@@ -118,8 +118,7 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
         raise KDError(error)
     done = os.path.join(a.output_dir, store.COMPLETE)
     if os.path.isfile(done):
-        with open(done, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(done, "teacher cache marker")
     teacher = load_teacher_model(cfg, task).eval()
     if a.teacher_dtype == "bf16":
         teacher = teacher.to(torch.bfloat16)
@@ -174,15 +173,16 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
         store.save(merged, path)
         logger.info("teacher cache: examples %d-%d done (rank %d)", start, min(n, start + a.chunk_size), rank)
     starts = list(range(0, n, a.chunk_size))
-    pieces = [torch.load(store.part_path(a.output_dir, s, rank), weights_only=True) for s in starts]
+    pieces = [load_tensors(store.part_path(a.output_dir, s, rank), "teacher cache part") for s in starts]
     store.save(store.concat_parts(pieces, a.top_k, ldt, a.tail_samples), store.shard_path(a.output_dir, rank))
     barrier()
     for s in starts:
         os.remove(store.part_path(a.output_dir, s, rank))
     info = None
     if rank == 0:
-        tokens = sum(int(torch.load(store.shard_path(a.output_dir, r), weights_only=True, mmap=True)["offsets"][-1])
-                     for r in range(world))
+        shards = [load_tensors(store.shard_path(a.output_dir, r), "teacher cache shard", mmap=True)
+                  for r in range(world)]
+        tokens = sum(int(sh["offsets"][-1]) for sh in shards)
         info = {"shards": [os.path.basename(store.shard_path(a.output_dir, r)) for r in range(world)],
                 "examples": n, "tokens": tokens, "bytes_per_token": (4 + ldt.itemsize) * (a.top_k + 1 + a.tail_samples),
                 "logp_dtype": a.logp_dtype, "top_k": a.top_k, "tail_samples": a.tail_samples}

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from .errors import ConfigError, KDError
+from .input_files import check_file, load_tensors, read_json, reading
 from .teachers.labeling import _atomic_save, _short
 
 FORMAT = 1
@@ -42,7 +43,7 @@ COMPARED = ("format", "tokenizer_sha256", "vocab_size", "corpus_sha256", "text_c
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with reading("data file", path), open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -96,6 +97,10 @@ def make_manifest(*, teacher: str, tokenizer, tokenizer_name: str, train_file: s
     return json.loads(json.dumps(m, sort_keys=True))
 
 
+MANIFEST_KEYS = ("teacher", "tokenizer", "tokenizer_sha256", "vocab_size", "corpus_sha256", "text_column",
+                 "task", "max_length", "top_k", "temperature", "logp_dtype", "tail_samples")
+
+
 def read_manifest(path: str) -> dict:
     """The manifest of a cache folder; ConfigError if ``path`` is not a teacher cache."""
     mpath = os.path.join(path, MANIFEST)
@@ -104,13 +109,13 @@ def read_manifest(path: str) -> dict:
     if not os.path.isfile(mpath):
         raise ConfigError(f"teacher_cache {path} is not a teacher cache (no {MANIFEST}); build one with "
                           f"python -m kd_engine.teacher_cache")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"teacher_cache {path}: unreadable {MANIFEST} ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+    m = read_json(mpath, "teacher cache manifest")
+    if m.get("format") != FORMAT:
         raise ConfigError(f"teacher_cache {path}: not a format-{FORMAT} teacher cache manifest")
+    missing = [k for k in MANIFEST_KEYS if k not in m]
+    if missing:
+        raise ConfigError(f"teacher cache manifest {mpath} lacks {', '.join(missing)} (damaged, or not written by "
+                          f"python -m kd_engine.teacher_cache)")
     return m
 
 
@@ -161,26 +166,43 @@ def concat_parts(parts: list[dict], k: int, logp_dtype=torch.float16, tail_sampl
     return out
 
 
+def check_complete(path: str) -> list[str]:
+    """The shard files of a finished cache, each checked to be a whole torch file (its zip directory, at the end,
+    is read: cheap at any size); one error naming the damaged file. Runs before a training run writes anything."""
+    import zipfile
+
+    done = os.path.join(path, COMPLETE)
+    if not os.path.isfile(done):
+        raise ConfigError(f"teacher_cache {path} is unfinished (no {COMPLETE}); rerun its build to resume it")
+    info = read_json(done, "teacher cache marker")
+    shards = info.get("shards")
+    if not isinstance(shards, list) or not shards or not all(isinstance(s, str) and "/" not in s for s in shards):
+        raise ConfigError(f"teacher cache marker {done} lists no shard files (damaged?); rerun its build")
+    for s in shards:
+        shard = os.path.join(path, s)
+        check_file(shard, "teacher cache shard")
+        with reading("teacher cache shard", shard):
+            zipfile.ZipFile(shard).close()
+    return shards
+
+
 class TeacherCache:
     """Read side: ``lookup(keys, targets)`` -> the cached top-k rows of those examples, concatenated in order."""
 
     def __init__(self, path: str):
         self.path = path
         self.manifest = read_manifest(path)
-        done = os.path.join(path, COMPLETE)
-        if not os.path.isfile(done):
-            raise ConfigError(f"teacher_cache {path} is unfinished (no {COMPLETE}); rerun the build to resume it")
-        with open(done, encoding="utf-8") as f:
-            self.info = json.load(f)
-        self.k = int(self.manifest["top_k"])
-        self.tail_samples = int(self.manifest.get("tail_samples", 0))
-        self.shards = [torch.load(os.path.join(path, s), map_location="cpu", weights_only=True, mmap=True)
-                       for s in self.info["shards"]]
+        names = check_complete(path)
+        with reading("teacher cache manifest", os.path.join(path, MANIFEST)):
+            self.k = int(self.manifest["top_k"])
+            self.tail_samples = int(self.manifest.get("tail_samples", 0))
+        self.shards = [load_tensors(os.path.join(path, s), "teacher cache shard", mmap=True) for s in names]
         self.index: dict[str, tuple[int, int, int]] = {}
         for si, sh in enumerate(self.shards):
-            off = sh["offsets"].tolist()
-            for e, key in enumerate(sh["keys"]):
-                self.index[key] = (si, off[e], off[e + 1])
+            with reading("teacher cache shard", os.path.join(path, names[si])):
+                off = sh["offsets"].tolist()
+                for e, key in enumerate(sh["keys"]):
+                    self.index[key] = (si, off[e], off[e + 1])
 
     def check_run(self, run_manifest: dict) -> None:
         diff = mismatch(self.manifest, run_manifest)

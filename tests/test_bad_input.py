@@ -51,10 +51,42 @@ def assets(tmp_path_factory):
     for f in os.listdir(d / "no_tokenizer"):
         if "token" in f:
             os.remove(d / "no_tokenizer" / f)
+    _file_layer_assets(d)
     prev = d / "previous_run"
     assert cli_main(_args(d, prev, "--max_steps", "1", "--export", "false")) == 0
     (prev / "notes.txt").write_text("user's own file")
     return d
+
+
+def _file_layer_assets(d):
+    """Damaged files of every kind kd_engine reads (tests/test_hostile_inputs.py, FILE_LAYER_CASES)."""
+    import shutil
+
+    from kd_engine.teacher_cache import main as build_cache
+
+    shutil.copytree(d / "teacher", d / "bad_tok")
+    (d / "bad_tok" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    (d / "list.json").write_text("[1, 2]")
+    (d / "ds_garbage.json").write_bytes(bytes(range(128, 256)))
+    (d / "ds_list.json").write_text("[]")
+    (d / "broken.jsonl").write_text('{"text": "a b c"}\n{"text": \n')
+    (d / "bad.csv").write_bytes(b"text\nfine\n\xe9t\xe9\n")
+    (d / "pairs.jsonl").write_text("".join(json.dumps({"text": f"q {i} cats", "target": f"a {i}"}) + "\n"
+                                           for i in range(8)))
+    for name, data in (("seqkd_bad", b"\xff\xfe"), ("seqkd_list", b"[]")):
+        (d / name).mkdir()
+        (d / name / "key.json").write_bytes(data)
+    (d / "cache_bad_manifest").mkdir()
+    (d / "cache_bad_manifest" / "manifest.json").write_text('{ "format": 1,')
+    (d / "cache_no_keys").mkdir()
+    (d / "cache_no_keys" / "manifest.json").write_text(json.dumps({"format": 1, "top_k": 4, "temperature": 2.0}))
+    assert build_cache(["--teacher", str(d / "teacher"), "--train_file", str(d / "train.txt"), "--output_dir",
+                        str(d / "tc"), "--top_k", "4", "--max_length", "32"]) == 0
+    shutil.copytree(d / "tc", d / "tc_trunc")
+    shard = d / "tc_trunc" / "shard-00000.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    shutil.copytree(d / "tc", d / "tc_list")
+    (d / "tc_list" / "complete.json").write_text("[]")
 
 
 def _args(d, out, *extra):

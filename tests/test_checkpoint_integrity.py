@@ -116,7 +116,7 @@ def test_own_state_loads_without_pickle(run_dir, tmp_path, monkeypatch):
     (ck / manifest.COMPLETE).write_text(json.dumps({"step": 2, "manifest_sha256": digest}))
     checkpoint._verified.clear()
     assert checkpoint.problem(str(ck)) is None
-    with pytest.raises(KDError, match="cannot read .*rank0.pt"):
+    with pytest.raises(KDError, match="rank0.pt (holds a pickle that torch.s safe loader refuses|is truncated)"):
         checkpoint.load(str(ck), {"student": eng}, 0)
     assert not pwned.exists()
 

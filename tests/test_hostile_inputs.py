@@ -56,7 +56,27 @@ OPTION_CASES = [
      "excludes --target_column"),
     ("chat template missing", ["--messages_column", "text"], "has none"),
 ]
-CASES = FILE_CASES + OPTION_CASES
+_CACHED = ["--student", "{d}/teacher", "--max_length", "32"]
+_SEQKD = ["--method", "seqkd", "--train_file", "{d}/pairs.jsonl", "--max_new_tokens", "4"]
+# every kind of file goes through kd_engine/input_files.py (tests/test_input_files.py checks the source)
+FILE_LAYER_CASES = [
+    ("garbage tokenizer.json", ["--teacher", "{d}/bad_tok"], "holds no usable tokenizer (tokenizer.json"),
+    ("garbage --tokenizer", ["--tokenizer", "{d}/bad_tok"], "holds no usable tokenizer (tokenizer.json"),
+    ("JSON config holding a list", ["--config", "{d}/list.json"], "list.json must hold a mapping"),
+    ("DeepSpeed JSON not UTF-8", ["--deepspeed", "{d}/ds_garbage.json"], "ds_garbage.json is not UTF-8 text"),
+    ("DeepSpeed JSON holding a list", ["--deepspeed", "{d}/ds_list.json"], "ds_list.json must hold a mapping"),
+    ("JSONL with a broken record", ["--train_file", "{d}/broken.jsonl"], "broken.jsonl': line 2"),
+    ("CSV not UTF-8", ["--train_file", "{d}/bad.csv"], "bad.csv' is not UTF-8: line 3"),
+    ("teacher cache manifest not JSON", ["--teacher_cache", "{d}/cache_bad_manifest"], "is not valid JSON"),
+    ("teacher cache manifest lacking keys", ["--teacher_cache", "{d}/cache_no_keys"], "lacks teacher, tokenizer"),
+    ("teacher cache shard truncated", ["--teacher_cache", "{d}/tc_trunc", *_CACHED],
+     "shard-00000.pt is truncated or not a torch file"),
+    ("teacher cache marker a list", ["--teacher_cache", "{d}/tc_list", *_CACHED],
+     "complete.json must hold a JSON mapping"),
+    ("seqkd cache key not UTF-8", [*_SEQKD, "--seqkd_cache", "{d}/seqkd_bad"], "key.json is not UTF-8 text"),
+    ("seqkd cache key a list", [*_SEQKD, "--seqkd_cache", "{d}/seqkd_list"], "key.json must hold a JSON mapping"),
+]
+CASES = FILE_CASES + OPTION_CASES + FILE_LAYER_CASES
 
 
 def _one_error(capsys, argv):

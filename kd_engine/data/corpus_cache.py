@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import KDError
+from ..input_files import read_json, reading
 from ..io import atomic_dir, fsync_dir, write_text
 
 logger = logging.getLogger(__name__)
@@ -251,23 +252,26 @@ class TokenCache:
         if not _is_complete(path):
             raise KDError(f"corpus cache {path} is not complete (no {COMPLETE_MARKER} marker)")
         self.path = path
-        with open(os.path.join(path, "meta.json")) as f:
-            self.meta = json.load(f)
-        self.num_documents: int = self.meta["num_documents"]
-        self.num_tokens: int = self.meta["num_tokens"]
-        self.separator: int = self.meta["separator"]
-        self.prefix: list[int] = list(self.meta["prefix"])
-        self.suffix: list[int] = list(self.meta["suffix"])
+        meta_path = os.path.join(path, "meta.json")
+        self.meta = read_json(meta_path, "corpus cache meta")
+        with reading("corpus cache meta", meta_path):
+            self.num_documents: int = int(self.meta["num_documents"])
+            self.num_tokens: int = int(self.meta["num_tokens"])
+            self.separator: int = int(self.meta["separator"])
+            self.prefix: list[int] = [int(t) for t in self.meta["prefix"]]
+            self.suffix: list[int] = [int(t) for t in self.meta["suffix"]]
+            np.dtype(self.meta["dtype"])
         self.built = False  # True when this process built it (set by build_or_load)
         self._pid: Optional[int] = None
         self._tokens: Optional[np.ndarray] = None
         self._offsets: Optional[np.ndarray] = None
 
     def _open(self) -> None:
-        self._tokens = np.memmap(os.path.join(self.path, "tokens.bin"), dtype=self.meta["dtype"], mode="r",
-                                 shape=(self.num_tokens,))
-        self._offsets = np.memmap(os.path.join(self.path, "offsets.bin"), dtype=np.int64, mode="r",
-                                  shape=(self.num_documents + 1,))
+        with reading("corpus cache", self.path):  # a file shorter than meta.json says: "mmap length is greater"
+            self._tokens = np.memmap(os.path.join(self.path, "tokens.bin"), dtype=self.meta["dtype"], mode="r",
+                                     shape=(self.num_tokens,))
+            self._offsets = np.memmap(os.path.join(self.path, "offsets.bin"), dtype=np.int64, mode="r",
+                                      shape=(self.num_documents + 1,))
         self._pid = os.getpid()
 
     @property

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from ..errors import KDError
+from ..input_files import reading
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class ReadStats:
 
 def _decoded_lines(path: str, stats: ReadStats) -> Iterator[str]:
     """Lines of ``path`` without their line ending; lines that are not valid UTF-8 are skipped and counted."""
-    with open(path, "rb") as f:
+    with reading("corpus file", path), open(path, "rb") as f:
         first = True
         for raw in f:
             stats.bytes_read += len(raw)
@@ -169,7 +170,7 @@ def detect_format(path: str, text_field: str = "text") -> str:
     """The ``auto`` rule: extension first, then the first non-blank line (read from the first 64 KiB)."""
     if path.lower().endswith(_JSON_EXTS):
         return "jsonl"
-    with open(path, "rb") as f:
+    with reading("corpus file", path), open(path, "rb") as f:
         head = f.read(1 << 16)
     for raw in head.splitlines():
         line = raw.decode("utf-8", errors="ignore").lstrip("\ufeff").strip()

@@ -14,6 +14,7 @@ import re
 from typing import Optional, Sequence
 
 from ..errors import KDError
+from ..input_files import reading
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _looks_like_hub_id(path: str) -> bool:
 
 def _check_utf8(path: str) -> None:
     """KDError naming the file and line of the first byte that is not UTF-8."""
-    with open(path, "rb") as f:
+    with reading("data file", f"'{path}'"), open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             try:
                 line.decode("utf-8")
@@ -46,7 +47,7 @@ def _check_utf8(path: str) -> None:
 
 
 def _first_bad_json_line(path: str) -> Optional[str]:
-    with open(path, encoding="utf-8-sig") as f:
+    with reading("data file", f"'{path}'"), open(path, encoding="utf-8-sig") as f:
         head = f.read(4096).lstrip()
         f.seek(0)
         if head.startswith("["):  # one JSON document (a list of records)
@@ -69,7 +70,7 @@ def _first_bad_json_line(path: str) -> Optional[str]:
 
 def _count_nonblank_lines(path: str, limit: int) -> int:
     n = 0
-    with open(path, encoding="utf-8") as f:
+    with reading("data file", f"'{path}'"), open(path, encoding="utf-8") as f:
         for line in f:
             n += bool(line.strip())
             if n >= limit:
@@ -78,7 +79,7 @@ def _count_nonblank_lines(path: str, limit: int) -> int:
 
 
 def _has_bom(path: str) -> bool:
-    with open(path, "rb") as f:
+    with reading("data file", f"'{path}'"), open(path, "rb") as f:
         return f.read(3) == b"\xef\xbb\xbf"
 
 
@@ -87,15 +88,28 @@ def _load_local(path: str, ext: str, column_names: Optional[Sequence[str]]):
 
     encoding = "utf-8-sig" if _has_bom(path) else "utf-8"  # a BOM must not end up in the first column name
     if ext in TEXT_EXTS:
-        return datasets.load_dataset("text", data_files=path, split="train", encoding=encoding)
-    if ext in JSON_EXTS:
-        return datasets.load_dataset("json", data_files=path, split="train")
-    kwargs = dict(keep_default_na=False, encoding=encoding)  # "NA", "null", "None" in a text column stay text
-    if ext == ".tsv":
-        kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE style: quotes are plain characters
-    if column_names is not None:
-        kwargs.update(column_names=list(column_names), header=None)
-    return datasets.load_dataset("csv", data_files=path, split="train", **kwargs)
+        builder, kwargs = "text", dict(encoding=encoding)
+    elif ext in JSON_EXTS:
+        builder, kwargs = "json", {}
+    else:
+        builder = "csv"
+        kwargs = dict(keep_default_na=False, encoding=encoding)  # "NA", "null", "None" in a text column stay text
+        if ext == ".tsv":
+            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE style: quotes are plain characters
+        if column_names is not None:
+            kwargs.update(column_names=list(column_names), header=None)
+    with reading("data file", f"'{path}'", explain=lambda e: _parse_error(path, ext, column_names, e)):
+        return datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+
+
+def _parse_error(path: str, ext: str, column_names: Optional[Sequence[str]], e: Exception) -> str:
+    """The message for a local file ``datasets`` could not parse (it wraps parser errors in DatasetGenerationError)."""
+    header_lines = 1 if ext in CSV_EXTS and column_names is None else 0
+    if _count_nonblank_lines(path, header_lines + 1) <= header_lines:
+        return f"data file '{path}' has no rows (only blank lines or a header?)"
+    detail = _first_bad_json_line(path) if ext in JSON_EXTS else None
+    cause = e.__cause__ or e
+    return f"could not parse data file '{path}': {detail or f'{type(cause).__name__}: {cause}'}"
 
 
 def load_table(path: str, *, split: str = "train", column_names: Optional[Sequence[str]] = None):
@@ -128,15 +142,7 @@ def load_table(path: str, *, split: str = "train", column_names: Optional[Sequen
     if column_names is not None and ext not in CSV_EXTS:
         raise KDError(f"column_names only applies to .csv/.tsv files, not '{path}'")
 
-    try:
-        ds = _load_local(path, ext, column_names)
-    except Exception as e:  # datasets wraps parser errors in DatasetGenerationError
-        header_lines = 1 if ext in CSV_EXTS and column_names is None else 0
-        if _count_nonblank_lines(path, header_lines + 1) <= header_lines:
-            raise KDError(f"data file '{path}' has no rows (only blank lines or a header?)") from None
-        detail = _first_bad_json_line(path) if ext in JSON_EXTS else None
-        cause = e.__cause__ or e
-        raise KDError(f"could not parse data file '{path}': {detail or f'{type(cause).__name__}: {cause}'}") from None
+    ds = _load_local(path, ext, column_names)
 
     if ext in TEXT_EXTS:
         n_before = len(ds)
@@ -152,13 +158,10 @@ def load_table(path: str, *, split: str = "train", column_names: Optional[Sequen
 def _load_hub(name: str, split: str):
     import datasets
 
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as e:
-        raise KDError(
+    with reading("hub dataset", name, explain=lambda e: (
             f"could not load dataset '{name}' from the hub (offline?), and no local file of that name exists: "
-            f"{type(e).__name__}: {e}"
-        ) from None
+            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")):
+        return datasets.load_dataset(name, split=split)
 
 
 def require_columns(ds, columns: Sequence[Optional[str]], path: str) -> None:

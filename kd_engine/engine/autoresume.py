@@ -9,11 +9,11 @@ model shape is never loaded.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from ..config import to_dict
 from ..errors import KDError
+from ..input_files import InputFileError, read_json
 from . import checkpoint
 
 # settings that make a checkpoint another run's when they differ (run-length and logging settings may change)
@@ -27,10 +27,9 @@ def _marker(output_dir: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise KDError(f"{path} is unreadable ({exc}): is this folder a kd_engine run?")
+        return read_json(path, "run marker")
+    except InputFileError as exc:
+        raise KDError(f"{exc}: is this folder a kd_engine run?") from None
 
 
 def check_same_run(cfg, output_dir: str) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import KDError
+from ..input_files import InputFileError, load_tensors, read_json, reading
 from ..io import is_disk_full, write_text
 from . import faults, manifest, reshard
 
@@ -129,9 +130,8 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
 def owned_entries(output_dir: str) -> list[str]:
     """Top-level names the run in ``output_dir`` wrote, from its marker (kd_engine's fixed list if unreadable)."""
     try:
-        with open(os.path.join(output_dir, RUN_MARKER), encoding="utf-8") as fh:
-            owns = json.load(fh).get("owns")
-    except (OSError, ValueError, AttributeError):
+        owns = read_json(os.path.join(output_dir, RUN_MARKER), "run marker").get("owns")
+    except InputFileError:
         owns = None
     names = owns if isinstance(owns, list) and all(isinstance(n, str) for n in owns) else OWNED
     return [n for n in names if n and "/" not in n and n not in (".", "..")]
@@ -318,8 +318,7 @@ def load(path: str, engines: dict, rank: int, world_size: Optional[int] = None, 
         if tag == "student":
             client_state = cs or {}  # checkpoints written before state.json kept it in DeepSpeed's client state
     if os.path.isfile(os.path.join(path, STATE_FILE)):
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
-            client_state = json.load(fh)
+        client_state = read_json(os.path.join(path, STATE_FILE), "checkpoint state")
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if resharded and not os.path.isfile(rank_file):
         logger.warning("rank %d did not exist when %s was written: it starts from rank 0's RNG state and no method "
@@ -328,9 +327,7 @@ def load(path: str, engines: dict, rank: int, world_size: Optional[int] = None, 
     elif not os.path.isfile(rank_file):
         raise KDError(f"checkpoint {path} has no state for rank {rank}: resume with the number of ranks it was "
                       "written with (or convert it with deepspeed.checkpoint.ds_to_universal)")
-    try:
-        own = torch.load(rank_file, weights_only=True)
+    own = load_tensors(rank_file, "checkpoint rank state")
+    with reading("checkpoint rank state", rank_file):  # an old format without RNG state
         set_rng_state(own["rng"])
-    except Exception as exc:  # unpickling refused, damaged file, old format
-        raise KDError(f"cannot read {rank_file}: {str(exc).splitlines()[0][:200]}") from None
     return client_state, {} if resharded and rank_file.endswith("rank0.pt") and rank else own.get("method", {})

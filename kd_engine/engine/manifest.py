@@ -10,6 +10,8 @@ import json
 import os
 from typing import Optional
 
+from ..input_files import InputFileError, read_json, reading
+
 MANIFEST = "MANIFEST.json"
 COMPLETE = "COMPLETE"
 _CHUNK = 1 << 22
@@ -17,7 +19,7 @@ _CHUNK = 1 << 22
 
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with reading("file", path), open(path, "rb") as fh:
         for block in iter(lambda: fh.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
@@ -45,28 +47,35 @@ def write(folder: str, write_text) -> str:
 def verify(folder: str) -> Optional[str]:
     """None when the checkpoint is whole; otherwise one line saying what is wrong with it."""
     try:
-        with open(os.path.join(folder, COMPLETE), encoding="utf-8") as fh:
-            complete = json.loads(fh.read())
-    except (OSError, ValueError) as exc:
-        return f"{COMPLETE} marker unreadable ({exc.__class__.__name__})"
-    if not isinstance(complete, dict) or "manifest_sha256" not in complete:
+        complete = read_json(os.path.join(folder, COMPLETE), "checkpoint marker")
+    except InputFileError as exc:
+        return f"{COMPLETE} marker unreadable ({exc})"
+    if "manifest_sha256" not in complete:
         return f"{COMPLETE} marker has no manifest digest (written by an older kd_engine, or damaged)"
     path = os.path.join(folder, MANIFEST)
     try:
-        with open(path, "rb") as fh:
+        with reading("checkpoint manifest", path), open(path, "rb") as fh:
             raw = fh.read()
-    except OSError:
+    except InputFileError:
         return f"{MANIFEST} is missing"
     if hashlib.sha256(raw).hexdigest() != complete["manifest_sha256"]:
         return f"{MANIFEST} does not match the digest in {COMPLETE}"
-    files = json.loads(raw.decode("utf-8"))["files"]
-    for rel, meta in sorted(files.items()):
+    try:
+        with reading("checkpoint manifest", path):
+            files = {str(rel): (int(m["size"]), str(m["sha256"])) for rel, m in json.loads(raw)["files"].items()}
+    except InputFileError as exc:
+        return str(exc)
+    for rel, (want_size, want_sha) in sorted(files.items()):
         full = os.path.join(folder, rel)
         if not os.path.isfile(full):
             return f"{rel} is missing"
         size = os.path.getsize(full)
-        if size != meta["size"]:
-            return f"{rel} has {size} bytes, the manifest says {meta['size']}"
-        if sha256_file(full) != meta["sha256"]:
+        if size != want_size:
+            return f"{rel} has {size} bytes, the manifest says {want_size}"
+        try:
+            digest = sha256_file(full)
+        except InputFileError as exc:
+            return str(exc)
+        if digest != want_sha:
             return f"{rel} does not match its sha256 in the manifest"
     return None

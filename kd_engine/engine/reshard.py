@@ -12,7 +12,6 @@ The loss continues within noise but not bit for bit: the order in which examples
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ import sys
 from typing import Optional
 
 from ..errors import KDError
+from ..input_files import InputFileError, load_tensors, read_json
 from . import manifest
 
 logger = logging.getLogger("kd_engine")
@@ -29,9 +29,8 @@ logger = logging.getLogger("kd_engine")
 
 def saved_geometry(path: str) -> Optional[dict]:
     try:
-        with open(os.path.join(path, manifest.COMPLETE), encoding="utf-8") as fh:
-            return json.load(fh).get("geometry")
-    except (OSError, ValueError, AttributeError):
+        return read_json(os.path.join(path, manifest.COMPLETE), "checkpoint marker").get("geometry")
+    except InputFileError:
         return None
 
 
@@ -101,15 +100,10 @@ def load_engine(path: str, tag: str, engine, rank: int, barrier) -> tuple:
 
 def method_states(path: str) -> list[dict]:
     """Every saved rank's method state of a checkpoint (rank order), for a resume on another world size."""
-    import torch
-
     names = sorted((n for n in os.listdir(path) if re.fullmatch(r"rank\d+\.pt", n)), key=lambda n: int(n[4:-3]))
     out = []
     for n in names:
-        try:
-            out.append(torch.load(os.path.join(path, n), weights_only=True).get("method", {}))
-        except Exception as exc:  # unpickling refused, damaged file
-            raise KDError(f"cannot read {os.path.join(path, n)}: {str(exc).splitlines()[0][:200]}") from None
+        out.append(load_tensors(os.path.join(path, n), "checkpoint rank state").get("method", {}))
     return out
 
 

@@ -23,6 +23,7 @@ import uuid
 from typing import Optional
 
 from ..errors import KDError
+from ..input_files import InputFileError, read_json
 
 LOCK = ".kd_engine.lock"
 HEARTBEAT_S = 30.0
@@ -46,14 +47,13 @@ def _pid_alive(pid: int) -> bool:
 
 def read_lock(output_dir: str) -> Optional[dict]:
     path = os.path.join(output_dir, LOCK)
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-        info["_mtime"] = os.path.getmtime(path)
-        return info if isinstance(info, dict) else {"_mtime": info["_mtime"]}
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, ValueError):  # half-written by a process that died in between: judge it by its age
+    try:
+        info = read_json(path, "run lock")
+        info["_mtime"] = os.path.getmtime(path)
+        return info
+    except (InputFileError, OSError):  # half-written by a process that died in between: judge it by its age
         try:
             return {"_mtime": os.path.getmtime(path), "unreadable": True}
         except OSError:
@@ -181,7 +181,6 @@ def take_on_rank0(output_dir: str, rank: int, broadcast) -> Optional[RunLock]:
 
 def read_lock_file(path: str) -> Optional[dict]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_json(path, "run lock")
+    except InputFileError:
         return None

@@ -227,8 +227,7 @@ def cached_run_check(path: str, cfg, task_opt: str) -> None:
     from ..models.loading import load_tokenizer
 
     m = store.read_manifest(path)
-    if not os.path.isfile(os.path.join(path, store.COMPLETE)):
-        raise ConfigError(f"teacher_cache {path} is unfinished (no complete.json); rerun its build to resume it")
+    store.check_complete(path)
     if not cfg.train_file or not os.path.isfile(cfg.train_file):
         raise ConfigError("teacher_cache needs --train_file (the file the cache was built from)")
     if cfg.teacher and cfg.teacher != m["teacher"]:

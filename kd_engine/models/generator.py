@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..errors import KDError
+from ..input_files import reading
 from .loading import load_config, resolve
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def load_generator(name_or_path: str, trust_remote_code: bool = False) -> torch.
     from transformers import AutoModelForMaskedLM
 
     check_generator_source(name_or_path, trust_remote_code)
-    return AutoModelForMaskedLM.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
+    with reading("generator model", name_or_path):
+        return AutoModelForMaskedLM.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
 
 
 def _depth_key(config) -> str:

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from ..errors import KDError
+from ..input_files import describe, reading
 # names, folders and tokenizers live in the leaf module kd_engine.model_files (the data layer uses them too)
 from ..model_files import (OFFLINE_MODELS, TASK_AUTO_CLASSES, TOKENIZER_FILES, _first_line,  # noqa: F401
                            _hub_error, _package_dir, load_tokenizer, offline_model_path, resolve)
@@ -41,17 +42,16 @@ def _local_model_error(name: str, path: str, exc: Exception) -> KDError:
     if type(exc).__name__ == "SafetensorError" or "safetensors" in type(exc).__module__:
         return KDError(f"model folder {name}: {present[0]} is damaged or incomplete ({_first_line(exc)}); copy or "
                        f"download it again")
-    return KDError(f"model folder {name} did not load ({_first_line(exc)})")
+    return KDError(f"model folder {name}: a file {describe(exc)}")
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = resolve(name_or_path)
-    try:
+    with reading("model config of", name_or_path, explain=lambda exc: None if os.path.isdir(path)
+                 else str(_hub_error(name_or_path, exc))):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise _hub_error(name_or_path, exc) from None
 
 
 def load_model(name_or_path: str, task: str, *, dtype: Any = None, trust_remote_code: bool = False, **kwargs):
@@ -62,20 +62,16 @@ def load_model(name_or_path: str, task: str, *, dtype: Any = None, trust_remote_
         raise KDError(f"unknown model task '{task}' (known: {', '.join(TASK_AUTO_CLASSES)})")
     auto = getattr(transformers, TASK_AUTO_CLASSES[task])
     path = resolve(name_or_path)
-    local = os.path.isdir(path)
-    try:
+
+    def explain(exc: Exception) -> str:  # safetensors' SafetensorError, pickle's UnpicklingError, torch's errors
+        if isinstance(exc, ValueError) and "Unrecognized configuration class" in str(exc):
+            return (f"'{name_or_path}' ({type(load_config(path)).__name__}) has no {task} head "
+                    f"({TASK_AUTO_CLASSES[task]})")
+        return str(_local_model_error(name_or_path, path, exc) if os.path.isdir(path)
+                   else _hub_error(name_or_path, exc))
+
+    with reading("model", name_or_path, explain=explain):
         return auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    except ValueError as exc:
-        if "Unrecognized configuration class" in str(exc):
-            raise KDError(f"'{name_or_path}' ({type(load_config(path)).__name__}) has no {task} head "
-                          f"({TASK_AUTO_CLASSES[task]})") from None
-        raise (_local_model_error(name_or_path, path, exc) if local else _hub_error(name_or_path, exc)) from None
-    except OSError as exc:
-        raise (_local_model_error(name_or_path, path, exc) if local else _hub_error(name_or_path, exc)) from None
-    except Exception as exc:  # safetensors' SafetensorError, pickle's UnpicklingError, torch's load errors
-        if not local:
-            raise
-        raise _local_model_error(name_or_path, path, exc) from None
 
 
 def tokenizer_fingerprint(tok) -> tuple:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import KDError
+from ..input_files import InputFileError, load_tensors, read_json
 from ..io import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -105,10 +106,9 @@ def _open_cache(cache_dir: str, key: dict) -> None:
         _atomic_save(key, path)
         return
     try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-    except (OSError, ValueError) as e:
-        raise KDError(f"label cache {cache_dir}: unreadable key.json ({e}); delete the folder to relabel") from None
+        old = read_json(path, "label cache key")
+    except InputFileError as e:
+        raise KDError(f"{e}; delete the folder {cache_dir} to relabel") from None
     if old != key:
         diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
         shown = "; ".join(f"{k}: cache {_short(old.get(k))} vs now {_short(key.get(k))}" for k in diff)
@@ -123,8 +123,8 @@ def _short(v: Any) -> str:
 
 def _load_tensor(path: str, shape: tuple[int, int], digest: str) -> Optional[torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign / damaged file: relabel that part
+        obj = load_tensors(path, "label cache part", expect=None)
+    except InputFileError as e:  # a foreign / damaged file: relabel that part
         logger.warning("label cache: ignoring %s (%s)", path, e)
         return None
     t = obj.get("probs") if isinstance(obj, dict) else None

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import KDError
+from ..input_files import InputFileError, load_tensors, read_json
 from .labeling import Gather, _atomic_save, _chunk_path, _short, all_gather_objects, finished_chunks, key_digest
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,7 @@ def read_key(cache_dir: str) -> Optional[dict]:
     path = os.path.join(cache_dir, "key.json")
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise KDError(f"seqkd cache {cache_dir}: unreadable key.json ({e})") from None
+    return read_json(path, "seqkd cache key")
 
 
 def key_mismatch(old: dict, new: dict, fields: Optional[Sequence[str]] = None) -> list[str]:
@@ -85,8 +82,8 @@ def _unpack(obj: dict) -> list:
 
 def _load(path: str, n: int, digest: str) -> Optional[list]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # damaged / foreign file: generate that part again
+        obj = load_tensors(path, "seqkd cache part", expect=None)
+    except InputFileError as e:  # damaged / foreign file: generate that part again
         logger.warning("seqkd cache: ignoring %s (%s)", path, e)
         return None
     ok = (isinstance(obj, dict) and obj.get("key") == digest and isinstance(obj.get("lengths"), torch.Tensor)

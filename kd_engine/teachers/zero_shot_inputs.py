@@ -7,6 +7,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from ..errors import KDError
+from ..input_files import reading
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def load_class_names(path: str) -> list[str]:
     """One class name per line; blank lines are ignored. KDError for a missing/empty file, duplicates, < 2."""
     if not os.path.isfile(path):
         raise KDError(f"class names file not found: {path}")
-    with open(path, encoding="utf-8") as f:
+    with reading("class names file", path), open(path, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     if not names:
         raise KDError(f"class names file {path} is empty")
@@ -58,7 +59,7 @@ def read_texts(path: str) -> tuple[list[str], int]:
         raise KDError(f"data file not found: {path}")
     texts: list[str] = []
     blank = 0
-    with open(path, encoding="utf-8") as f:
+    with reading("data file", path), open(path, encoding="utf-8") as f:
         for line in f:
             line = line.rstrip("\r\n")
             if line.strip():
