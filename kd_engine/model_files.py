@@ -53,7 +53,28 @@ def offline_model_path(name: str) -> str:
     target = os.path.join(cache_root(), "models", key)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
+    if _distributed_rank() > 0:  # transformers saves weights on rank 0 only once torch.distributed is up
+        return _wait_for_folder(target)
     _convert_gguf(pkg_dir, info["gguf"], target)
+    return target
+
+
+def _distributed_rank() -> int:
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # never imports torch for this
+    return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
+
+
+def _wait_for_folder(target: str, timeout_s: float = 1800.0) -> str:
+    """Rank > 0: the folder rank 0 is converting, once it is published (its config.json is the last sign)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not os.path.isfile(os.path.join(target, "config.json")):
+        if time.monotonic() > deadline:
+            raise KDError(f"rank 0 did not finish converting the offline model into {target} in {timeout_s:.0f} s")
+        time.sleep(0.5)
     return target
 
 
@@ -73,6 +94,9 @@ def _convert_gguf(pkg_dir: str, gguf_file: str, target: str) -> None:
     with atomic_dir(target, replace=False) as tmp:  # another process may finish first: its folder is kept
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if not all(os.path.isfile(os.path.join(tmp, f)) for f in ("config.json", "model.safetensors")):
+            raise KDError(f"converting {gguf_file} wrote no weights (a rank other than 0 of a distributed run?); "
+                          f"nothing was published at {target}")
 
 
 def resolve(name_or_path: str, require_config: bool = True) -> str:
