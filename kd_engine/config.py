@@ -39,6 +39,7 @@ class TrainConfig:
     tokenizer: Optional[str] = None  # default: the student's, else the teacher's
     trust_remote_code: bool = False  # allow model code shipped with a hub model
     teacher_dtype: str = "auto"  # auto (student's training dtype) | fp32 | bf16 | fp16
+    teacher_tp: int = 1  # split the teacher over N ranks (tensor parallel); each N consecutive ranks hold one copy
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2, both models (default: transformers')
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
     # data
@@ -278,12 +279,9 @@ def build_config(argv: list[str]) -> ParsedConfig:
     if train.student.init == "auto":
         train.student.init = method_cls.default_student_init
     validate_train_config(train)
-    if train.packing and not method_cls.supports_packing:
-        raise ConfigError(f"--packing: method '{method_name}' needs one example per row (it generates from, or keeps "
-                          f"state for, each row); packing works with kd, sft and seqkd on causal LMs")
-    if train.messages_column and not method_cls.supports_messages:
-        raise ConfigError(f"--messages_column: method '{method_name}' does not read chat data (methods that do: kd, "
-                          f"sft, seqkd, gkd, minillm)")
+    from .methods.base import check_capabilities
+
+    check_capabilities(train, method_cls)
     from .data.split import check_data_options
 
     check_data_options(train, method_name, method_cls.data_options)
@@ -315,7 +313,7 @@ def validate_train_config(c: TrainConfig) -> None:
         raise ConfigError("--messages_column holds whole conversations: it excludes --target_column, "
                           "--text_pair_column and --label_column")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_length", "save_total_limit", "logging_steps", "max_nonfinite_steps"):
+                "max_length", "save_total_limit", "logging_steps", "max_nonfinite_steps", "teacher_tp"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key} must be >= 1; got {getattr(c, key)}")
     for key in ("save_steps", "eval_steps", "warmup_steps"):

@@ -40,6 +40,8 @@ def parse(argv):
     ap.add_argument("--teacher_dtype", default="fp32", help="fp32 | bf16 (the teacher's compute dtype)")
     ap.add_argument("--logp_dtype", default="fp16", help="fp16 | bf16 | fp32: stored log-prob precision "
                     "(6 (k+1+tail_samples) bytes/token at fp16/bf16, 8 (...) at fp32)")
+    ap.add_argument("--teacher_tp", type=int, default=1, help="split the teacher over N ranks (tensor parallel, "
+                    "transformers' tp_plan): each group of N consecutive ranks holds one copy")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
@@ -56,7 +58,7 @@ def _validate(a, tokenizer) -> None:
         raise ConfigError(f"tail_samples must be >= 0; got {a.tail_samples}")
     if a.temperature <= 0:
         raise ConfigError(f"temperature must be > 0; got {a.temperature}")
-    for key in ("max_length", "batch_size", "chunk_size"):
+    for key in ("max_length", "batch_size", "chunk_size", "teacher_tp"):
         if getattr(a, key) < 1:
             raise ConfigError(f"{key} must be >= 1; got {getattr(a, key)}")
     if a.task not in ("auto", "causal_lm", "seq2seq_lm"):
@@ -72,7 +74,7 @@ def train_config(a):
     from .config import TrainConfig
 
     cfg = TrainConfig()
-    cfg.teacher, cfg.train_file, cfg.max_length = a.teacher, a.train_file, a.max_length
+    cfg.teacher, cfg.train_file, cfg.max_length, cfg.teacher_tp = a.teacher, a.train_file, a.max_length, a.teacher_tp
     cfg.text_column, cfg.target_column, cfg.eval_split, cfg.eval_file = a.text_column, a.target_column, 0.0, None
     return cfg
 
@@ -107,6 +109,11 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     data = build_supervised_data(cfg, tok, task)  # bad/empty data fails here, before anything is written
     if len(data.train) == 0:
         raise KDError(f"{a.train_file}: no examples")
+    if a.teacher_tp > 1:  # before the cache folder is written
+        from .models.loading import load_config
+        from .models.tensor_parallel import check_tp_request
+
+        check_tp_request(load_config(a.teacher), a.teacher_tp, world, a.teacher)
     error = None
     if rank == 0:
         try:
@@ -128,17 +135,22 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     ldt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.logp_dtype]
     for start in range(0, n, a.chunk_size):
         path = store.part_path(a.output_dir, start, rank)
-        if os.path.exists(path):
+        if all_ranks_have(os.path.exists(path), world):  # a split teacher needs every rank of its group forwarding
             continue
         mine = list(range(start + rank, min(n, start + a.chunk_size), world))
         parts = {"keys": [], "offsets": [0], "ids": [], "logp": [], "log_tail": [], "targets": [], "tail_ids": [],
                  "tail_logp": []}
-        for b in range(0, len(mine), a.batch_size):
+        per_rank = -(-(min(n, start + a.chunk_size) - start) // world)
+        for b in range(0, per_rank, a.batch_size):  # the same number of forwards on every rank
             idx = mine[b:b + a.batch_size]
-            batch = data.collate_fn([data.train[i] for i in idx])
+            if not idx and a.teacher_tp == 1:
+                break
+            batch = data.collate_fn([data.train[i] for i in (idx or [start])])  # [start]: a forward for the group
             inputs = seq2seq_inputs(teacher, batch) if task == "seq2seq_lm" else model_inputs(batch)
             with torch.no_grad():
                 logits = teacher(**inputs).logits
+            if not idx:
+                continue
             labels = batch["labels"]
             if task == "causal_lm":
                 logits, labels = shift_for_causal_lm(logits, labels)
@@ -188,6 +200,18 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
                 "logp_dtype": a.logp_dtype, "top_k": a.top_k, "tail_samples": a.tail_samples}
         store.save(info, os.path.join(a.output_dir, store.COMPLETE))
     return broadcast_object(info)
+
+
+def all_ranks_have(flag: bool, world: int) -> bool:
+    """True when ``flag`` is true on every rank (a collective when world > 1)."""
+    if world == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def main(argv=None) -> int:

@@ -21,11 +21,24 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def placement(cfg, student_stage: int) -> str:
+    """How the teacher is placed, for the start-up log line."""
+    if cfg.teacher_tp > 1:
+        return f" (tensor parallel over groups of {cfg.teacher_tp} ranks)"
+    return " (ZeRO-3 partitioned)" if student_stage == 3 else " (replica)"
+
+
 def build_teacher_engine(teacher: torch.nn.Module, teacher_ds: dict | None, dtype: str, device):
     """Returns (callable engine, underlying nn.Module)."""
     import deepspeed
 
+    from ..models.tensor_parallel import TensorParallelTeacher
+
     freeze(teacher)
+    if isinstance(teacher, TensorParallelTeacher):  # already split over its group: no DeepSpeed engine around it
+        teacher.module.to(DTYPES[dtype])
+        freeze(teacher.module)
+        return teacher, teacher
     if teacher_ds is not None:
         engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds)
         freeze(engine.module)

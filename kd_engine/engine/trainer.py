@@ -34,7 +34,7 @@ from .export import count_params, export_student
 from .guard import NonFiniteGuard
 from .monitor import Monitor, perplexities  # noqa: F401  (perplexities: importable from here as before)
 from .runlock import take_on_rank0
-from .teacher import build_teacher_engine
+from .teacher import build_teacher_engine, placement
 
 logger = logging.getLogger("kd_engine")
 
@@ -252,7 +252,7 @@ class Trainer:
                         "%d examples | %d steps of %d samples", self.method.name, self.world_size,
                         zero_stage(self.ds_config), self.student_dtype, f"{count_params(self.student.module):,}",
                         "none" if teacher is None else f"{count_params(self.teacher_model):,} params"
-                        + (" (ZeRO-3 partitioned)" if zero_stage(self.ds_config) == 3 else " (replica)"),
+                        + placement(cfg, zero_stage(self.ds_config)),
                         len(self.data.train), self.total_steps, self.ds_config["train_batch_size"])
 
     def _resume(self) -> None:

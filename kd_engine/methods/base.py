@@ -59,6 +59,9 @@ class Method:
     supports_packing: ClassVar[bool] = False
     # --messages_column (chat rows rendered with the chat template) is read by this method's data
     supports_messages: ClassVar[bool] = False
+    # --teacher_tp N: the method only calls ctx.teacher_forward (no teacher generation, hooks or output layer),
+    # which a teacher split over a group of ranks serves collectively (models/tensor_parallel.py)
+    supports_teacher_tp: ClassVar[bool] = False
 
     def __init__(self, cfg, opts):
         self.cfg = cfg
@@ -119,6 +122,26 @@ class Method:
     def card_info(self) -> dict:
         """Extra lines for the exported model card."""
         return {}
+
+
+def check_capabilities(train, method_cls: type[Method]) -> None:
+    """ConfigError when an engine option asks for something the method cannot do."""
+    from ..errors import ConfigError
+
+    name = method_cls.name
+    if train.packing and not method_cls.supports_packing:
+        raise ConfigError(f"--packing: method '{name}' needs one example per row (it generates from, or keeps "
+                          f"state for, each row); packing works with kd, sft and seqkd on causal LMs")
+    if train.messages_column and not method_cls.supports_messages:
+        raise ConfigError(f"--messages_column: method '{name}' does not read chat data (methods that do: kd, "
+                          f"sft, seqkd, gkd, minillm)")
+    if train.teacher_tp > 1 and not method_cls.supports_teacher_tp:
+        raise ConfigError(f"--teacher_tp: method '{name}' uses its teacher beyond forward passes (generation, "
+                          f"hooks on its layers, or no teacher at all); a tensor-parallel teacher serves kd and gkd")
+    if train.teacher_tp > 1 and not train.student.name_or_path and train.student.init == "teacher_layers":
+        raise ConfigError("--teacher_tp: copying teacher layers into a student needs the teacher whole on one rank; "
+                          "build the student once (python -m kd_engine.shrink) and pass --student, or use "
+                          "--student.init random")
 
 
 _REGISTRY: dict[str, type[Method]] = {}

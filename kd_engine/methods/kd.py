@@ -53,6 +53,15 @@ class KDOptions:
         if self.kd_loss_impl not in ("auto", "fused", "naive"):
             raise ConfigError(f"kd_loss_impl must be auto, fused or naive; got {self.kd_loss_impl!r}")
         check_divergence(self.divergence, self.beta)
+
+    def check_against(self, cfg) -> None:
+        """Checks that need the engine config, before anything is written: the cache must match this run."""
+        if cfg.teacher_tp > 1 and self.teacher_cache:
+            raise ConfigError("--teacher_tp splits a teacher that --teacher_cache replaces: drop one of them (the "
+                              "cache builder takes --teacher_tp itself)")
+        if cfg.teacher_tp > 1 and self.kd_loss_impl == "fused":
+            raise ConfigError("kd_loss_impl fused needs the teacher's output layer on every rank; a tensor-parallel "
+                              "teacher (--teacher_tp) returns gathered logits: use auto or naive")
         if self.teacher_cache:
             from .. import teacher_cache_store as store
 
@@ -62,10 +71,6 @@ class KDOptions:
             if float(m["temperature"]) != float(self.temperature):
                 raise ConfigError(f"teacher_cache {self.teacher_cache} holds log-probs at temperature "
                                   f"{m['temperature']}, this run uses {self.temperature}")
-
-    def check_against(self, cfg) -> None:
-        """Checks that need the engine config, before anything is written: the cache must match this run."""
-        if self.teacher_cache:
             if cfg.packing or cfg.messages_column:
                 raise ConfigError("teacher_cache rows are looked up per example of --text_column/--target_column data: "
                                   "it excludes --packing and --messages_column")
@@ -80,6 +85,7 @@ class LogitKD(Method):
     lm_loss_key = "lm_loss"
     supports_packing = True
     supports_messages = True
+    supports_teacher_tp = True  # naive loss path: the split teacher returns its gathered logits
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
@@ -124,6 +130,11 @@ class LogitKD(Method):
             raise ConfigError("kd_loss_impl fused is for causal and seq2seq LMs; use naive for classification")
         if self.opts.divergence != "forward_kl" and not lm:
             raise ConfigError("divergence other than forward_kl is for causal and seq2seq LMs")
+        if self.cfg.teacher_tp > 1 and self.needs_teacher:  # the fused loss needs the teacher's output layer whole
+            if self.opts.kd_loss_impl == "fused":
+                raise ConfigError("kd_loss_impl fused needs the teacher's output layer on every rank; a "
+                                  "tensor-parallel teacher (--teacher_tp) returns gathered logits: use auto or naive")
+            return False
         return lm and self.opts.kd_loss_impl != "naive"
 
     def compute_loss(self, ctx, batch):

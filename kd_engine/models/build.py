@@ -55,6 +55,10 @@ def with_pad_token(tok):
 def load_teacher_model(cfg, task: str, **model_kwargs) -> torch.nn.Module:
     if not cfg.teacher:
         raise KDError("this method needs a teacher: pass --teacher PATH_OR_HUB_ID")
+    if getattr(cfg, "teacher_tp", 1) > 1:
+        from .tensor_parallel import load_tp_model
+
+        return load_tp_model(cfg.teacher, task, cfg.teacher_tp, trust_remote_code=cfg.trust_remote_code, **model_kwargs)
     return load_model(cfg.teacher, task, trust_remote_code=cfg.trust_remote_code, **model_kwargs)
 
 
@@ -69,7 +73,10 @@ def load_or_build_student(cfg, teacher: Optional[torch.nn.Module], task: str, **
         raise KDError("no student: pass --student PATH_OR_HUB_ID, or --student.layers N to build one from the "
                       "teacher")
     from .student import create_student
+    from .tensor_parallel import TensorParallelTeacher
 
+    if isinstance(teacher, TensorParallelTeacher):  # random init: only the teacher's config and structure are read
+        teacher = teacher.module
     return create_student(teacher, layers=s.layers, decoder_layers=s.decoder_layers, hidden=s.hidden,
                           heads=s.heads, intermediate=s.intermediate,
                           init="teacher_layers" if s.init == "auto" else s.init)
