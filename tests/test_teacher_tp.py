@@ -19,24 +19,32 @@ def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("tp")
     tiny.make_llama(str(d / "teacher"), layers=2)
     tiny.make_bert_classifier(str(d / "bert"), layers=1)
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    for name, extra in (("t5_flan", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+                        ("t5_tied", dict(feed_forward_proj="relu", tie_word_embeddings=True))):
+        torch.manual_seed(0)
+        T5ForConditionalGeneration(T5Config(vocab_size=tiny.vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                            num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                                            dropout_rate=0.0, **extra)).save_pretrained(d / name)
+        tiny.make_tokenizer(str(d / name))
     tiny.write_lines(str(d / "train.txt"), tiny.sentences(32))
     (d / "pairs.jsonl").write_text("".join(json.dumps({"text": f"q {i} {s}", "target": f"a {i}"}) + "\n"
                                            for i, s in enumerate(tiny.sentences(12))))
     return d
 
 
-def _rank_main(rank, world, port, teacher, out):
+def _rank_main(rank, world, port, teacher, task, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-
+    from kd_engine.models.loading import load_model
     from kd_engine.models.tensor_parallel import load_tp_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    tp = load_tp_model(teacher, "causal_lm", 2)
-    ref = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    tp = load_tp_model(teacher, task, 2)
+    ref = load_model(teacher, task).eval()
     g = torch.Generator().manual_seed(rank)
     rows, cols = 2 + rank, 5 + 2 * rank  # every rank its own batch shape: the group exchanges shapes first
     ids = torch.randint(7, ref.config.vocab_size, (rows, cols), generator=g)
@@ -44,26 +52,36 @@ def _rank_main(rank, world, port, teacher, out):
     mask[0, :2] = 0  # left padding
     mask[1, -3:] = 0  # right padding
     ids[mask == 0] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if task == "seq2seq_lm":  # decoder rows of another length than the encoder's
+        inputs["decoder_input_ids"] = torch.randint(7, ref.config.vocab_size, (rows, cols - 2), generator=g)
+        inputs["decoder_attention_mask"] = torch.ones_like(inputs["decoder_input_ids"])
+        inputs["decoder_attention_mask"][1, -1:] = 0
     with torch.no_grad():
-        got = tp(input_ids=ids, attention_mask=mask).logits
-        want = ref(input_ids=ids, attention_mask=mask).logits
-    q = tp.module.model.layers[0].self_attn.q_proj.weight
+        got, want = tp(**inputs).logits, ref(**inputs).logits
+    keep = (inputs.get("decoder_attention_mask", mask)).bool()
+    q = (tp.module.encoder.block[0].layer[0].SelfAttention.q if task == "seq2seq_lm"
+         else tp.module.model.layers[0].self_attn.q_proj).weight
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"diff": float((got - want)[mask.bool()].abs().max()), "shape": list(got.shape),
+        json.dump({"diff": float((got - want)[keep].abs().max()), "scale": float(want[keep].abs().max()),
+                   "shape": list(got.shape),
                    "q_local_rows": q.to_local().shape[0], "q_rows": q.shape[0], "group": tp.ranks}, f)
     dist.destroy_process_group()
 
 
 @pytest.mark.multirank
-def test_tp_teacher_logits_equal_the_unsplit_teacher(assets, tmp_path):
-    """4 ranks in two groups of 2, each rank with its own batch shape and padding on both sides."""
+@pytest.mark.parametrize("model", ["teacher", "t5_flan", "t5_tied"])
+def test_tp_teacher_logits_equal_the_unsplit_teacher(assets, tmp_path, model):
+    """4 ranks in two groups of 2, each rank with its own batch shape and padding on both sides; Llama (transformers'
+    plan) and T5 (kd_engine's: gated FFN with an untied head as Flan-T5, ReLU FFN with a tied head as T5 v1.0)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(4, free_port(), str(assets / "teacher"), str(tmp_path)), nprocs=4, join=True)
+    task = "causal_lm" if model == "teacher" else "seq2seq_lm"
+    mp.spawn(_rank_main, args=(4, free_port(), str(assets / model), task, str(tmp_path)), nprocs=4, join=True)
     for rank in range(4):
         r = json.load(open(tmp_path / f"rank{rank}.json"))
-        assert r["diff"] < 1e-5, r
-        assert r["shape"][:2] == [2 + rank, 5 + 2 * rank]
+        assert r["diff"] <= 1e-6 * max(10.0, r["scale"]), r  # 1e-5, or 1e-6 of the largest logit (fp32 sums)
+        assert r["shape"][:2] == [2 + rank, (5 + 2 * rank) - (2 if task == "seq2seq_lm" else 0)]
         assert r["q_local_rows"] * 2 == r["q_rows"]  # each rank holds half of every projection
         assert r["group"] == ([0, 1] if rank < 2 else [2, 3])
 
@@ -91,11 +109,16 @@ def _losses(out):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-@pytest.mark.parametrize("method", ["kd", "gkd-zero3"])
+@pytest.mark.parametrize("method", ["kd", "kd-t5", "gkd-zero3"])
 def test_a_tp_teacher_trains_like_a_replica(assets, tmp_path, method):
     """2 ranks: --teacher_tp 2 (one teacher split over both) gives the replica teacher's losses step by step; kd
-    with a ZeRO-0 student, gkd fully on-policy (the student's samples scored by the split teacher) at ZeRO-3."""
+    with a ZeRO-0 student (Llama, and a Flan-T5-style seq2seq teacher), gkd fully on-policy (the student's samples
+    scored by the split teacher) at ZeRO-3."""
     extra = ["--kd_loss_impl", "naive", "--student.init", "random", "--student.hidden", "16"]
+    if method == "kd-t5":
+        extra = ["--kd_loss_impl", "naive", "--student.init", "random", "--teacher", str(assets / "t5_flan"),
+                 "--student.decoder_layers", "1", "--train_file", str(assets / "pairs.jsonl"), "--target_column",
+                 "target", "--per_device_train_batch_size", "2"]
     if method == "gkd-zero3":
         tiny.ds_config_file(tmp_path / "z3.json", stage=3)
         extra += ["--method", "gkd", "--train_file", str(assets / "pairs.jsonl"), "--target_column", "target",
@@ -143,7 +166,7 @@ def test_cache_built_by_a_tp_teacher_equals_the_replica_built_cache(assets, tmp_
      "--teacher_tp splits a teacher that --teacher_cache"),
     (["--teacher_tp", "2", "--student.init", "random"], "--teacher_tp 2 does not divide the world size 1"),
     (["--teacher_tp", "2", "--teacher", "{d}/bert", "--task", "sequence_classification", "--student.init", "random"],
-     "has no tensor-parallel plan in transformers"),
+     "has no tensor-parallel plan"),
     (["--teacher_tp", "2", "--method", "seqkd", "--student.init", "random", "--train_file", "{d}/pairs.jsonl"],
      "teacher responses (seqkd, gkd --seq_kd) are generated by the teacher"),
 ], ids=["zero", "layer copy", "minilmv2", "fused", "with cache", "world 1", "no plan", "seqkd"])

@@ -58,7 +58,8 @@ def load_teacher_model(cfg, task: str, **model_kwargs) -> torch.nn.Module:
     if getattr(cfg, "teacher_tp", 1) > 1:
         from .tensor_parallel import load_tp_model
 
-        return load_tp_model(cfg.teacher, task, cfg.teacher_tp, trust_remote_code=cfg.trust_remote_code, **model_kwargs)
+        return load_tp_model(cfg.teacher, task, cfg.teacher_tp, trust_remote_code=cfg.trust_remote_code,
+                             **model_kwargs)
     return load_model(cfg.teacher, task, trust_remote_code=cfg.trust_remote_code, **model_kwargs)
 
 

@@ -35,6 +35,46 @@ TASK_MAPPINGS = {"causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING", "seq2seq_lm": "MODE
                  "sequence_classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING"}
 
 
+def t5_tp_plan(config) -> dict[str, str]:
+    """A tensor-parallel plan for T5 / Flan-T5 / mT5 (transformers ships none): q, k, v and the first FFN layer(s)
+    column-wise, o and the last FFN layer row-wise, in the encoder's and decoder's self-attention, the decoder's
+    cross-attention and both FFNs; the untied output layer gathering the vocabulary. ``fix_t5_heads`` then gives
+    each rank's attention its share of the heads (T5 counts them in the module, and its relative position bias has
+    one column per head)."""
+    # names as transformers matches them: every layer number is a wildcard
+    attn = {f"{p}.{x}": ("rowwise" if x == "o" else "colwise") for p in (
+        "encoder.block.*.layer.*.SelfAttention", "decoder.block.*.layer.*.SelfAttention",
+        "decoder.block.*.layer.*.EncDecAttention") for x in ("q", "k", "v", "o")}
+    ins = ("wi_0", "wi_1") if getattr(config, "is_gated_act", False) else ("wi",)
+    stacks = ("encoder.block.*.layer.*", "decoder.block.*.layer.*")
+    ffn = {f"{p}.DenseReluDense.{x}": "colwise" for p in stacks for x in ins}
+    ffn.update({f"{p}.DenseReluDense.wo": "rowwise" for p in stacks})
+    head = {} if getattr(config, "tie_word_embeddings", True) else {"lm_head": "colwise_gather_output"}
+    return {**attn, **ffn, **head}
+
+
+def fix_t5_heads(model: torch.nn.Module, tp: int, rank_in_group: int) -> None:
+    """Each T5 attention module keeps its rank's heads: the head count it reshapes by and its bias columns."""
+    for module in model.modules():
+        if type(module).__name__ != "T5Attention":
+            continue
+        local = module.n_heads // tp
+        module.n_heads, module.inner_dim = local, local * module.key_value_proj_dim
+        if module.has_relative_attention_bias:
+            emb = module.relative_attention_bias
+            cols = emb.weight.detach()[:, rank_in_group * local:(rank_in_group + 1) * local].clone()
+            emb.weight = torch.nn.Parameter(cols, requires_grad=False)
+            emb.embedding_dim = local
+
+
+def _plan(config):
+    """(tp_plan for DistributedConfig, fix-up after loading) for a config, or (None, None) without a plan."""
+    if getattr(config, "model_type", None) in ("t5", "mt5"):
+        return t5_tp_plan(config), fix_t5_heads
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ("auto", None) if getattr(text, "base_model_tp_plan", None) else (None, None)
+
+
 def tp_group_ranks(world: int, tp: int) -> list[list[int]]:
     """The teacher groups: consecutive ranks, ``tp`` per group."""
     return [list(range(g * tp, (g + 1) * tp)) for g in range(world // tp)]
@@ -43,13 +83,14 @@ def tp_group_ranks(world: int, tp: int) -> list[list[int]]:
 def check_tp_request(config, tp: int, world: int, name: str) -> None:
     """ConfigError unless a model with ``config`` can be split over ``tp`` of ``world`` ranks."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not getattr(text, "base_model_tp_plan", None):
-        raise ConfigError(f"--teacher_tp: teacher {name} ({text.model_type}) has no tensor-parallel plan in "
-                          f"transformers; split it with ZeRO-3 instead (a ZeRO-3 DeepSpeed JSON, --teacher_tp 1)")
+    if _plan(config)[0] is None:
+        raise ConfigError(f"--teacher_tp: teacher {name} ({text.model_type}) has no tensor-parallel plan (in "
+                          f"transformers, or kd_engine's for T5); split it with ZeRO-3 instead (a ZeRO-3 DeepSpeed "
+                          f"JSON, --teacher_tp 1)")
     if world % tp:
         raise ConfigError(f"--teacher_tp {tp} does not divide the world size {world}: every rank belongs to one "
                           f"teacher group of {tp} ranks")
-    for key in ("num_attention_heads", "num_key_value_heads"):
+    for key in ("num_attention_heads", "num_key_value_heads", "num_heads"):
         heads = getattr(text, key, None)
         if heads is not None and heads % tp:
             raise ConfigError(f"--teacher_tp {tp} does not divide the teacher's {key} ({heads})")
@@ -99,10 +140,14 @@ def load_tp_model(name_or_path: str, task: str, tp: int, *, dtype: Any = None, t
             return distributed_config, device, mesh_manager
 
     Grouped.__name__ = Grouped.__qualname__ = base.__name__
+    plan, fix = _plan(config)
     with reading("model", name_or_path):
         model = Grouped.from_pretrained(resolve(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code,
-                                        distributed_config=DistributedConfig(tp_size=tp, tp_plan="auto"))
+                                        distributed_config=DistributedConfig(tp_size=tp, tp_plan=plan))
+    model.__class__ = base  # the seam served its purpose: a student built from this model gets the real class
     rank = dist.get_rank()
+    if fix is not None:
+        fix(model, tp, rank % tp)
     ranks = tp_group_ranks(dist.get_world_size(), tp)[rank // tp]
     return TensorParallelTeacher(model, tp_mesh.get_group(), ranks)
 
