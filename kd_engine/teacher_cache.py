@@ -42,6 +42,11 @@ def parse(argv):
                     "(6 (k+1+tail_samples) bytes/token at fp16/bf16, 8 (...) at fp32)")
     ap.add_argument("--teacher_tp", type=int, default=1, help="split the teacher over N ranks (tensor parallel, "
                     "transformers' tp_plan): each group of N consecutive ranks holds one copy")
+    ap.add_argument("--zero3", type=lambda v: str(v).lower() in ("1", "true", "yes"), default=False,
+                    help="partition the teacher across all ranks with DeepSpeed ZeRO-3 (for a model --teacher_tp "
+                    "cannot split)")
+    ap.add_argument("--zero3_persistence_threshold", type=int, default=100000, help="with --zero3: parameters of "
+                    "fewer elements stay whole on every rank (DeepSpeed's stage3_param_persistence_threshold)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
@@ -67,6 +72,10 @@ def _validate(a, tokenizer) -> None:
         raise ConfigError(f"logp_dtype must be fp16, bf16 or fp32; got {a.logp_dtype!r}")
     if a.teacher_dtype not in ("fp32", "bf16"):
         raise ConfigError(f"teacher_dtype must be fp32 or bf16; got {a.teacher_dtype!r}")
+    if a.zero3 and a.teacher_tp > 1:
+        raise ConfigError("--zero3 and --teacher_tp exclude each other: pick one way to split the teacher")
+    if a.zero3_persistence_threshold < 0:
+        raise ConfigError(f"zero3_persistence_threshold must be >= 0; got {a.zero3_persistence_threshold}")
 
 
 def train_config(a):
@@ -131,6 +140,9 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
         teacher = teacher.to(torch.bfloat16)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if a.zero3:
+        teacher = zero3_teacher(teacher, a)
+    collective = a.teacher_tp > 1 or a.zero3  # every rank takes part in every forward
     vocab, n = len(tok), len(data.train)
     ldt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.logp_dtype]
     for start in range(0, n, a.chunk_size):
@@ -143,10 +155,11 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
         per_rank = -(-(min(n, start + a.chunk_size) - start) // world)
         for b in range(0, per_rank, a.batch_size):  # the same number of forwards on every rank
             idx = mine[b:b + a.batch_size]
-            if not idx and a.teacher_tp == 1:
+            if not idx and not collective:
                 break
             batch = data.collate_fn([data.train[i] for i in (idx or [start])])  # [start]: a forward for the group
-            inputs = seq2seq_inputs(teacher, batch) if task == "seq2seq_lm" else model_inputs(batch)
+            model = getattr(teacher, "module", teacher)  # the model's config, not a DeepSpeed engine's
+            inputs = seq2seq_inputs(model, batch) if task == "seq2seq_lm" else model_inputs(batch)
             with torch.no_grad():
                 logits = teacher(**inputs).logits
             if not idx:
@@ -200,6 +213,22 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
                 "logp_dtype": a.logp_dtype, "top_k": a.top_k, "tail_samples": a.tail_samples}
         store.save(info, os.path.join(a.output_dir, store.COMPLETE))
     return broadcast_object(info)
+
+
+def zero3_teacher(teacher, a):
+    """The teacher partitioned across every rank by a DeepSpeed ZeRO-3 inference engine (no optimizer)."""
+    import deepspeed
+
+    from .engine.teacher import freeze
+
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": a.zero3_persistence_threshold}}
+    if a.teacher_dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds)
+    freeze(engine.module)
+    engine.eval()
+    return engine
 
 
 def all_ranks_have(flag: bool, world: int) -> bool:

@@ -136,16 +136,18 @@ def test_a_tp_teacher_trains_like_a_replica(assets, tmp_path, method):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_cache_built_by_a_tp_teacher_equals_the_replica_built_cache(assets, tmp_path):
+@pytest.mark.parametrize("split", ["tp", "zero3"])
+def test_cache_built_by_a_split_teacher_equals_the_replica_built_cache(assets, tmp_path, split):
+    """2 ranks, 32 examples in chunks of 7 (uneven per rank: the split teacher's ranks still forward together)."""
     base = ["--teacher", str(assets / "teacher"), "--train_file", str(assets / "train.txt"), "--top_k", "4",
             "--max_length", "24", "--batch_size", "3", "--chunk_size", "7"]
-    for tp in ("1", "2"):
-        r = _torchrun([*base, "--output_dir", str(tmp_path / f"c{tp}"), "--teacher_tp", tp], tmp_path,
-                      module="kd_engine.teacher_cache")
+    split_args = ["--teacher_tp", "2"] if split == "tp" else ["--zero3", "true", "--zero3_persistence_threshold", "0"]
+    for name, extra in (("replica", []), ("split", split_args)):
+        r = _torchrun([*base, "--output_dir", str(tmp_path / name), *extra], tmp_path, module="kd_engine.teacher_cache")
         assert r.returncode == 0, r.stderr[-3000:]
     from kd_engine.teacher_cache_store import TeacherCache
 
-    a, b = TeacherCache(str(tmp_path / "c1")), TeacherCache(str(tmp_path / "c2"))
+    a, b = TeacherCache(str(tmp_path / "replica")), TeacherCache(str(tmp_path / "split"))
     assert sorted(a.index) == sorted(b.index) and len(a.index) == 32
     for key in a.index:
         ra, rb = a.index[key], b.index[key]
@@ -211,3 +213,16 @@ def test_ranks_above_zero_wait_for_rank_zeros_offline_conversion(tmp_path, monke
     publish.start()
     assert model_files.offline_model_path("smollm2-135m") == str(target)
     assert (target / "config.json").is_file()
+
+
+def test_cache_builder_refuses_two_ways_to_split_and_writes_nothing(assets, tmp_path, capsys):
+    from kd_engine.teacher_cache import main as build_cache
+
+    tiny.single_process_env(str(tmp_path / "cache"))
+    for extra, needle in ((["--zero3", "true", "--teacher_tp", "2"], "--zero3 and --teacher_tp exclude each other"),
+                          (["--teacher_tp", "2"], "--teacher_tp 2 does not divide the world size 1")):
+        rc = build_cache(["--teacher", str(assets / "teacher"), "--train_file", str(assets / "train.txt"),
+                          "--output_dir", str(tmp_path / "c"), *extra])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
+        assert not (tmp_path / "c").exists()
