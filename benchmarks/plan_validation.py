@@ -24,15 +24,15 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS, ROOT, reset_peak, single_rank_env, status_kib, timed_fit  # noqa: E402
 
-# (hidden, intermediate, heads, kv heads, layers, sequence length); micro-batch 4
-SIZES = [(256, 704, 4, 2, 4, 256), (384, 1024, 6, 2, 4, 384), (512, 1376, 8, 4, 4, 512)]
-MICRO = 4
+# (hidden, intermediate, heads, kv heads, layers, sequence length, micro-batch)
+SIZES = [(256, 704, 4, 2, 4, 256, 4), (384, 1024, 6, 2, 4, 384, 4), (512, 1376, 8, 4, 4, 256, 8)]
 
 
 def child(args) -> None:
     argv = ["--method", "kd", "--teacher", args.teacher, "--student.layers", str(args.layers), "--train_file",
             args.train_file, "--packing", "true", "--max_length", str(args.seq), "--per_device_train_batch_size",
-            str(MICRO), "--max_steps", "3", "--learning_rate", "1e-4", "--output_dir", args.out, "--export", "false",
+            str(args.micro), "--max_steps", "3", "--learning_rate", "1e-4", "--output_dir", args.out, "--export",
+            "false",
             "--disable_tqdm", "true", "--report_to", "none", "--attn_implementation", "eager"]
     marks = {}
 
@@ -52,7 +52,7 @@ def _teacher(path: str, size) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    h, i, heads, kv, layers, seq = size
+    h, i, heads, kv, layers, seq, _ = size
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=tiny.vocab_size(), hidden_size=h, intermediate_size=i,
                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
@@ -61,7 +61,7 @@ def _teacher(path: str, size) -> None:
     tiny.make_tokenizer(path)
 
 
-def predict(teacher: str, seq: int) -> int:
+def predict(teacher: str, seq: int, micro: int) -> int:
     sys.path.insert(0, ROOT)
     from transformers import AutoConfig
 
@@ -69,8 +69,8 @@ def predict(teacher: str, seq: int) -> int:
 
     s = mm.shape_of(AutoConfig.from_pretrained(teacher))
     states = mm.student_states(s, 0, 1, dtype="fp32") - 4 * s.params  # the parameters are resident before
-    act = mm.activations(s, MICRO, seq, 4, materialised_attention=True, fused_loss=True)
-    teacher_fwd = mm.teacher_memory(s, "replica", 1, dtype_bytes=4, micro=MICRO, seq=seq) - 4 * s.params
+    act = mm.activations(s, micro, seq, 4, materialised_attention=True, fused_loss=True)
+    teacher_fwd = mm.teacher_memory(s, "replica", 1, dtype_bytes=4, micro=micro, seq=seq) - 4 * s.params
     return states + act + teacher_fwd
 
 
@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--micro", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no_write", action="store_true", help="print only (the test's mode)")
     args = ap.parse_args()
     if args.child:
@@ -99,7 +100,8 @@ def main() -> int:
         teacher = os.path.join(work, f"teacher{n}")
         _teacher(teacher, size)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--teacher", teacher, "--train_file", train,
-               "--out", os.path.join(work, f"run{n}"), "--layers", str(size[4]), "--seq", str(size[5])]
+               "--out", os.path.join(work, f"run{n}"), "--layers", str(size[4]), "--seq", str(size[5]), "--micro",
+               str(size[6])]
         env = single_rank_env(free_port(), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2",
                               KD_ENGINE_CACHE=os.path.join(work, "cache"))
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -108,10 +110,11 @@ def main() -> int:
             print(r.stderr[-3000:], file=sys.stderr)
             return 1
         measured = json.loads(line[0][7:])["step_peak_bytes"]
-        predicted = predict(teacher, size[5])
+        predicted = predict(teacher, size[5], size[6])
         rows.append({"hidden": size[0], "intermediate": size[1], "heads": size[2], "layers": size[4], "seq": size[5],
-                     "micro": MICRO, "measured_mib": round(measured / 2 ** 20, 1),
-                     "predicted_mib": round(predicted / 2 ** 20, 1), "error": round((predicted - measured) / measured, 3)})
+                     "micro": size[6], "measured_mib": round(measured / 2 ** 20, 1),
+                     "predicted_mib": round(predicted / 2 ** 20, 1),
+                     "error": round((predicted - measured) / measured, 3)})
     res = {"sizes": rows, "plan_error_max": max(abs(r["error"]) for r in rows)}
     if not args.no_write:
         os.makedirs(RESULTS, exist_ok=True)

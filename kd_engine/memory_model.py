@@ -6,17 +6,24 @@ Student model states (parameters, gradients, optimizer) come from DeepSpeed's ow
 2 bytes of parameters, 2 of gradients, and 16 of fp32 master weights, fp32 gradients and Adam moments per
 parameter; fp32 training (CPU) 4 + 4 + 8.
 
-Activations of one decoder layer, per token, in elements (what autograd keeps for the backward of a Llama-style
-layer: both norms' inputs, the attention projections' input, q, k and v, the attention output, the MLP's input,
-gate, up, activation and product), plus the attention probabilities where the kernel materialises them (eager
-attention, or sdpa with a mask on CPU; flash / memory-efficient kernels on GPU keep only a log-sum-exp):
+Activations of one decoder layer, per token, in elements: what autograd keeps for the backward of a Llama-style
+layer, counted with ``torch.autograd.graph.saved_tensors_hooks`` on transformers' Llama (h = 512, i = 1376, 8 heads,
+s = 128 and 512: exactly this; tests/test_plan.py counts it again): each RMSNorm's input, normalised value and
+output (3 h, twice), q, k and v as the attention uses them and its output, the MLP's gate, up, activation and
+product (4 i). Where the kernel materialises the attention probabilities (eager attention, or sdpa with a mask on
+CPU) k and v are repeated to every head and the probabilities kept; sdpa / flash keep k and v at their KV width and
+only a log-sum-exp:
 
-    7 h + 2 kv + 4 i  [+ heads * s]
+    eager:  10 h + 4 i + heads * s          sdpa / flash:  8 h + 2 kv + 4 i
 
-With activation checkpointing only each layer's input (h) is kept, plus one layer's full set during its
-recompute. The loss: the fused KD loss works in chunks (``chunk`` rows of the vocabulary at a time); the naive one
-holds the student's and teacher's full-vocabulary logits and their softmaxes (4 fp32 copies of b x s x V).
-Validated against the real engine's measured step peak on CPU (benchmarks/plan_validation.py).
+plus 3 h per token outside the layers (the final norm). The backward's working set (the gradients of one layer's
+activations and autograd's temporaries) adds about two layers' worth: that figure is the one calibrated term,
+chosen on benchmarks/plan_validation.py's measurements. With activation checkpointing each layer keeps only its
+input (h), and one layer is recomputed whole. The loss: the fused KD loss works in chunks of ``chunk`` vocabulary
+rows; the naive one holds the student's and teacher's full-vocabulary logits and their softmaxes (4 fp32 copies of
+b x s x V). Limits: Llama-style decoder layers (GQA, gated MLP); encoder-decoder models are counted as their
+layers in sum, cross-attention not separately; CPU allocator effects and DeepSpeed's communication buckets are not
+modelled (measured error at three sizes on CPU: benchmarks/plan_validation.py).
 """
 from __future__ import annotations
 
@@ -89,8 +96,12 @@ def student_states(shape: Shape, stage: int, devices: int, nodes: int = 1, dtype
 
 def layer_activation_elements(shape: Shape, seq: int, materialised_attention: bool) -> int:
     """Elements one layer keeps per token for its backward (see the module docstring)."""
-    per = 7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
-    return per + (shape.heads * seq if materialised_attention else 0)
+    if materialised_attention:  # k and v repeated to every head, and the probabilities
+        return 10 * shape.hidden + 4 * shape.intermediate + shape.heads * seq
+    return 8 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
+
+
+BACKWARD_LAYERS = 2  # the backward's working set, in layers' worth of activations (calibrated, see above)
 
 
 def activations(shape: Shape, micro: int, seq: int, dtype_bytes: int, checkpointing: bool = False,
@@ -99,13 +110,11 @@ def activations(shape: Shape, micro: int, seq: int, dtype_bytes: int, checkpoint
     """Bytes of one micro-batch's training activations of the student, and its KD loss."""
     tokens = micro * seq
     layer = layer_activation_elements(shape, seq, materialised_attention)
-    if checkpointing:
-        body = tokens * (shape.layers * shape.hidden + layer) * dtype_bytes
-    else:
-        body = tokens * shape.layers * layer * dtype_bytes
+    kept = shape.layers * shape.hidden + layer if checkpointing else shape.layers * layer
+    body = tokens * (kept + BACKWARD_LAYERS * layer + 3 * shape.hidden) * dtype_bytes
     vocab = max(shape.vocab, teacher_vocab or 0)
     loss = tokens * min(vocab, chunk) * 4 * 4 if fused_loss else tokens * vocab * 4 * 4
-    return int(body + loss + 2 * tokens * shape.hidden * dtype_bytes)  # + embeddings' output and the final norm
+    return int(body + loss)
 
 
 def teacher_memory(shape: Shape, placement: str, devices: int, tp: int = 1, dtype_bytes: int = 2,
