@@ -44,6 +44,7 @@ class Shape:
     vocab: int
     largest_layer_params: int
     embedding_params: int = 0
+    tensor_parallel: bool = True  # kd_engine can split it with --teacher_tp (a plan exists for its class)
 
     @property
     def kv_dim(self) -> int:
@@ -66,7 +67,9 @@ def shape_of(config) -> Shape:
     hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model")
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads")
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers")
-    return Shape(params=params, layers=layers, hidden=hidden,
+    from .models.tensor_parallel import _plan
+
+    return Shape(params=params, layers=layers, hidden=hidden, tensor_parallel=_plan(config)[0] is not None,
                  intermediate=getattr(text, "intermediate_size", None) or getattr(text, "d_ff", 4 * hidden),
                  heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                  vocab=text.vocab_size, largest_layer_params=largest,

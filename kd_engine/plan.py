@@ -90,6 +90,8 @@ def rows(a, teacher, student) -> list[dict]:
     tp = tp_size(teacher, a.gpus_per_node)
     out = []
     for placement in PLACEMENTS:
+        if placement == "tp" and (tp == 1 or not teacher.tensor_parallel):
+            continue  # no tensor-parallel plan for this teacher, or no split of its heads within a node
         t_mem = mm.teacher_memory(teacher, placement, gpus, tp, nbytes, a.micro, a.seq, a.kd_loss == "fused")
         traffic = mm.teacher_traffic(teacher, placement, gpus, tp, nbytes, a.micro, a.seq, a.accumulation)
         for stage in ((3,) if placement == "zero3" else (0, 1, 2, 3)):  # a ZeRO-3 teacher goes with a ZeRO-3 student

@@ -110,3 +110,14 @@ def test_memory_model_within_15_percent_of_the_measured_step_peak():
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(res["sizes"]) == 3 and res["plan_error_max"] <= 0.15, res
+
+
+def test_no_tensor_parallel_rows_for_a_teacher_without_a_plan(configs, capsys, tmp_path):
+    bart = tmp_path / "bart.json"
+    bart.write_text(json.dumps({"model_type": "bart", "d_model": 256, "encoder_layers": 2, "decoder_layers": 2,
+                                "encoder_attention_heads": 4, "decoder_attention_heads": 4, "vocab_size": 1000,
+                                "encoder_ffn_dim": 512, "decoder_ffn_dim": 512}))
+    assert plan_main(["--teacher", str(bart), "--student", str(bart), "--gpus_per_node", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "replica" in out and not any(line.startswith("tp ") for line in out.splitlines())
+    assert "--teacher_tp" not in out
