@@ -85,14 +85,15 @@ def rows(a, teacher, student) -> list[dict]:
     from . import memory_model as mm
 
     gpus, nbytes = a.gpus_per_node * a.nodes, {"bf16": 2, "fp16": 2, "fp32": 4}[a.dtype]
-    act = mm.activations(student, a.micro, a.seq, nbytes, a.checkpointing, a.attention == "eager",
-                         a.kd_loss == "fused", teacher_vocab=teacher.vocab)
     tp = tp_size(teacher, a.gpus_per_node)
     out = []
     for placement in PLACEMENTS:
         if placement == "tp" and (tp == 1 or not teacher.tensor_parallel):
             continue  # no tensor-parallel plan for this teacher, or no split of its heads within a node
-        t_mem = mm.teacher_memory(teacher, placement, gpus, tp, nbytes, a.micro, a.seq, a.kd_loss == "fused")
+        fused = a.kd_loss == "fused" and placement != "tp"  # a TP teacher returns gathered logits: the naive loss
+        act = mm.activations(student, a.micro, a.seq, nbytes, a.checkpointing, a.attention == "eager", fused,
+                             teacher_vocab=teacher.vocab)
+        t_mem = mm.teacher_memory(teacher, placement, gpus, tp, nbytes, a.micro, a.seq, fused)
         traffic = mm.teacher_traffic(teacher, placement, gpus, tp, nbytes, a.micro, a.seq, a.accumulation)
         for stage in ((3,) if placement == "zero3" else (0, 1, 2, 3)):  # a ZeRO-3 teacher goes with a ZeRO-3 student
             states = mm.student_states(student, stage, gpus, a.nodes, a.dtype, a.offload)

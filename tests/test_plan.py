@@ -82,9 +82,10 @@ def test_plan_for_a_70b_teacher_and_an_8b_student(configs, capsys):
     assert rc == 0
     rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines() if line.startswith(("replica", "tp"))}
     assert rows[("replica", "0", "149.58")][-2] == "no"  # a 141 GB bf16 replica does not fit in 80 GiB
-    tp2 = next(v for k, v in rows.items() if k[:3] == ("tp", "8", "2"))
-    assert tp2[-2] == "yes"
-    assert "--teacher_tp 8" in out and "zero2.json" in out.splitlines()[-1]
+    tp = {k[2]: v for k, v in rows.items() if k[:2] == ("tp", "8")}  # by ZeRO stage
+    assert tp["2"][-2] == "no" and tp["3"][-2] == "yes"  # the naive loss's full-vocabulary logits count with TP
+    assert float(tp["3"][4]) > float(rows[("replica", "3", "9.23")][3])  # activations: + those logits
+    assert "--teacher_tp 8" in out and "zero3.json" in out.splitlines()[-1]
 
 
 @pytest.mark.parametrize("argv,needle", [
