@@ -67,9 +67,9 @@ def shape_of(config) -> Shape:
     hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model")
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads")
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers")
-    from .models.tensor_parallel import _plan
+    from .models.tensor_parallel import plan_for
 
-    return Shape(params=params, layers=layers, hidden=hidden, tensor_parallel=_plan(config)[0] is not None,
+    return Shape(params=params, layers=layers, hidden=hidden, tensor_parallel=plan_for(config)[0] is not None,
                  intermediate=getattr(text, "intermediate_size", None) or getattr(text, "d_ff", 4 * hidden),
                  heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                  vocab=text.vocab_size, largest_layer_params=largest,

@@ -143,6 +143,7 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     if a.zero3:
         teacher = zero3_teacher(teacher, a)
     collective = a.teacher_tp > 1 or a.zero3  # every rank takes part in every forward
+    model = getattr(teacher, "module", teacher)  # the model's config for its inputs, not a DeepSpeed engine's
     vocab, n = len(tok), len(data.train)
     ldt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.logp_dtype]
     for start in range(0, n, a.chunk_size):
@@ -158,7 +159,6 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
             if not idx and not collective:
                 break
             batch = data.collate_fn([data.train[i] for i in (idx or [start])])  # [start]: a forward for the group
-            model = getattr(teacher, "module", teacher)  # the model's config, not a DeepSpeed engine's
             inputs = seq2seq_inputs(model, batch) if task == "seq2seq_lm" else model_inputs(batch)
             with torch.no_grad():
                 logits = teacher(**inputs).logits

@@ -25,6 +25,10 @@ from ._supervised import (aligned_logits, chunked_evaluation_metrics, evaluation
 from .base import DataBundle, Method, register
 
 
+TP_FUSED = ("kd_loss_impl fused needs the teacher's output layer on every rank; a tensor-parallel teacher "
+            "(--teacher_tp) returns gathered logits: use auto or naive")
+
+
 @dataclass
 class KDOptions:
     # one --help line per option, naming the recipe each default comes from (no annotation: not a field)
@@ -60,8 +64,7 @@ class KDOptions:
             raise ConfigError("--teacher_tp splits a teacher that --teacher_cache replaces: drop one of them (the "
                               "cache builder takes --teacher_tp itself)")
         if cfg.teacher_tp > 1 and self.kd_loss_impl == "fused":
-            raise ConfigError("kd_loss_impl fused needs the teacher's output layer on every rank; a tensor-parallel "
-                              "teacher (--teacher_tp) returns gathered logits: use auto or naive")
+            raise ConfigError(TP_FUSED)
         if self.teacher_cache:
             from .. import teacher_cache_store as store
 
@@ -132,8 +135,7 @@ class LogitKD(Method):
             raise ConfigError("divergence other than forward_kl is for causal and seq2seq LMs")
         if self.cfg.teacher_tp > 1 and self.needs_teacher:  # the fused loss needs the teacher's output layer whole
             if self.opts.kd_loss_impl == "fused":
-                raise ConfigError("kd_loss_impl fused needs the teacher's output layer on every rank; a "
-                                  "tensor-parallel teacher (--teacher_tp) returns gathered logits: use auto or naive")
+                raise ConfigError(TP_FUSED)
             return False
         return lm and self.opts.kd_loss_impl != "naive"
 

@@ -55,7 +55,7 @@ def with_pad_token(tok):
 def load_teacher_model(cfg, task: str, **model_kwargs) -> torch.nn.Module:
     if not cfg.teacher:
         raise KDError("this method needs a teacher: pass --teacher PATH_OR_HUB_ID")
-    if getattr(cfg, "teacher_tp", 1) > 1:
+    if cfg.teacher_tp > 1:
         from .tensor_parallel import load_tp_model
 
         return load_tp_model(cfg.teacher, task, cfg.teacher_tp, trust_remote_code=cfg.trust_remote_code,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -67,7 +67,7 @@ def fix_t5_heads(model: torch.nn.Module, tp: int, rank_in_group: int) -> None:
             emb.embedding_dim = local
 
 
-def _plan(config):
+def plan_for(config):
     """(tp_plan for DistributedConfig, fix-up after loading) for a config, or (None, None) without a plan."""
     if getattr(config, "model_type", None) in ("t5", "mt5"):
         return t5_tp_plan(config), fix_t5_heads
@@ -83,7 +83,7 @@ def tp_group_ranks(world: int, tp: int) -> list[list[int]]:
 def check_tp_request(config, tp: int, world: int, name: str) -> None:
     """ConfigError unless a model with ``config`` can be split over ``tp`` of ``world`` ranks."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if _plan(config)[0] is None:
+    if plan_for(config)[0] is None:
         raise ConfigError(f"--teacher_tp: teacher {name} ({text.model_type}) has no tensor-parallel plan (in "
                           f"transformers, or kd_engine's for T5); split it with ZeRO-3 instead (a ZeRO-3 DeepSpeed "
                           f"JSON, --teacher_tp 1)")
@@ -140,7 +140,7 @@ def load_tp_model(name_or_path: str, task: str, tp: int, *, dtype: Any = None, t
             return distributed_config, device, mesh_manager
 
     Grouped.__name__ = Grouped.__qualname__ = base.__name__
-    plan, fix = _plan(config)
+    plan, fix = plan_for(config)
     with reading("model", name_or_path):
         model = Grouped.from_pretrained(resolve(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code,
                                         distributed_config=DistributedConfig(tp_size=tp, tp_plan=plan))
@@ -171,13 +171,16 @@ class TensorParallelTeacher(torch.nn.Module):
 
         tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
         others = {k: v for k, v in inputs.items() if not torch.is_tensor(v)}
-        shapes: list[Optional[dict]] = [None] * len(self.ranks)
-        dist.all_gather_object(shapes, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, group=self.group)
+        keys = sorted(tensors)  # every rank's collator gives the same keys, dtypes and ranks of tensors
+        device = tensors[keys[0]].device if keys else _accelerator_device()
+        own = torch.tensor([d for k in keys for d in tensors[k].shape], dtype=torch.int64, device=device)
+        shapes = [torch.empty_like(own) for _ in self.ranks]
+        dist.all_gather(shapes, own, group=self.group)  # the group's batch shapes, one small collective
         me, mine = dist.get_rank(), None
-        device = next(iter(tensors.values())).device if tensors else _accelerator_device()
-        for src, shape in zip(self.ranks, shapes):
-            batch = tensors if src == me else {k: torch.empty(s, dtype=dt, device=device)
-                                               for k, (s, dt) in shape.items()}
+        for src, flat in zip(self.ranks, shapes):
+            dims = iter(flat.tolist())
+            batch = tensors if src == me else {k: torch.empty([next(dims) for _ in range(tensors[k].dim())],
+                                                              dtype=tensors[k].dtype, device=device) for k in keys}
             for k in sorted(batch):
                 t = batch[k]
                 wire = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()  # gloo has no bool
@@ -188,7 +191,3 @@ class TensorParallelTeacher(torch.nn.Module):
                 mine = out
             del out, batch  # another rank's logits: gone before the next forward
         return mine
-
-    def local_parameter_count(self) -> int:
-        """Elements of the teacher this rank holds (its shards, plus the replicated norms and embeddings)."""
-        return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.module.parameters())
