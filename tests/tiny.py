@@ -189,3 +189,43 @@ def write_chats(path: str, n: int, seed: int = 0, turns: int = 1, last_role: str
                 msgs.append({"role": "user", "content": "and again?"})
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+def make_bpe_tokenizer(path: str, texts: list[str], vocab_size: int = 120, byte_level: bool = True):
+    """A BPE fast tokenizer trained on ``texts`` (byte-level like GPT-2/Llama 3, or whitespace-split with a
+    SentencePiece-style ``▁`` marker), with <s> (bos), </s> (eos) and <pad>; saved to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE())
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(alphabet), special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_llama_for(path: str, tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0):
+    """A tiny random Llama whose vocabulary is ``tokenizer``'s, saved with it to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model

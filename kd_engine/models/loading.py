@@ -85,7 +85,8 @@ def check_same_vocab(teacher_tok, student_tok, teacher_model=None, student_model
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
         raise KDError(
             f"teacher and student tokenizers differ (vocab sizes {len(teacher_tok)} vs {len(student_tok)}): "
-            "this method compares token distributions and needs one shared tokenizer")
+            "this method compares token distributions and needs one shared tokenizer; for a teacher and a student "
+            "with different tokenizers use --method xtoken_kd or --method uld (cross-tokenizer distillation)")
     if teacher_model is not None and student_model is not None:
         n = len(teacher_tok)
         for which, m in (("teacher", teacher_model), ("student", student_model)):
