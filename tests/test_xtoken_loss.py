@@ -117,3 +117,18 @@ def test_token_log_probs_chunked_equal_log_softmax_and_logits_path_equals_hidden
     want = torch.log_softmax(logits[..., :13].float(), -1)[b, r].gather(1, ids[b, r + 1][:, None])[:, 0]
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(token_log_probs(logits, None, ids, b, r, 13, chunk_rows=1), want, atol=1e-5)
+
+
+def test_sorted_l1_with_top_k_of_the_longer_row_equals_sorting_both_in_full():
+    g = torch.Generator().manual_seed(6)
+    for vp, vq in ((300, 40), (40, 300), (64, 64)):
+        p = torch.softmax(3 * torch.randn(5, vp, generator=g), -1)
+        q = torch.softmax(3 * torch.randn(5, vq, generator=g), -1)
+        width = max(vp, vq)
+        ps = F.pad(p.sort(-1, descending=True).values, (0, width - vp))
+        qs = F.pad(q.sort(-1, descending=True).values, (0, width - vq))
+        assert torch.allclose(sorted_l1(p, q), (ps - qs).abs().sum(-1), atol=1e-6)
+        sub = p[:, : vp // 2]  # a remainder that is not a whole distribution
+        subs = F.pad(sub.sort(-1, descending=True).values, (0, max(vp // 2, vq) - vp // 2))
+        assert torch.allclose(sorted_l1(sub, q), (subs - F.pad(q.sort(-1, descending=True).values,
+                                                                   (0, max(vp // 2, vq) - vq))).abs().sum(-1), atol=1e-6)

@@ -34,20 +34,28 @@ LOG_TINY = math.log(1e-30)
 
 
 def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``[n]``: sum_i |sort(p)_i - sort(q)_i| with both rows sorted decreasingly and zero-padded to one length."""
-    ps = p.float().sort(-1, descending=True).values
-    qs = q.float().sort(-1, descending=True).values
-    width = max(ps.shape[-1], qs.shape[-1])
-    ps = F.pad(ps, (0, width - ps.shape[-1]))
-    qs = F.pad(qs, (0, width - qs.shape[-1]))
-    return (ps - qs).abs().sum(-1)
+    """``[n]``: sum_i |sort(p)_i - sort(q)_i| with both rows sorted decreasingly and zero-padded to one length.
+
+    Past the shorter row's length ``k`` the other row is compared with zeros, so only its top ``k`` need sorting:
+    the rest adds its plain sum (``topk`` of ``k`` is several times cheaper than sorting a 49k-wide row)."""
+    p, q = p.float(), q.float()
+    k = min(p.shape[-1], q.shape[-1])
+
+    def top(x):
+        if x.shape[-1] == k:
+            return x.sort(-1, descending=True).values, x.new_zeros(x.shape[:-1])
+        v = x.topk(k, -1).values
+        return v, (x.sum(-1) - v.sum(-1)).clamp(min=0.0)
+
+    (ps, p_tail), (qs, q_tail) = top(p), top(q)
+    return (ps - qs).abs().sum(-1) + p_tail + q_tail
 
 
 def _log_rest(log_p: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-    """log of the mass on the unmapped tokens (``rest``: bool ``[V]``); -inf where there are none."""
+    """log of the mass on the unmapped tokens (``rest``: bool ``[V]``); -inf where there are none (or it underflows)."""
     if not bool(rest.any()):
         return log_p.new_full(log_p.shape[:-1], -math.inf)
-    return torch.logsumexp(log_p[:, rest], -1)
+    return (log_p.exp() * rest).sum(-1).log()
 
 
 def mapped_kl(log_p: torch.Tensor, log_q: torch.Tensor, t_ids: torch.Tensor, s_ids: torch.Tensor,
@@ -90,9 +98,8 @@ def token_log_probs(src, weight, ids, b, r, vocab, chunk_rows: Optional[int] = N
     step = chunk_rows_for(vocab, chunk_rows)
     target = ids[b, r + 1]
 
-    def chunk(x, w, lo, hi):
-        z = _rows(x, w, b[lo:hi], r[lo:hi], vocab)
-        return z.gather(1, target[lo:hi, None])[:, 0] - torch.logsumexp(z, -1)
+    def chunk(x, w, lo, hi):  # log_softmax + gather: several times faster on CPU than z - logsumexp(z)
+        return torch.log_softmax(_rows(x, w, b[lo:hi], r[lo:hi], vocab), -1).gather(1, target[lo:hi, None])[:, 0]
 
     out = []
     for lo in range(0, b.numel(), step):
