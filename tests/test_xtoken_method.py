@@ -99,14 +99,36 @@ def test_uld_alignments_compare_different_rows(assets, tmp_path):
     assert b.method.pair_mode == "span" and a.method.pair_mode == "position"
 
 
+def test_on_policy_rows_are_the_students_continuations_scored_without_ce(assets, tmp_path):
+    tr = _run(_argv(assets, tmp_path / "o", "--lmbda", "1", "--max_new_tokens", "6", "--onpolicy_prompt_tokens", "3"))
+    log = _log(tmp_path / "o")
+    # (a random student's continuation can glue onto the prompt's last word: no span, terms 0 that step)
+    assert all(r["on_policy"] == 1.0 and r["ce"] == 0.0 for r in log) and any(r["kd"] > 0 for r in log), log
+    batch = tr.data.collate_fn([tr.data.train[i] for i in range(4)])
+    ctx = tr.ctx
+    new = tr.method.student_batch(ctx, {k: v.to(ctx.device) for k, v in batch.items()})
+    s_tok = tr.tokenizer
+    for i in range(4):
+        ids = new["input_ids"][i][new["attention_mask"][i] > 0].tolist()
+        prompt = s_tok.decode(batch["input_ids"][i][:4].tolist(), skip_special_tokens=True)
+        text = s_tok.decode(ids, skip_special_tokens=True)
+        assert text.startswith(prompt)  # the row's first 3 content tokens, then the student's own tokens
+        starts = new["span_s0"][i][new["span_s0"][i] >= 0].tolist()
+        assert all(s > 3 for s in starts)  # only spans inside the continuation are scored
+    assert tr.method.on_policy_batches == tr.method.micro_batches == 3
+
+
 def test_exact_resume_and_export_loads_with_a_text_generation_pipeline(assets, tmp_path):
+    """With lmbda 0.5: the coin flips and the samples resume exactly too."""
     from transformers import pipeline
 
-    args = ("--save_steps", "3", "--max_steps", "6")
+    args = ("--save_steps", "3", "--max_steps", "6", "--lmbda", "0.5", "--max_new_tokens", "5")
     a = _run(_argv(assets, tmp_path / "a", *args))
-    _run(_argv(assets, tmp_path / "b", "--max_steps", "3"))
+    _run(_argv(assets, tmp_path / "b", "--max_steps", "3", "--lmbda", "0.5", "--max_new_tokens", "5"))
     b = _run(_argv(assets, tmp_path / "b", *args, "--resume"))
-    assert [r["loss"] for r in _log(tmp_path / "a")] == [r["loss"] for r in _log(tmp_path / "b")]
+    la = _log(tmp_path / "a")
+    assert 0 < sum(r["on_policy"] for r in la) < 6
+    assert [r["loss"] for r in la] == [r["loss"] for r in _log(tmp_path / "b")]
     sa, sb = a.student.module.state_dict(), b.student.module.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     gen = pipeline("text-generation", model=str(tmp_path / "a" / "final"), device=-1)
@@ -119,7 +141,7 @@ def test_exact_resume_and_export_loads_with_a_text_generation_pipeline(assets, t
 @pytest.mark.multirank
 def test_two_rank_zero3_fused_equals_naive(assets, tmp_path):
     """2 ranks, ZeRO-3 student and ZeRO-3 teacher (every parameter partitioned, both output layers gathered for
-    the chunked loss): the same losses fused and naive."""
+    the chunked loss): the same losses fused and naive; on-policy micro-batches sample on both ranks together."""
     import subprocess
     import sys
 
@@ -127,14 +149,17 @@ def test_two_rank_zero3_fused_equals_naive(assets, tmp_path):
 
     tiny.ds_config_file(tmp_path / "z3.json")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    for impl in ("auto", "naive"):
-        argv = _argv(assets, tmp_path / impl, "--deepspeed", str(tmp_path / "z3.json"), "--kd_loss_impl", impl,
+    runs = {"auto": ["--kd_loss_impl", "auto"], "naive": ["--kd_loss_impl", "naive"],
+            "sampled": ["--lmbda", "1", "--max_new_tokens", "4"]}  # ranks generate together under ZeRO-3
+    for impl, extra in runs.items():
+        argv = _argv(assets, tmp_path / impl, "--deepspeed", str(tmp_path / "z3.json"), *extra,
                      "--per_device_train_batch_size", "2")
         cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                os.path.abspath("launch/train.py"), *argv]
         r = subprocess.run(cmd, env=tiny.cpu_env({"KD_ENGINE_CACHE": str(tmp_path / "cache")}), capture_output=True,
                            text=True, timeout=400)
         assert r.returncode == 0, r.stderr[-3000:]
+    assert [r["on_policy"] for r in _log(tmp_path / "sampled")] == [1.0, 1.0, 1.0]
     a, b = _log(tmp_path / "auto"), _log(tmp_path / "naive")
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):

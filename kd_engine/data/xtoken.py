@@ -61,16 +61,20 @@ def _content_labels(ids, offsets, special) -> list[int]:
     return [-100 if (k == 0 or special[k] or offsets[k][1] <= offsets[k][0]) else i for k, i in enumerate(ids)]
 
 
-def paired_example(text: str, s: tuple, t: tuple, s_tok, t_tok) -> Optional[dict]:
+def paired_example(text: str, s: tuple, t: tuple, s_tok, t_tok, from_char: int = 0,
+                   keep_empty: bool = False) -> Optional[dict]:
+    """One aligned example (module docstring); only spans starting at character ``from_char`` or later (an
+    on-policy row: its generated part). None when no span is left, unless ``keep_empty``."""
     (s_ids, s_off), (t_ids, t_off) = s, t
     s_sp, t_sp = special_mask(s_ids, s_tok), special_mask(t_ids, t_tok)
-    spans = [sp for sp in align_spans(t_off, s_off, t_sp, s_sp) if sp.t0 >= 1 and sp.s0 >= 1]
-    if not spans:
+    spans = [sp for sp in align_spans(t_off, s_off, t_sp, s_sp) if sp.t0 >= 1 and sp.s0 >= 1 and sp.c0 >= from_char]
+    if not spans and not keep_empty:
         return None
     s_content = [k for k, (a, b) in enumerate(s_off) if b > a and not s_sp[k]]
     t_content = [k for k, (a, b) in enumerate(t_off) if b > a and not t_sp[k]]
     pos = [(ti - 1, si - 1) for ti, si in position_pairs(t_content[0], t_content[-1] + 1, s_content[0],
-                                                           s_content[-1] + 1) if ti >= 1 and si >= 1]
+                                                           s_content[-1] + 1) if ti >= 1 and si >= 1] \
+        if s_content and t_content else []
     labels = _content_labels(s_ids, s_off, s_sp)
     return {
         "input_ids": s_ids, "attention_mask": [1] * len(s_ids), "labels": labels,

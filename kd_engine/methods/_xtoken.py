@@ -79,7 +79,9 @@ class CrossTokenizerMethod(Method):
         return student
 
     def build_data(self, ctx) -> DataBundle:
-        return build_paired_data(self.cfg, ctx.tokenizer, self.t_tok)
+        bundle = build_paired_data(self.cfg, ctx.tokenizer, self.t_tok)
+        self.data_collate = bundle.collate_fn
+        return bundle
 
     def _fused(self) -> bool:
         return self.opts.kd_loss_impl != "naive"
