@@ -25,7 +25,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .fused_kd import chunk_rows_for

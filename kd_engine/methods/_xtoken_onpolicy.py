@@ -6,39 +6,21 @@ tokens of each row with up to ``max_new_tokens`` sampled tokens (the KV-cached s
 samples from a per-rank generator). The row's text becomes the student's decoded prompt + continuation; both
 tokenizers encode that text again and it is aligned again (``data.xtoken.paired_example``), and the loss keeps only
 the spans inside the continuation. The student's CE is not applied to its own samples (its term is 0 for such a
-micro-batch). Both generators are checkpointed: a resumed run flips and samples as a straight one.
+micro-batch). The draws are ``_draws.SeededDraws``'s (checkpointed: a resumed run flips and samples as a straight
+one).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
 from ..data.collate import to_device
 from ..data.xtoken import encode_side, paired_example
+from ._draws import SeededDraws
 
 
-class OnPolicy:
-    """Mixin state and sampling; the method's options carry ``lmbda``, ``max_new_tokens``, ``gen_temperature``,
-    ``onpolicy_prompt_tokens``."""
-
-    def init_on_policy(self, seed: int) -> None:
-        self.coin = torch.Generator().manual_seed(int(seed) * 1_000_003 + 29)
-        self.sampler_gen: Optional[torch.Generator] = None
-        self.pending_state = None
-        self.micro_batches = 0
-        self.on_policy_batches = 0
-
-    def setup_on_policy(self, ctx) -> None:
-        self.sampler_gen = torch.Generator(device=ctx.device).manual_seed(int(self.cfg.seed) * 7919 + 104729 * ctx.rank)
-        if self.pending_state is not None:
-            self.load_state_dict(self.pending_state)
-
-    def flip(self) -> bool:
-        self.micro_batches += 1
-        on = bool(torch.rand((), generator=self.coin) < self.opts.lmbda)
-        self.on_policy_batches += int(on)
-        return on
+class OnPolicy(SeededDraws):
+    """Seeded draws (``_draws``) plus the cross-tokenizer sample path; the method's options carry ``lmbda``,
+    ``max_new_tokens``, ``gen_temperature``, ``onpolicy_prompt_tokens``."""
 
     def student_batch(self, ctx, batch: dict) -> dict:
         """The micro-batch with every row's text replaced by the student's continuation of its beginning."""
@@ -65,22 +47,3 @@ class OnPolicy:
             s, t = encode_side(s_tok, [text], self.cfg.max_length)[0], encode_side(t_tok, [text], self.cfg.max_length)[0]
             examples.append(paired_example(text, s, t, s_tok, t_tok, from_char=len(head), keep_empty=True))
         return to_device(self.data_collate(examples), ctx.device)
-
-    def state_dict(self) -> dict:
-        state = {"coin": self.coin.get_state(), "micro_batches": self.micro_batches,
-                 "on_policy_batches": self.on_policy_batches}
-        if self.sampler_gen is not None:
-            state["sampler"] = self.sampler_gen.get_state()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.sampler_gen is None:  # before setup: applied there
-            self.pending_state = state
-            return
-        self.coin.set_state(state["coin"])
-        self.sampler_gen.set_state(state["sampler"])
-        self.micro_batches = int(state["micro_batches"])
-        self.on_policy_batches = int(state["on_policy_batches"])
-        self.pending_state = None

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..data.prompt_response import with_responses
 from ..errors import ConfigError, KDError
+from ._draws import SeededDraws
 from ._responses import ResponseMethod, ResponseOptions, check_generation
 from .base import register
 
@@ -60,65 +59,33 @@ class GKDOptions(ResponseOptions):
 
 
 @register("gkd")
-class GKD(ResponseMethod):
+class GKD(SeededDraws, ResponseMethod):
     """Generalized KD: JSD(beta) on student samples (share lmbda) and on dataset or teacher responses."""
 
     Options = GKDOptions
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
-        self.coin = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 17)
-        self.sampler_gen = None
-        self.pending_state = None
-        self.micro_batches = 0
-        self.on_policy_batches = 0
+        self.init_draws(cfg.seed)
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
-        self.sampler_gen = torch.Generator(device=ctx.device).manual_seed(int(self.cfg.seed) * 7919 + 104729 * ctx.rank)
-        if self.pending_state is not None:
-            self.load_state_dict(self.pending_state)
-
-    def flip(self) -> bool:
-        """This micro-batch on-policy? (one draw per micro-batch, whatever lmbda)."""
-        return bool(torch.rand((), generator=self.coin) < self.opts.lmbda)
+        self.setup_draws(ctx)
 
     def compute_loss(self, ctx, batch):
         on = self.flip()
-        self.micro_batches += 1
         if on:
             o = self.opts
             responses = self.sample(ctx, ctx.student.module, batch, do_sample=True, temperature=o.gen_temperature,
                                     top_k=o.gen_top_k, top_p=o.gen_top_p, generator=self.sampler_gen)
             batch = with_responses(self.collate, batch, responses, ctx.device)
-            self.on_policy_batches += 1
         elif "labels" not in batch:
             raise KDError("gkd: an off-policy batch has no responses (pass --target_column or --seq_kd true)")
         return super().compute_loss(ctx, batch), {"on_policy": float(on)}
-
-    def state_dict(self) -> dict:
-        state = {"coin": self.coin.get_state(), "micro_batches": self.micro_batches,
-                 "on_policy_batches": self.on_policy_batches}
-        if self.sampler_gen is not None:
-            state["sampler"] = self.sampler_gen.get_state()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.sampler_gen is None:  # before setup: applied there
-            self.pending_state = state
-            return
-        self.coin.set_state(state["coin"])
-        self.sampler_gen.set_state(state["sampler"])
-        self.micro_batches = int(state["micro_batches"])
-        self.on_policy_batches = int(state["on_policy_batches"])
-        self.pending_state = None
 
     def card_info(self):
         o = self.opts
         info = super().card_info()
         info.update(beta=o.beta, lmbda=o.lmbda, seq_kd=o.seq_kd, temperature=o.temperature,
-                    kd_loss_impl="fused" if self._fused() else "naive",
-                    on_policy_share=self.on_policy_batches / max(self.micro_batches, 1))
+                    kd_loss_impl="fused" if self._fused() else "naive", on_policy_share=self.on_policy_share())
         return info

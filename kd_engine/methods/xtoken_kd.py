@@ -76,10 +76,10 @@ class CrossTokenizerKD(OnPolicy, _xtoken.CrossTokenizerMethod):
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
-        self.init_on_policy(cfg.seed)
+        self.init_draws(cfg.seed)
 
     def setup(self, ctx) -> None:
-        self.setup_on_policy(ctx)
+        self.setup_draws(ctx)
 
     def compute_loss(self, ctx, batch):
         on = self.flip()
@@ -105,4 +105,4 @@ class CrossTokenizerKD(OnPolicy, _xtoken.CrossTokenizerMethod):
     def card_info(self):
         o = self.opts
         return dict(super().card_info(), alpha=o.alpha, uld_weight=o.uld_weight, span_weight=o.span_weight,
-                    lmbda=o.lmbda, on_policy_share=self.on_policy_batches / max(self.micro_batches, 1))
+                    lmbda=o.lmbda, on_policy_share=self.on_policy_share())
