@@ -168,3 +168,31 @@ def test_dry_run_lists_the_cells_and_writes_nothing(assets, tmp_path, capsys):
     assert [x.split(":")[1].strip() for x in lines] == ["sft-seed0", "sft-seed1", "kd-seed0", "kd-seed1"]
     assert "--seed 1" in lines[1] and "--alpha 0.5" in lines[2]
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_slurm_array_runs_the_cells_and_the_report_job_after_them(assets, tmp_path):
+    """--slurm on the real local cluster: one array task per cell, then the report job (afterany)."""
+    import re
+
+    import slurm_cluster
+
+    c, reason = slurm_cluster.start()
+    if c is None:
+        pytest.skip(f"no local SLURM cluster: {reason}")
+    try:
+        out = tmp_path / "cmp"
+        spec = _spec(assets, out, seeds=[0])
+        env = {**_env(tmp_path), "SLURM_CONF": c.env["SLURM_CONF"], "PYTHONPATH": os.getcwd()}
+        r = subprocess.run([sys.executable, "-m", "kd_engine.compare", spec, "--slurm"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        report_job = re.search(r"report job (\d+)", r.stdout).group(1)
+        assert re.search(r"array job \d+ \(2 cells\)", r.stdout)
+        assert c.wait(report_job, timeout=500)["JobState"] == "COMPLETED"
+        rep = json.load(open(out / "compare.json"))
+        assert rep["missing_cells"] == [] and [row["seeds"] for row in rep["rows"]] == [[0], [0]]
+        assert (out / "logs" / "array-0.out").is_file() and (out / "logs" / "array-1.out").is_file()
+    finally:
+        slurm_cluster.stop(c)
