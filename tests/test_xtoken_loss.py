@@ -132,3 +132,40 @@ def test_sorted_l1_with_top_k_of_the_longer_row_equals_sorting_both_in_full():
         subs = F.pad(sub.sort(-1, descending=True).values, (0, max(vp // 2, vq) - vp // 2))
         assert torch.allclose(sorted_l1(sub, q), (subs - F.pad(q.sort(-1, descending=True).values,
                                                                    (0, max(vp // 2, vq) - vq))).abs().sum(-1), atol=1e-6)
+
+
+def test_chunked_terms_never_hold_more_than_a_chunk_of_vocabulary_rows():
+    """The README's memory promise, checked op by op: with 64 compared rows in chunks of 8, no tensor created in the
+    forward or the backward has more than 8 rows' worth of either vocabulary (the naive path makes 64 x V)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    g = torch.Generator().manual_seed(7)
+    vs, vt, h, n = 200, 300, 16, 64
+    s_h = torch.randn(1, n + 1, h, generator=g, requires_grad=True)
+    t_h = torch.randn(1, n + 1, h, generator=g)
+    s_w = torch.randn(vs, h, generator=g, requires_grad=True)
+    t_w = torch.randn(vt, h, generator=g)
+    t_ids, s_ids = torch.arange(0, 150), torch.arange(50, 200)
+    t_rest, s_rest = torch.ones(vt, dtype=torch.bool), torch.ones(vs, dtype=torch.bool)
+    t_rest[t_ids], s_rest[s_ids] = False, False
+    vmap = {"t_ids": t_ids, "s_ids": s_ids, "t_rest": t_rest, "s_rest": s_rest}
+    rows = torch.arange(n)
+    b = torch.zeros(n, dtype=torch.long)
+    with Sizes() as m:
+        out = pair_terms(s_h, s_w, vs, t_h, t_w, vt, b, rows, rows, vmap, ("kl", "uld_rest", "uld"), chunk_rows=8)
+        lp = token_log_probs(s_h, s_w, torch.randint(0, vs, (1, n + 1), generator=g), b, rows, vs, chunk_rows=8)
+        (out["kl"].sum() + out["uld_rest"].sum() + out["uld"].sum() - lp.sum()).backward()
+    assert 8 * vt <= m.largest <= 8 * vt * 2 < n * vs  # a chunk's rows (x2 for a padded pair), never all rows
+    assert s_w.grad is not None and torch.isfinite(s_w.grad).all()
