@@ -57,7 +57,7 @@ OPTION_CASES = [
     ("chat template missing", ["--messages_column", "text"], "has none"),
     ("uld_weight negative", ["--method", "xtoken_kd", "--uld_weight", "-1"], "uld_weight must be in [0, 100]"),
     ("uld alignment typo", ["--method", "uld", "--alignment", "diagonal"], "alignment must be position or span"),
-    ("cross-tokenizer prompt/response", ["--method", "xtoken_kd", "--target_column", "x"], "train on plain text"),
+    ("cross-tokenizer pairs", ["--method", "xtoken_kd", "--text_pair_column", "x"], "plain text"),
     ("cross-tokenizer no aligned span", ["--method", "uld", "--max_length", "1"], "share a span"),
 ]
 _CACHED = ["--student", "{d}/teacher", "--max_length", "32"]

@@ -172,7 +172,8 @@ def test_two_rank_zero3_fused_equals_naive(assets, tmp_path):
     (["--uld_weight", "-1"], "uld_weight must be in [0, 100]"),
     (["--alpha", "2"], "alpha must be in [0, 1]"),
     (["--method", "uld", "--alignment", "diagonal"], "alignment must be position or span"),
-    (["--target_column", "x"], "train on plain text"),
+    (["--target_column", "x"], "has no column 'x'"),
+    (["--messages_column", "messages"], "does not read chat data"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(assets, tmp_path, capsys, flags, needle):
     out = tmp_path / "o"
@@ -180,6 +181,24 @@ def test_bad_input_exits_2_and_writes_nothing(assets, tmp_path, capsys, flags, n
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error:") and needle in err[-1], err[-3:]
     assert not out.exists()
+
+
+def test_prompt_response_rows_score_the_response_only(assets, tmp_path):
+    rows = [{"q": " ".join(x.split()[:3]), "a": " " + " ".join(x.split()[3:])} for x in tiny.sentences(16, seed=9,
+                                                                                                  min_len=6)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = _argv(assets, tmp_path / "o", "--text_column", "q", "--target_column", "a", "--lmbda", "0.5",
+                 "--max_new_tokens", "4", "--max_steps", "6")
+    argv[argv.index("--train_file") + 1] = str(tmp_path / "qa.jsonl")
+    tr = _run(argv)
+    log = _log(tmp_path / "o")
+    assert len(log) == 6 and all(r["kd"] >= 0 for r in log) and 0 < sum(r["on_policy"] for r in log) < 6
+    s_tok = tr.tokenizer
+    for ex, row in zip(tr.data.train, rows):
+        scored = [i for i, y in zip(ex["input_ids"], ex["labels"]) if y != -100]
+        assert s_tok.decode(scored) == row["a"]  # the response's tokens, every one of them, and nothing else
+        assert ex["n_bytes"] == len(row["a"].encode())
+        assert min(ex["span_s0"]) >= len(s_tok(row["q"])["input_ids"]) + 1  # spans start inside the response
 
 
 def test_texts_that_align_nowhere_exit_2_naming_the_file(assets, tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Data of the cross-tokenizer methods: each text tokenized by the student's and by the teacher's tokenizer, aligned.
 
-One example per text row (``--text_column``; plain causal-LM text). Each side gets its own tokenization with
+One example per text row: plain causal-LM text (``--text_column``), or a prompt (``--text_column``) and its
+response (``--target_column``) joined as they stand (no separator added; the loss, the spans and the byte count
+cover the response only; a token crossing the seam belongs to the prompt). Each side gets its own tokenization with
 character offsets, truncated at ``--max_length`` tokens on its own, with a start token in front when its tokenizer
 adds none (its BOS, else its EOS: every content token is then predicted by some row). ``data.token_alignment``
 finds the spans; an example keeps:
@@ -51,14 +53,16 @@ def encode_side(tokenizer, texts: list[str], max_length: int) -> list[tuple[list
     return out
 
 
-def _covered_bytes(text: str, offsets, special) -> int:
+def _covered_bytes(text: str, offsets, special, from_char: int = 0) -> int:
     ends = [b for (a, b), sp in zip(offsets, special) if b > a and not sp]
-    return len(text[:max(ends)].encode("utf-8")) if ends else 0
+    return len(text[from_char:max(ends)].encode("utf-8")) if ends and max(ends) > from_char else 0
 
 
-def _content_labels(ids, offsets, special) -> list[int]:
-    """The ids of the tokens a model is scored on (content after the first position), -100 elsewhere."""
-    return [-100 if (k == 0 or special[k] or offsets[k][1] <= offsets[k][0]) else i for k, i in enumerate(ids)]
+def _content_labels(ids, offsets, special, from_char: int = 0) -> list[int]:
+    """The ids of the tokens a model is scored on (content after the first position, from character ``from_char``
+    on: a response after its prompt), -100 elsewhere."""
+    return [-100 if (k == 0 or special[k] or offsets[k][1] <= offsets[k][0] or offsets[k][0] < from_char) else i
+            for k, i in enumerate(ids)]
 
 
 def paired_example(text: str, s: tuple, t: tuple, s_tok, t_tok, from_char: int = 0,
@@ -70,34 +74,38 @@ def paired_example(text: str, s: tuple, t: tuple, s_tok, t_tok, from_char: int =
     spans = [sp for sp in align_spans(t_off, s_off, t_sp, s_sp) if sp.t0 >= 1 and sp.s0 >= 1 and sp.c0 >= from_char]
     if not spans and not keep_empty:
         return None
-    s_content = [k for k, (a, b) in enumerate(s_off) if b > a and not s_sp[k]]
-    t_content = [k for k, (a, b) in enumerate(t_off) if b > a and not t_sp[k]]
+    s_content = [k for k, (a, b) in enumerate(s_off) if b > a and not s_sp[k] and a >= from_char]
+    t_content = [k for k, (a, b) in enumerate(t_off) if b > a and not t_sp[k] and a >= from_char]
     pos = [(ti - 1, si - 1) for ti, si in position_pairs(t_content[0], t_content[-1] + 1, s_content[0],
                                                            s_content[-1] + 1) if ti >= 1 and si >= 1] \
         if s_content and t_content else []
-    labels = _content_labels(s_ids, s_off, s_sp)
+    labels = _content_labels(s_ids, s_off, s_sp, from_char)
     return {
         "input_ids": s_ids, "attention_mask": [1] * len(s_ids), "labels": labels,
         "teacher_input_ids": t_ids, "teacher_attention_mask": [1] * len(t_ids),
-        "teacher_labels": _content_labels(t_ids, t_off, t_sp),
+        "teacher_labels": _content_labels(t_ids, t_off, t_sp, from_char),
         "span_t0": [sp.t0 for sp in spans], "span_t1": [sp.t1 for sp in spans],
         "span_s0": [sp.s0 for sp in spans], "span_s1": [sp.s1 for sp in spans],
         "span_word": [int(sp.c0 == 0 or text[sp.c0 - 1].isspace() or text[sp.c0].isspace()) for sp in spans],
         "pos_t": [p[0] for p in pos], "pos_s": [p[1] for p in pos],
-        "n_bytes": _covered_bytes(text, s_off, s_sp), "t_bytes": _covered_bytes(text, t_off, t_sp),
+        "n_bytes": _covered_bytes(text, s_off, s_sp, from_char), "t_bytes": _covered_bytes(text, t_off, t_sp, from_char),
         "length": len(s_ids),
     }
 
 
-def pair_texts(texts: list[str], s_tok, t_tok, max_length: int, where: str) -> list[dict]:
-    """The paired examples of ``texts``; KDError when none aligns."""
+def pair_texts(texts: list[str], s_tok, t_tok, max_length: int, where: str,
+               from_chars: Optional[list[int]] = None) -> list[dict]:
+    """The paired examples of ``texts`` (scored from ``from_chars[i]`` on: prompt lengths); KDError when none
+    aligns."""
     check_fast(s_tok, "student")
     check_fast(t_tok, "teacher")
     out, dropped = [], 0
     for lo in range(0, len(texts), 256):
         chunk = texts[lo:lo + 256]
-        for text, s, t in zip(chunk, encode_side(s_tok, chunk, max_length), encode_side(t_tok, chunk, max_length)):
-            ex = paired_example(text, s, t, s_tok, t_tok)
+        starts = from_chars[lo:lo + 256] if from_chars is not None else [0] * len(chunk)
+        for text, s, t, c in zip(chunk, encode_side(s_tok, chunk, max_length), encode_side(t_tok, chunk, max_length),
+                                 starts):
+            ex = paired_example(text, s, t, s_tok, t_tok, from_char=c)
             if ex is None:
                 dropped += 1
             else:
@@ -110,24 +118,31 @@ def pair_texts(texts: list[str], s_tok, t_tok, max_length: int, where: str) -> l
     return out
 
 
-def _texts(ds, column: str, where: str) -> list[str]:
-    require_columns(ds, [column], where)
-    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+def _texts(ds, cfg, where: str) -> tuple[list[str], Optional[list[int]]]:
+    """Plain texts, or prompt + response texts and the prompts' lengths (``--target_column``)."""
+    if not cfg.target_column:
+        require_columns(ds, [cfg.text_column], where)
+        return [t for t in ds[cfg.text_column] if isinstance(t, str) and t.strip()], None
+    require_columns(ds, [cfg.text_column, cfg.target_column], where)
+    rows = [(p if isinstance(p, str) else "", r) for p, r in zip(ds[cfg.text_column], ds[cfg.target_column])
+            if isinstance(r, str) and r.strip()]
+    return [p + r for p, r in rows], [len(p) for p, _ in rows]
 
 
 def build_paired_data(cfg, s_tok, t_tok) -> DataBundle:
     if not cfg.train_file:
         raise KDError("no training data: pass --train_file PATH (txt, jsonl, json, csv or tsv with --text_column)")
-    if cfg.target_column or cfg.messages_column or cfg.text_pair_column:
-        raise KDError("the cross-tokenizer methods train on plain text (--text_column); --target_column, "
-                      "--messages_column and --text_pair_column are not supported by them yet")
+    if cfg.messages_column or cfg.text_pair_column:
+        raise KDError("the cross-tokenizer methods train on plain text (--text_column) or prompt + response "
+                      "(--target_column); --messages_column and --text_pair_column are not supported by them yet")
     train_raw, eval_raw = load_split_tables(cfg)
-    train = pair_texts(_texts(train_raw, cfg.text_column, cfg.train_file), s_tok, t_tok, cfg.max_length,
-                       cfg.train_file)
+    texts, starts = _texts(train_raw, cfg, cfg.train_file)
+    train = pair_texts(texts, s_tok, t_tok, cfg.max_length, cfg.train_file, starts)
     ev = None
     if eval_raw is not None:
         name = cfg.eval_file or f"{cfg.train_file} (held-out {cfg.eval_split:.0%})"
-        ev = pair_texts(_texts(eval_raw, cfg.text_column, name), s_tok, t_tok, cfg.max_length, name)
+        texts, starts = _texts(eval_raw, cfg, name)
+        ev = pair_texts(texts, s_tok, t_tok, cfg.max_length, name, starts)
     info = {"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0,
             "spans_per_example": sum(len(e["span_s0"]) for e in train) / len(train)}
     return DataBundle(train=train, eval=ev, collate_fn=PairCollator(s_tok.pad_token_id, t_tok.pad_token_id),

@@ -2,7 +2,8 @@
 
 With probability ``lmbda`` per micro-batch (one draw each, from a generator seeded by ``--seed`` alone: under
 ZeRO-3 every rank must generate together) the student continues the first ``onpolicy_prompt_tokens`` content
-tokens of each row with up to ``max_new_tokens`` sampled tokens (the KV-cached sampler of ``models.sampling``; the
+tokens of each plain-text row, or answers the prompt of a prompt + response row, with up to ``max_new_tokens``
+sampled tokens (the KV-cached sampler of ``models.sampling``; the
 samples from a per-rank generator). The row's text becomes the student's decoded prompt + continuation; both
 tokenizers encode that text again and it is aligned again (``data.xtoken.paired_example``), and the loss keeps only
 the spans inside the continuation. The student's CE is not applied to its own samples (its term is 0 for such a
@@ -30,7 +31,10 @@ class OnPolicy(SeededDraws):
         prompts = []
         for ids, lab in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
             content = [k for k, y in enumerate(lab) if y != -100]
-            end = content[min(o.onpolicy_prompt_tokens, len(content)) - 1] + 1 if content else 1
+            if content and content[0] > 1:  # prompt + response rows: the student answers the prompt itself
+                end = content[0]
+            else:  # plain text: the student continues the row's first tokens
+                end = content[min(o.onpolicy_prompt_tokens, len(content)) - 1] + 1 if content else 1
             prompts.append(ids[:end])
         width = max(len(p) for p in prompts)
         pad = s_tok.pad_token_id
