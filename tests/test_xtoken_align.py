@@ -186,3 +186,21 @@ def test_vocabulary_map_same_text_tokens_and_identity_for_one_tokenizer(toks):
     # bos and eos map by role when their strings differ
     t_ids, s_ids = vocab_map(bpe, wp)
     assert wp.eos_token_id is None or (bpe.eos_token_id, wp.eos_token_id) in zip(t_ids.tolist(), s_ids.tolist())
+
+
+def test_paired_dataset_is_built_once_equals_pair_texts_and_counts_drops(toks, tmp_path, monkeypatch, caplog):
+    from kd_engine.data.xtoken import _paired_dataset
+
+    monkeypatch.setenv("KD_ENGINE_CACHE", str(tmp_path / "cache"))
+    texts = TEXTS + ["!"]  # "!" has a span; a text is dropped only when nothing aligns after the start token
+    ds = _paired_dataset(texts, None, toks["wp"], toks["bpe"], 64, "t")
+    ref = pair_texts(texts, toks["wp"], toks["bpe"], 64, "t")
+    assert len(ds) == len(ref) and all(ds[i] == ref[i] for i in range(len(ref)))
+    files = list((tmp_path / "cache").rglob("pairs-*.arrow"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = _paired_dataset(texts, None, toks["wp"], toks["bpe"], 64, "t")  # loaded, not rebuilt
+    assert files[0].stat().st_mtime_ns == stamp and len(again) == len(ds)
+    assert len(list((tmp_path / "cache").rglob("pairs-*.arrow"))) == 1
+    other = _paired_dataset(texts, None, toks["wp"], toks["bpe"], 32, "t")  # another key: another file
+    assert len(list((tmp_path / "cache").rglob("pairs-*.arrow"))) == 2 and len(other) == len(ds)

@@ -20,6 +20,7 @@ no row keeps one is an error naming the file.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -118,6 +119,65 @@ def pair_texts(texts: list[str], s_tok, t_tok, max_length: int, where: str,
     return out
 
 
+def _identity(tokenizer) -> str:
+    """A tokenizer's definition without the truncation/padding state that encoding with it leaves behind."""
+    import hashlib
+    import json
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha256(json.dumps([spec, str(tokenizer.name_or_path), len(tokenizer)], sort_keys=True).encode()
+                          ).hexdigest()
+
+
+def _paired_dataset(texts: list[str], starts: Optional[list[int]], s_tok, t_tok, max_length: int, where: str):
+    """``pair_texts`` as a cached ``datasets.Dataset``: built once (rank 0 first, in worker processes for large
+    inputs) under the kd_engine cache, keyed by the texts, both tokenizers and ``max_length``; the other ranks and
+    later runs load it."""
+    import hashlib
+    import json
+
+    from datasets import Dataset
+
+    from ..dist import main_process_first
+    from ..paths import cache_dir
+    from .corpus_cache import _default_workers
+
+    check_fast(s_tok, "student")
+    check_fast(t_tok, "teacher")
+    starts = starts if starts is not None else [0] * len(texts)
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\x00")
+    key = hashlib.sha256(json.dumps({"v": 1, "texts": digest.hexdigest(),
+                                     "starts": starts, "s": _identity(s_tok), "t": _identity(t_tok),
+                                     "max_length": max_length}, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = os.path.join(cache_dir("xtoken"), f"pairs-{key}.arrow")
+
+    def encode(batch):
+        out: dict[str, list] = {}
+        for text, c, s, t in zip(batch["text"], batch["start"], encode_side(s_tok, batch["text"], max_length),
+                                 encode_side(t_tok, batch["text"], max_length)):
+            ex = paired_example(text, s, t, s_tok, t_tok, from_char=c)
+            for k, v in (ex or {}).items():
+                out.setdefault(k, []).append(v)
+        return out
+
+    with main_process_first():
+        raw = Dataset.from_dict({"text": texts, "start": starts})
+        workers = _default_workers() if len(texts) >= 20000 else None
+        ds = raw.map(encode, batched=True, batch_size=256, remove_columns=["text", "start"], num_proc=workers,
+                     cache_file_name=path, new_fingerprint=key, desc="aligning")
+    if len(ds) < len(texts):
+        logger.warning("%s: %d of %d text(s) dropped: no span both tokenizers cut alike", where,
+                       len(texts) - len(ds), len(texts))
+    if len(ds) == 0:
+        raise KDError(f"{where}: no text where the teacher's and the student's tokenizations share a span (the "
+                      f"texts are empty after tokenization, or shorter than two aligned pieces)")
+    return ds
+
+
 def _texts(ds, cfg, where: str) -> tuple[list[str], Optional[list[int]]]:
     """Plain texts, or prompt + response texts and the prompts' lengths (``--target_column``)."""
     if not cfg.target_column:
@@ -137,16 +197,16 @@ def build_paired_data(cfg, s_tok, t_tok) -> DataBundle:
                       "(--target_column); --messages_column and --text_pair_column are not supported by them yet")
     train_raw, eval_raw = load_split_tables(cfg)
     texts, starts = _texts(train_raw, cfg, cfg.train_file)
-    train = pair_texts(texts, s_tok, t_tok, cfg.max_length, cfg.train_file, starts)
+    train = _paired_dataset(texts, starts, s_tok, t_tok, cfg.max_length, cfg.train_file)
     ev = None
     if eval_raw is not None:
         name = cfg.eval_file or f"{cfg.train_file} (held-out {cfg.eval_split:.0%})"
         texts, starts = _texts(eval_raw, cfg, name)
-        ev = pair_texts(texts, s_tok, t_tok, cfg.max_length, name, starts)
-    info = {"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0,
-            "spans_per_example": sum(len(e["span_s0"]) for e in train) / len(train)}
+        ev = _paired_dataset(texts, starts, s_tok, t_tok, cfg.max_length, name)
+    lengths = train.with_format("arrow")["length"].to_pylist()
+    info = {"train_examples": len(train), "eval_examples": len(ev) if ev is not None else 0}
     return DataBundle(train=train, eval=ev, collate_fn=PairCollator(s_tok.pad_token_id, t_tok.pad_token_id),
-                      train_lengths=[e["length"] for e in train], info=info)
+                      train_lengths=lengths, info=info)
 
 
 class PairCollator:
