@@ -39,6 +39,7 @@ class CrossTokenizerMethod(Method):
     lm_loss_key = "lm_loss"
     data_options = ("eval_file", "eval_split", "max_train_samples", "max_eval_samples")
     pair_mode = "span"  # "span" (starts of aligned spans) or "position" (ULD's i-th token pairs)
+    uses_spans = False  # the method has a span term (chain-rule span probabilities are computed)
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
@@ -101,7 +102,8 @@ class CrossTokenizerMethod(Method):
         return self.vmap
 
     # ---- the loss pass --------------------------------------------------------------------------------
-    def pair_kinds(self, evaluating: bool) -> tuple[str, ...]:
+    def pair_kinds(self) -> tuple[str, ...]:
+        """The row terms (``losses.xtoken.pair_terms`` kinds) this method's loss uses."""
         raise NotImplementedError
 
     def combine(self, parts: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -167,9 +169,8 @@ class CrossTokenizerMethod(Method):
             p_s, p_t = batch["pos_s"][pb, pk], batch["pos_t"][pb, pk]
         else:
             pb, p_s, p_t = sb, s0 - 1, t0 - 1
-        kinds = self.pair_kinds(evaluating)
-        rows = pair_terms(s_src, s_w, s_vocab, t_src, t_w, t_vocab, pb, p_s, p_t, vmap,
-                          tuple(x for x in kinds if x != "agree"), o.temperature)
+        rows = pair_terms(s_src, s_w, s_vocab, t_src, t_w, t_vocab, pb, p_s, p_t, vmap, self.pair_kinds(),
+                          o.temperature)
         parts.update({k: _mean(v, like) for k, v in rows.items()})
         if evaluating:
             word = batch["span_word"][sb, k] > 0
@@ -179,8 +180,6 @@ class CrossTokenizerMethod(Method):
             parts["s_nll"], parts["s_n"] = -s_lp.sum(), like.new_tensor(float(s_lp.numel()))
             parts["t_nll"] = -t_lp.sum()
         return parts
-
-    uses_spans = False
 
     def compute_loss(self, ctx, batch):
         names, vector = self._parts(ctx, batch)

@@ -52,7 +52,7 @@ class ULD(_xtoken.CrossTokenizerMethod):
         super().__init__(cfg, opts)
         self.pair_mode = opts.alignment
 
-    def pair_kinds(self, evaluating):
+    def pair_kinds(self):
         return ("uld",)
 
     def combine(self, parts, like):

@@ -91,7 +91,7 @@ class CrossTokenizerKD(OnPolicy, _xtoken.CrossTokenizerMethod):
             terms["ce"] = terms["ce"] * 0.0  # no CE on the student's own samples
         return terms, {"on_policy": float(on)}
 
-    def pair_kinds(self, evaluating):
+    def pair_kinds(self):
         return ("kl", "uld_rest")
 
     def combine(self, parts, like):
