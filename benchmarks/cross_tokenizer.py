@@ -18,7 +18,7 @@ exported students (the same code for every run): ``bpb`` = summed NLL of every t
 (ln 2 x UTF-8 bytes); ``next_word_agreement`` = share of held-out word starts (common cuts of both tokenizations
 followed by a new word) where the student's and the teacher's top-1 next tokens spell the same word.
 
-    nice -n 5 python benchmarks/cross_tokenizer.py                 # 3 seeds x 4 methods (~70 min on 2 cores)
+    nice -n 5 python benchmarks/cross_tokenizer.py                 # 3 seeds x 4 methods (~70 min on 2 cores, measured)
     python benchmarks/cross_tokenizer.py --steps 20 --seeds 1      # quick
 
 Last line: JSON with ``bpb`` (mean, std per method), ``next_word_agreement``, ``xtoken_gain_vs_ce`` (bpb of CE-only
@@ -184,12 +184,12 @@ def _teacher_tops(texts: list[str], teacher, t_tok) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     ap.add_argument("--batch", type=int, default=8, help="rows per step")
     ap.add_argument("--max_length", type=int, default=64, help="tokens per row (each tokenizer its own)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per method (0, 1, ...)")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine, 10%% warm-up)")
-    ap.add_argument("--hidden", type=int, default=256, help="student width (heads of 64)")
+    ap.add_argument("--hidden", type=int, default=384, help="student width (heads of 64)")
     ap.add_argument("--layers", type=int, default=4, help="student depth")
     ap.add_argument("--bpe_vocab", type=int, default=8192, help="the BPE student's vocabulary")
     ap.add_argument("--piece_chars", type=int, default=240, help="characters per training piece")
