@@ -100,23 +100,27 @@ def pair_texts(texts: list[str], s_tok, t_tok, max_length: int, where: str,
     aligns."""
     check_fast(s_tok, "student")
     check_fast(t_tok, "teacher")
-    out, dropped = [], 0
+    out = []
     for lo in range(0, len(texts), 256):
         chunk = texts[lo:lo + 256]
         starts = from_chars[lo:lo + 256] if from_chars is not None else [0] * len(chunk)
         for text, s, t, c in zip(chunk, encode_side(s_tok, chunk, max_length), encode_side(t_tok, chunk, max_length),
                                  starts):
             ex = paired_example(text, s, t, s_tok, t_tok, from_char=c)
-            if ex is None:
-                dropped += 1
-            else:
+            if ex is not None:
                 out.append(ex)
-    if dropped:
-        logger.warning("%s: %d of %d text(s) dropped: no span both tokenizers cut alike", where, dropped, len(texts))
-    if not out:
+    _report_drops(where, len(texts), len(out))
+    return out
+
+
+def _report_drops(where: str, n_texts: int, n_kept: int) -> None:
+    """Warn about texts with no span; KDError when none is left."""
+    if n_kept < n_texts:
+        logger.warning("%s: %d of %d text(s) dropped: no span both tokenizers cut alike", where, n_texts - n_kept,
+                       n_texts)
+    if n_kept == 0:
         raise KDError(f"{where}: no text where the teacher's and the student's tokenizations share a span (the "
                       f"texts are empty after tokenization, or shorter than two aligned pieces)")
-    return out
 
 
 def _identity(tokenizer) -> str:
@@ -169,12 +173,7 @@ def _paired_dataset(texts: list[str], starts: Optional[list[int]], s_tok, t_tok,
         workers = _default_workers() if len(texts) >= 20000 else None
         ds = raw.map(encode, batched=True, batch_size=256, remove_columns=["text", "start"], num_proc=workers,
                      cache_file_name=path, new_fingerprint=key, desc="aligning")
-    if len(ds) < len(texts):
-        logger.warning("%s: %d of %d text(s) dropped: no span both tokenizers cut alike", where,
-                       len(texts) - len(ds), len(texts))
-    if len(ds) == 0:
-        raise KDError(f"{where}: no text where the teacher's and the student's tokenizations share a span (the "
-                      f"texts are empty after tokenization, or shorter than two aligned pieces)")
+    _report_drops(where, len(texts), len(ds))
     return ds
 
 
