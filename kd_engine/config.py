@@ -55,6 +55,7 @@ class TrainConfig:
     max_train_samples: Optional[int] = None  # use at most this many training examples
     max_eval_samples: Optional[int] = None  # use at most this many evaluation examples
     eval_split: float = 0.0  # fraction of the training file held out for evaluation when no eval_file
+    split_seed: Optional[int] = None  # seed of the --eval_split hold-out (default --seed): one dev set across seeds
     group_by_length: bool = True  # batch examples of similar length together
     # run
     output_dir: str = "outputs/run"  # run folder: checkpoints, TensorBoard, train_log.jsonl, final/
@@ -341,6 +342,8 @@ def validate_train_config(c: TrainConfig) -> None:
         raise ConfigError(f"max_grad_norm must be >= 0 (0: no clipping); got {c.max_grad_norm}")
     if not 0 <= c.seed < 2 ** 32:
         raise ConfigError(f"seed must be in [0, 2**32); got {c.seed}")
+    if c.split_seed is not None and not 0 <= c.split_seed < 2 ** 32:
+        raise ConfigError(f"split_seed must be in [0, 2**32); got {c.split_seed}")
     if not c.dist_timeout > 0:
         raise ConfigError(f"dist_timeout must be > 0 seconds; got {c.dist_timeout}")
     flag = str(c.resume).lower()

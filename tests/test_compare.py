@@ -170,6 +170,25 @@ def test_dry_run_lists_the_cells_and_writes_nothing(assets, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_seed_and_output_dir_placeholders_and_list_options(assets, tmp_path):
+    """{seed} / {output_dir} in an option become the cell's; a list option reaches the CLI as its comma list."""
+    from kd_engine.compare.spec import load_spec
+
+    out = tmp_path / "cmp"
+    rows = [{"name": "sft", "method": "sft"},
+            {"name": "kd2", "method": "kd", "options": {"tokenizer": "{output_dir}/cells/sft-seed{seed}/final",
+                                                        "stop_signals": ["USR1", "INT"]}}]
+    spec = load_spec(_spec(assets, out, rows=rows))
+    kd1 = next(c for c in spec.cells if c.name == "kd2-seed1")
+    argv = list(kd1.argv)
+    assert argv[argv.index("--tokenizer") + 1] == f"{out}/cells/sft-seed1/final"
+    assert argv[argv.index("--stop_signals") + 1] == "USR1,INT"
+    from kd_engine.config import build_config
+
+    assert build_config(argv).train.stop_signals == ["USR1", "INT"]
+    assert not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_slurm_array_runs_the_cells_and_the_report_job_after_them(assets, tmp_path):

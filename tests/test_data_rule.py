@@ -38,6 +38,8 @@ def test_split_is_seeded_and_limits_apply_after_it():
     assert full.train == sorted(full.train)  # training rows keep their order
     assert a.train == full.train[:5] and a.eval == full.eval[:3]  # limits after the split
     assert split_rows(TrainConfig(eval_split=0.25, seed=8), N).eval != full.eval
+    fixed = split_rows(TrainConfig(eval_split=0.25, seed=8, split_seed=7), N)  # one dev set, another seed
+    assert fixed.eval == full.eval and fixed.train == full.train
     b = split_rows(TrainConfig(max_train_samples=4, max_eval_samples=2), N, n_eval_file=9)
     assert b.train == [0, 1, 2, 3] and b.eval == [0, 1] and not b.held_out
     assert split_rows(TrainConfig(), N).eval is None

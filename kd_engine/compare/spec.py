@@ -13,6 +13,10 @@
     baseline: ce                        # each row's paired bootstrap interval is against this row
     launch: [torchrun, --nproc_per_node, "2"]   # optional: how a cell is started (default: plain python)
 
+In option values, ``{seed}`` is the cell's seed and ``{output_dir}`` the comparison's folder, so a row can start
+from another row's student of the same seed (``teacher: "{output_dir}/cells/kd-seed{seed}/final"``); cells run
+row by row in the spec's order (with ``--slurm`` they run at once: run such a row in a second comparison).
+
 Every cell's options are checked by the training CLI's own parser before anything runs or is written (an error
 names the cell); two rows with the same method and options, a baseline not in ``rows``, an evaluator that cannot
 load and unknown keys are errors too.
@@ -64,14 +68,26 @@ def _unknown(key: str, known, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
-def _argv(options: dict) -> list[str]:
+def _fill(value, seed: int, out_dir: str):
+    """``{seed}`` and ``{output_dir}`` in a string option become the cell's seed and the comparison's folder."""
+    if isinstance(value, str):
+        return value.replace("{seed}", str(seed)).replace("{output_dir}", out_dir)
+    if isinstance(value, list):
+        return [_fill(v, seed, out_dir) for v in value]
+    return value
+
+
+def _argv(options: dict, seed: int = 0, out_dir: str = "") -> list[str]:
     from ..config import _flatten_mapping
 
     out = []
     for key, value in _flatten_mapping(options).items():
+        value = _fill(value, seed, out_dir)
         if isinstance(value, bool):
             value = "true" if value else "false"
-        elif isinstance(value, (list, dict)):
+        elif isinstance(value, list):  # the CLI's list syntax: comma-separated
+            value = ",".join("true" if v is True else "false" if v is False else str(v) for v in value)
+        elif isinstance(value, dict):
             value = json.dumps(value)
         out += [f"--{key}", str(value)]
     return out
@@ -136,8 +152,8 @@ def load_spec(path: str) -> Spec:
         method = ["--method", str(row["method"])] if row.get("method") else []
         for seed in seeds:
             cell_dir = os.path.join(out_dir, "cells", f"{row['name']}-seed{seed}")
-            argv = [*method, *_argv({**base, **(row.get("options") or {})}), "--seed", str(seed), "--output_dir",
-                    cell_dir]
+            argv = [*method, *_argv({**base, **(row.get("options") or {})}, seed, out_dir), "--seed", str(seed),
+                    "--output_dir", cell_dir]
             try:
                 build_config(argv)
             except ConfigError as exc:

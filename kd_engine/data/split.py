@@ -2,8 +2,9 @@
 
 - ``--eval_file`` given: training rows come from ``--train_file``, evaluation rows from the eval file.
 - else ``--eval_split F`` > 0: a deterministic hold-out of the training rows: the first ``ceil(F x n)`` of a
-  permutation seeded with ``--seed`` (the same rows on every rank and in every run with that seed); the rest
-  train, in their original order.
+  permutation seeded with ``--split_seed`` (default ``--seed``; the same rows on every rank and in every run with
+  that seed, so a fixed ``--split_seed`` keeps one dev set across training seeds); the rest train, in their
+  original order.
 - then the limits, always after the split: the first ``--max_train_samples`` training rows, the first
   ``--max_eval_samples`` evaluation rows.
 
@@ -42,7 +43,8 @@ def split_rows(cfg, n_train: int, n_eval_file: Optional[int] = None) -> Split:
         n_ev = math.ceil(cfg.eval_split * n_train)
         if n_ev >= n_train:
             raise KDError(f"eval_split {cfg.eval_split} of {n_train} training rows leaves none to train on")
-        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        seed = cfg.seed if getattr(cfg, "split_seed", None) is None else cfg.split_seed
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
         ev, train, held_out = perm[:n_ev], sorted(perm[n_ev:]), True
     else:
         train, ev = list(range(n_train)), None

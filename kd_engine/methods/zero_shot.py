@@ -22,13 +22,27 @@ classifier learns its soft labels.
 4. Evaluation: agreement with the teacher (argmax; multi-label: per (text, class) decision at 0.5, plus the share
    of texts whose K decisions all agree), and top-1 accuracy when ``--eval_file`` has a ``--label_column``
    (labels = class names, indices, or names listed in ``--eval_label_names_file`` in class order, e.g. AG News'
-   classes.txt). Without an eval file: ``--eval_split`` of the corpus, else the first 1000 training texts
+   classes.txt). Without an eval file: ``--eval_split`` of the corpus (with gold labels when the corpus has the
+   ``--label_column``; ``--split_seed`` keeps one dev split across seeds), else the first 1000 training texts
    (the reference's "agreement on the training set").
+
+Better teachers, all optional (``benchmarks/zero_shot_quality.py`` measures each on an AG News dev split):
+
+- prompts: ``--hypothesis_templates_file`` (several templates) and ``--class_descriptions_file`` (several
+  descriptions per class); the teacher scores every (template, description) and averages per class (NLI: the
+  logits; embedding teacher: the class centroid of the prompt embeddings).
+- ``--prior_calibration uniform`` / ``--class_prior``: per-class weights fitted on the unlabeled training texts
+  so that their mean soft label is the prior (``kd_engine.teachers.calibration``); the same weights relabel the
+  evaluation rows.
+- ``--extra_text_files``: more unlabeled training text.
+- self-training: ``--teacher out/final`` (a student this method exported) labels the corpus again
+  (``ClassifierTeacher``); ``--student out/final`` continues from it.
 """
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -36,13 +50,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data.split import split_rows
 from ..errors import ConfigError, KDError
 from ..paths import cache_dir
 from ..losses.kd import soft_cross_entropy_rows
+from ..teachers.calibration import apply_weights, prior_weights, target_prior
+from ..teachers.classifier import ClassifierTeacher, classifier_columns
 from ..teachers.labeling import all_gather_objects, default_cache_dir, label_corpus, labeling_key
 from ..teachers.zero_shot import (DEFAULT_TEMPLATE, EMBEDDING_TEMPERATURE, EmbeddingTeacher, NLITeacher,
-                                  check_template, load_class_names, read_texts, resolve_nli_ids)
+                                  check_template, load_class_names, resolve_nli_ids)
+from ..teachers.zero_shot_inputs import load_descriptions, load_templates
+from ._zero_shot_data import zero_shot_rows
 from .base import DataBundle, Method, register
 
 logger = logging.getLogger(__name__)
@@ -55,24 +72,46 @@ class ZeroShotOptions:
     hypothesis_template: str = DEFAULT_TEMPLATE  # NLI hypothesis with {} for the class name
     multi_label: bool = False  # each class scored on its own (sigmoid)
     temperature: Optional[float] = None  # teacher sharpening; default 1.0 (NLI), 0.05 (embedding teacher)
-    teacher_type: str = "auto"  # auto | nli | embedding
+    teacher_type: str = "auto"  # auto | nli | embedding | classifier (a distilled student: self-training)
     teacher_batch_size: int = 32  # (text, class) pairs per NLI forward; texts per embedding forward
     label_cache_dir: Optional[str] = None  # root of the label caches (one sub-folder per labeling key);
     # default <kd_engine cache>/zero_shot
     zs_loss: str = "soft_ce"  # soft_ce | kl
     eval_label_names_file: Optional[str] = None  # eval labels in class order (e.g. AG News classes.txt)
     data_columns: Optional[str] = None  # column names of header-less csv/tsv data and eval files ("text,label")
+    hypothesis_templates_file: Optional[str] = None  # several templates (one per line) instead of the one
+    class_descriptions_file: Optional[str] = None  # lines "class name<TAB>description": more prompts per class
+    prior_calibration: str = "none"  # none | uniform: re-weight classes so the corpus' mean label is the prior
+    class_prior: Optional[list[float]] = None  # calibrate to this class prior (class order) instead of uniform
+    extra_text_files: Optional[list[str]] = None  # more unlabeled training text (.txt lines or --text_column)
+    student_base: Optional[str] = None  # encoder the --student.layers student is built from (default: the teacher)
 
     def validate(self) -> None:
         check_template(self.hypothesis_template)
-        if self.teacher_type not in ("auto", "nli", "embedding"):
-            raise ConfigError(f"teacher_type must be auto, nli or embedding; got {self.teacher_type!r}")
+        if self.teacher_type not in ("auto", "nli", "embedding", "classifier"):
+            raise ConfigError(f"teacher_type must be auto, nli, embedding or classifier; got {self.teacher_type!r}")
+        if self.prior_calibration not in ("none", "uniform"):
+            raise ConfigError(f"prior_calibration must be none or uniform; got {self.prior_calibration!r}")
         if self.zs_loss not in ("soft_ce", "kl"):
             raise ConfigError(f"zs_loss must be soft_ce or kl; got {self.zs_loss!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0; got {self.temperature}")
         if self.teacher_batch_size < 1:
             raise ConfigError(f"teacher_batch_size must be >= 1; got {self.teacher_batch_size}")
+        # input files, before any heavy import (templates and class names parsed: a typo fails in a second)
+        for what, path in (("class names file", self.class_names_file), ("data file", self.data_file),
+                           ("eval label names file", self.eval_label_names_file),
+                           *(("extra text file", f) for f in self.extra_text_files or ())):
+            if path and not os.path.exists(path):
+                raise KDError(f"{what} not found: {path}")
+        if self.hypothesis_templates_file:
+            load_templates(self.hypothesis_templates_file)
+        if self.class_descriptions_file:
+            if not self.class_names_file:
+                raise KDError("--class_descriptions_file needs --class_names_file")
+            load_descriptions(self.class_descriptions_file, load_class_names(self.class_names_file))
+        if self.class_prior is not None and self.class_names_file:
+            target_prior(len(load_class_names(self.class_names_file)), self.class_prior)
 
 
 def soft_label_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str, multi_label: bool) -> torch.Tensor:
@@ -125,11 +164,14 @@ class ZeroShot(Method):
     def _teacher_kind(self, config) -> str:
         if self.opts.teacher_type != "auto":
             return self.opts.teacher_type
+        archs = getattr(config, "architectures", None) or []
+        if any(a.endswith("ForSequenceClassification") for a in archs) and \
+                classifier_columns(config, self._classes()) is not None:
+            return "classifier"  # a K-way classifier over these classes (a distilled student): self-training
         try:
             resolve_nli_ids(config)
             return "nli"
         except KDError:
-            archs = getattr(config, "architectures", None) or []
             if any(a.endswith("ForSequenceClassification") for a in archs):
                 raise
             return "embedding"
@@ -142,7 +184,7 @@ class ZeroShot(Method):
                 raise KDError("zero_shot needs --teacher (an NLI model or a sentence encoder; path or hub id)")
             config = load_config(self.cfg.teacher, trust_remote_code=self.cfg.trust_remote_code)
             kind = self._teacher_kind(config)
-            task = "sequence_classification" if kind == "nli" else "encoder"
+            task = "encoder" if kind == "embedding" else "sequence_classification"
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.teacher_dtype, torch.float32)
             model = load_model(self.cfg.teacher, task, dtype=dtype, trust_remote_code=self.cfg.trust_remote_code)
             model.to(ctx.device).eval().requires_grad_(False)
@@ -153,13 +195,26 @@ class ZeroShot(Method):
     def _zero_shot_teacher(self, ctx):
         kind, model, tok = self._load_teacher(ctx)
         o = self.opts
+        if kind == "classifier":
+            if o.multi_label:
+                raise KDError("--multi_label needs an NLI teacher (a classifier teacher gives one distribution)")
+            return ClassifierTeacher(model, tok, self._classes(), temperature=o.temperature or 1.0,
+                                     name=self.cfg.teacher)
+        templates, descriptions = self._prompts()
         if kind == "nli":
-            return NLITeacher(model, tok, o.hypothesis_template, self._classes(), multi_label=o.multi_label,
-                              temperature=o.temperature or 1.0, name=self.cfg.teacher)
+            return NLITeacher(model, tok, templates, self._classes(), multi_label=o.multi_label,
+                              temperature=o.temperature or 1.0, name=self.cfg.teacher, descriptions=descriptions)
         if o.multi_label:
             raise KDError("--multi_label needs an NLI teacher (the embedding teacher gives one distribution)")
-        return EmbeddingTeacher(model, tok, o.hypothesis_template, self._classes(),
-                                temperature=o.temperature or EMBEDDING_TEMPERATURE, name=self.cfg.teacher)
+        return EmbeddingTeacher(model, tok, templates, self._classes(), temperature=o.temperature or
+                                EMBEDDING_TEMPERATURE, name=self.cfg.teacher, descriptions=descriptions)
+
+    def _prompts(self) -> tuple[list[str], Optional[dict]]:
+        o = self.opts
+        templates = load_templates(o.hypothesis_templates_file) if o.hypothesis_templates_file \
+            else [o.hypothesis_template]
+        desc = load_descriptions(o.class_descriptions_file, self._classes()) if o.class_descriptions_file else None
+        return templates, desc
 
     def _label(self, ctx, teacher, texts: list[str], what: str) -> torch.Tensor:
         root = self.opts.label_cache_dir
@@ -205,8 +260,13 @@ class ZeroShot(Method):
             raise KDError("no student: pass --student PATH_OR_HUB_ID or --student.layers N (built from the teacher)")
         from ..models.student import create_student
 
-        _, t_model, _ = self._load_teacher(ctx)
-        base = create_student(t_model.base_model, layers=s.layers, hidden=s.hidden, heads=s.heads,
+        if self.opts.student_base:  # e.g. a fresh student for a self-training round, not the round-1 student
+            from ..models.loading import load_model
+
+            source = load_model(self.opts.student_base, "encoder", trust_remote_code=self.cfg.trust_remote_code)
+        else:
+            source = self._load_teacher(ctx)[1].base_model
+        base = create_student(source, layers=s.layers, hidden=s.hidden, heads=s.heads,
                               intermediate=s.intermediate, init=s.init)
         config = base.config
         for k, v in head.items():
@@ -218,41 +278,14 @@ class ZeroShot(Method):
                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
         return student.float()
 
+    def load_tokenizer(self, ctx):
+        from ..models.loading import load_tokenizer
+
+        c = self.cfg
+        src = c.tokenizer or c.student.name_or_path or self.opts.student_base or c.teacher
+        return load_tokenizer(src, trust_remote_code=c.trust_remote_code)
+
     # ---- data ---------------------------------------------------------------------------------------------
-    def _read(self, path: str) -> tuple[list[str], int]:
-        if path.endswith((".txt", ".raw")):
-            return read_texts(path)
-        from ..data.files import load_table, require_columns
-
-        ds = load_table(path, column_names=self._columns(path))
-        require_columns(ds, [self.cfg.text_column], path)
-        col = ds[self.cfg.text_column]
-        texts = [t for t in col if isinstance(t, str) and t.strip()]
-        if not texts:
-            raise KDError(f"data file {path} has no text in column '{self.cfg.text_column}'")
-        return texts, len(col) - len(texts)
-
-    def _columns(self, path: str) -> Optional[list[str]]:
-        if not self.opts.data_columns or not path.lower().endswith((".csv", ".tsv")):
-            return None
-        return [c.strip() for c in self.opts.data_columns.split(",")]
-
-    def _eval_labels(self, values: list) -> list[int]:
-        names = self._classes()
-        order = load_class_names(self.opts.eval_label_names_file) if self.opts.eval_label_names_file else names
-        if len(order) != len(names):
-            raise KDError(f"--eval_label_names_file lists {len(order)} labels for {len(names)} classes")
-        out = []
-        for v in values:
-            s = str(v).strip()
-            if s in order:
-                out.append(order.index(s))
-            elif s.lstrip("-").isdigit() and 0 <= int(s) < len(names):
-                out.append(int(s))
-            else:
-                raise KDError(f"eval label {s!r} is neither a class name ({', '.join(order)}) nor a class index")
-        return out
-
     def _rows(self, ctx, texts: list[str], soft: torch.Tensor, labels: Optional[list[int]] = None) -> _Rows:
         enc = ctx.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)
         cols = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
@@ -265,39 +298,39 @@ class ZeroShot(Method):
 
     def _prepare_labels(self, ctx) -> dict:
         """Read the texts and label them (collective over the ranks: every rank must call it at the same time)."""
-        cfg = self.cfg
-        path = self.opts.data_file or cfg.train_file
-        if not path:
-            raise KDError("zero_shot needs --data_file (unlabeled texts, one per line)")
-        texts, blank = self._read(path)
-        eval_texts, eval_labels = None, None
-        if cfg.eval_file:
-            if cfg.label_column:
-                from ..data.files import load_table, require_columns
-
-                ds = load_table(cfg.eval_file, split="validation", column_names=self._columns(cfg.eval_file))
-                require_columns(ds, [cfg.text_column, cfg.label_column], cfg.eval_file)
-                eval_texts, eval_labels = list(ds[cfg.text_column]), self._eval_labels(list(ds[cfg.label_column]))
-            else:
-                eval_texts, _ = self._read(cfg.eval_file)
-        rows = split_rows(cfg, len(texts), len(eval_texts) if eval_texts is not None else None)
-        if rows.eval is not None:
-            eval_texts = [(texts if rows.held_out else eval_texts)[i] for i in rows.eval]
-            eval_labels = [eval_labels[i] for i in rows.eval] if eval_labels is not None else None
-        texts = [texts[i] for i in rows.train]
-
+        d = zero_shot_rows(self.cfg, self.opts, self._classes())
+        texts, eval_texts = d["texts"], d["eval_texts"]
         teacher = self._zero_shot_teacher(ctx)
         soft = self._label(ctx, teacher, texts, "train")
         eval_soft = self._label(ctx, teacher, eval_texts, "eval") if eval_texts is not None else None
-        self.info.update(train_texts=len(texts), blank_lines_skipped=blank, teacher_type=teacher.kind,
-                         teacher_temperature=teacher.temperature)
+        self.info.update(train_texts=len(texts), blank_lines_skipped=d["blank"], teacher_type=teacher.kind,
+                         teacher_temperature=teacher.temperature, hypotheses_per_class=len(
+                             getattr(teacher, "hypotheses", self.class_names)) // len(self.class_names))
+        if self.opts.extra_text_files:
+            self.info.update(extra_texts=d["extra_texts"], extra_dropped_as_eval=d["extra_dropped_as_eval"])
+        if eval_soft is not None and d["eval_labels"] is not None:  # before calibration (eval: after)
+            y = torch.tensor(d["eval_labels"])
+            self.info["teacher_accuracy_uncalibrated"] = round(float((eval_soft.argmax(-1) == y).float().mean()), 4)
+        if self.opts.prior_calibration == "uniform" or self.opts.class_prior:
+            soft, eval_soft = self._calibrate(soft, eval_soft)
         self._teacher = None  # free the teacher: training needs only its labels
         del teacher
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return {"texts": texts, "soft": soft, "eval_texts": eval_texts, "eval_soft": eval_soft,
-                "eval_labels": eval_labels}
+                "eval_labels": d["eval_labels"]}
+
+    def _calibrate(self, soft: torch.Tensor, eval_soft: Optional[torch.Tensor]):
+        """Re-weight the classes so the training labels' mean is the target prior (weights fitted on training
+        texts only; the same weights relabel the evaluation rows)."""
+        if self.opts.multi_label:
+            raise KDError("prior calibration needs single-label soft labels (not --multi_label)")
+        prior = target_prior(len(self.class_names), self.opts.class_prior)
+        w = prior_weights(soft, prior)
+        self.info.update(teacher_label_prior=[round(float(v), 4) for v in soft.mean(0)],
+                         prior_weights=[round(float(v), 4) for v in w])
+        return apply_weights(soft, w), (apply_weights(eval_soft, w) if eval_soft is not None else None)
 
     def build_data(self, ctx) -> DataBundle:
         """Tokenize the labeled texts with the student's tokenizer (labels come from ``load_student``)."""

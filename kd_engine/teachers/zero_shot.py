@@ -24,8 +24,8 @@ import torch
 from ..errors import KDError
 from ..models.modes import eval_mode
 from .labeling import label_corpus  # noqa: F401  (re-exported: the labeling entry point)
-from .zero_shot_inputs import (check_class_names, check_template, load_class_names, read_texts,  # noqa: F401
-                               resolve_nli_ids)
+from .zero_shot_inputs import (check_class_names, check_template, class_prompts, load_class_names,  # noqa: F401
+                               read_texts, resolve_nli_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,30 @@ def _model_config(model: Any) -> Any:
 
 def _hf_module(model: Any) -> torch.nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+def _templates(template: "str | Sequence[str]") -> list[str]:
+    templates = [template] if isinstance(template, str) else list(template)
+    if not templates:
+        raise KDError("no hypothesis template")
+    return [check_template(t) for t in templates]
+
+
+def group_mean(x: torch.Tensor, group: Sequence[int], k: int) -> torch.Tensor:
+    """Mean over dim 1 within each class: x is N x H x ..., ``group[h]`` the class of hypothesis h; N x K x ..."""
+    if len(group) == k and list(group) == list(range(k)):
+        return x
+    g = torch.tensor(list(group), dtype=torch.long)
+    out = torch.zeros((x.shape[0], k) + tuple(x.shape[2:]), dtype=x.dtype).index_add_(1, g, x)
+    counts = torch.bincount(g, minlength=k).to(x.dtype)
+    return out / counts.view((1, k) + (1,) * (x.dim() - 2))
+
+
+def _prompt_key(teacher: Any) -> dict:
+    """Cache-key part of the prompts: one template and bare class names keep the original key."""
+    if len(teacher.hypotheses) == len(teacher.class_names):
+        return {"template": teacher.template}
+    return {"template": teacher.template, "hypotheses": teacher.hypotheses, "groups": teacher.group}
 
 
 def _device(model: Any) -> torch.device:
@@ -191,13 +215,15 @@ class NLITeacher:
 
     kind = "nli"
 
-    def __init__(self, model: Any, tokenizer: Any, template: str, class_names: Sequence[str],
+    def __init__(self, model: Any, tokenizer: Any, template: "str | Sequence[str]", class_names: Sequence[str],
                  multi_label: bool = False, temperature: float = 1.0, max_length: Optional[int] = None,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, descriptions: Optional[dict] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.template = check_template(template)
+        self.templates = _templates(template)
+        self.template = self.templates[0]
         self.class_names = check_class_names(class_names)
+        self.hypotheses, self.group = class_prompts(self.class_names, self.templates, descriptions)
         self.multi_label = bool(multi_label)
         if not temperature > 0:
             raise KDError(f"temperature must be > 0, got {temperature}")
@@ -217,8 +243,7 @@ class NLITeacher:
         except ValueError as e:
             logger.warning("NLI teacher: %s; tokenizing every pair instead (slower)", e)
             self.pair = None
-        self.hypotheses = [self.template.format(c) for c in self.class_names]
-        self.hyp_ids = tokenizer(self.hypotheses, add_special_tokens=False)["input_ids"]  # K, once
+        self.hyp_ids = tokenizer(self.hypotheses, add_special_tokens=False)["input_ids"]  # H, once
         if self.pair is not None:
             longest = max(len(h) for h in self.hyp_ids) + self.pair.n_special
             if longest >= self.max_length:
@@ -227,13 +252,14 @@ class NLITeacher:
 
     def cache_key(self) -> dict:
         return {"teacher_kind": self.kind, "teacher": self.name, "weights": weights_fingerprint(self.model),
-                "template": self.template, "class_names": self.class_names, "multi_label": self.multi_label,
+                **_prompt_key(self), "class_names": self.class_names, "multi_label": self.multi_label,
                 "temperature": self.temperature, "max_length": self.max_length}
 
     def encode_pairs(self, texts: Sequence[str]) -> tuple[list[list[int]], Optional[list[list[int]]]]:
-        """Token ids (and segment ids) of the N*K pairs, text-major (pair n*K + k), premise truncated only."""
+        """Token ids (and segment ids) of the N*H pairs (H hypotheses), text-major (pair n*H + h), premise
+        truncated only."""
         tok = self.tokenizer
-        K = len(self.class_names)
+        K = len(self.hypotheses)
         if self.pair is None:
             pairs = [(t, h) for t in texts for h in self.hypotheses]
             enc = tok([p for p, _ in pairs], [h for _, h in pairs], truncation="only_first",
@@ -253,9 +279,9 @@ class NLITeacher:
 
     @torch.inference_mode()
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """Raw NLI logits, float32, N x K x num_labels."""
+        """NLI logits, float32, N x K x num_labels (averaged over each class's hypotheses)."""
         ids, types = self.encode_pairs(texts)
-        K = len(self.class_names)
+        H = len(self.hypotheses)
         model = self.model
         device = _device(model)
         side = getattr(self.tokenizer, "padding_side", "right")
@@ -272,10 +298,11 @@ class NLITeacher:
                     out = torch.empty(len(ids), logits.shape[-1], dtype=torch.float32)
                 out[idx] = logits.cpu()
         assert out is not None
-        return out.view(len(texts), K, -1)
+        return group_mean(out.view(len(texts), H, -1), self.group, len(self.class_names))
 
     def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """N x K x C logits -> N x K soft labels (the zero-shot-distillation example's teacher probabilities), float32."""
+        """N x K x C logits -> N x K soft labels (the zero-shot-distillation example's teacher probabilities),
+        float32."""
         logits = logits.float()
         if self.multi_label:
             two = logits[..., [self.contr_id, self.entail_id]] / self.temperature  # N x K x 2
@@ -297,13 +324,15 @@ class EmbeddingTeacher:
 
     kind = "embedding"
 
-    def __init__(self, model: Any, tokenizer: Any, template: str, class_names: Sequence[str],
+    def __init__(self, model: Any, tokenizer: Any, template: "str | Sequence[str]", class_names: Sequence[str],
                  temperature: float = EMBEDDING_TEMPERATURE, max_length: Optional[int] = None,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, descriptions: Optional[dict] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.template = check_template(template)
+        self.templates = _templates(template)
+        self.template = self.templates[0]
         self.class_names = check_class_names(class_names)
+        self.hypotheses, self.group = class_prompts(self.class_names, self.templates, descriptions)
         if not temperature > 0:
             raise KDError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
@@ -317,7 +346,7 @@ class EmbeddingTeacher:
 
     def cache_key(self) -> dict:
         return {"teacher_kind": self.kind, "teacher": self.name, "weights": weights_fingerprint(self.model),
-                "template": self.template, "class_names": self.class_names, "multi_label": False,
+                **_prompt_key(self), "class_names": self.class_names, "multi_label": False,
                 "temperature": self.temperature, "max_length": self.max_length}
 
     @torch.inference_mode()
@@ -344,8 +373,11 @@ class EmbeddingTeacher:
         return out
 
     def class_embeddings(self) -> torch.Tensor:
+        """K x hidden: each class's hypotheses embedded, averaged and re-normalised (the class centroid)."""
         if self._class_emb is None:
-            self._class_emb = self.embed([self.template.format(c) for c in self.class_names])
+            e = self.embed(self.hypotheses).unsqueeze(0)  # 1 x H x hidden
+            mean = group_mean(e, self.group, len(self.class_names))[0]
+            self._class_emb = torch.nn.functional.normalize(mean, dim=-1)
         return self._class_emb
 
     def cosine(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:

@@ -101,3 +101,57 @@ def resolve_nli_ids(config: Any) -> tuple[int, Optional[int]]:
     return entail, contr
 
 
+
+
+def load_templates(path: str) -> list[str]:
+    """Hypothesis templates, one per line (each with ``{}`` once); blank lines ignored."""
+    if not os.path.isfile(path):
+        raise KDError(f"hypothesis templates file not found: {path}")
+    with reading("hypothesis templates file", path), open(path, encoding="utf-8") as f:
+        templates = [line.rstrip("\r\n") for line in f if line.strip()]
+    if not templates:
+        raise KDError(f"hypothesis templates file {path} is empty")
+    for t in templates:
+        check_template(t)
+    if len(set(templates)) != len(templates):
+        raise KDError(f"hypothesis templates file {path} repeats a template")
+    return templates
+
+
+def load_descriptions(path: str, class_names: Sequence[str]) -> dict[str, list[str]]:
+    """Extra descriptions of the classes: lines ``class name<TAB>description`` (a class may have many lines).
+
+    Every class name must be one of ``class_names``; classes without a line keep only their name."""
+    if not os.path.isfile(path):
+        raise KDError(f"class descriptions file not found: {path}")
+    out: dict[str, list[str]] = {}
+    with reading("class descriptions file", path), open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            name, sep, desc = line.rstrip("\r\n").partition("\t")
+            name, desc = name.strip(), desc.strip()
+            if not sep or not desc:
+                raise KDError(f"class descriptions file {path}, line {i}: expected 'class name<TAB>description'")
+            if name not in class_names:
+                raise KDError(f"class descriptions file {path}, line {i}: '{name}' is not a class name "
+                              f"({', '.join(class_names)})")
+            if desc not in out.setdefault(name, []) and desc != name:
+                out[name].append(desc)
+    if not out:
+        raise KDError(f"class descriptions file {path} is empty")
+    return out
+
+
+def class_prompts(class_names: Sequence[str], templates: Sequence[str],
+                  descriptions: Optional[dict[str, list[str]]] = None) -> tuple[list[str], list[int]]:
+    """Every (template, description) hypothesis of every class, and the class index of each: the teachers score
+    them all and average per class. A class's descriptions are its name plus its ``descriptions`` entries."""
+    hyps: list[str] = []
+    group: list[int] = []
+    for k, name in enumerate(class_names):
+        for desc in [name] + list((descriptions or {}).get(name, [])):
+            for t in templates:
+                hyps.append(check_template(t).format(desc))
+                group.append(k)
+    return hyps, group
