@@ -3,6 +3,7 @@
 are extracted once into the kd_engine cache as paragraph-per-line train / held-out files.
 
     python -m kd_engine.demo_data            # prints the two file paths
+    python -m kd_engine.demo_data leads      # the articles' leads (AG News-like unlabeled news text)
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import zipfile
 
 from .errors import KDError
+from .input_files import reading
 from .io import write_text
 from .paths import cache_root
 
@@ -61,5 +63,24 @@ def news_corpus(eval_articles: int = 200, seed: int = 0) -> tuple[str, str]:
     return train, held
 
 
+def news_leads(max_words: int = 60) -> str:
+    """A file of the first sentences (<= ``max_words`` words, cut at a sentence end) of each training article:
+    unlabeled news text shaped like AG News descriptions (zero-shot distillation's extra text)."""
+    train, _ = news_corpus()
+    path = os.path.join(os.path.dirname(train), f"leads{max_words}.txt")
+    if os.path.isfile(path):
+        return path
+    out = []
+    with reading("news corpus", train), open(train, encoding="utf-8") as f:
+        for line in f:
+            lead = " ".join(line.split()[:max_words])
+            cut = max(lead.rfind(". "), lead.rfind(".\u201d"))
+            lead = lead[:cut + 1] if cut > 80 else lead
+            if lead.strip():
+                out.append(lead)
+    write_text(path, "\n".join(out) + "\n")
+    return path
+
+
 if __name__ == "__main__":
-    print("\n".join(news_corpus()))
+    print(news_leads() if sys.argv[1:] == ["leads"] else "\n".join(news_corpus()))
