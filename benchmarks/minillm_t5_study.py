@@ -20,6 +20,8 @@ METRICS = ("precision", "coverage", "rev_kl", "teacher_logp")
 VARIANTS = {"kd": "kd alpha 0.5, T 1, lr {lr}, linear decay",
             "minillm": "demo settings: lr {lr}, linear decay, no PT term",
             "minillm_pt": "+ PT term (task text, prefix LM, lm_coef 1, kd_ratio 0.5)",
+            "minillm_lr": "no PT term; constant lr {lr_paper} after 100 warmup steps, AdamW betas (0.9, 0.95), "
+                          "weight decay 1e-6",
             "minillm_paper": "+ PT term, constant lr {lr_paper} after 100 warmup steps, AdamW betas (0.9, 0.95), "
                              "weight decay 1e-6"}
 

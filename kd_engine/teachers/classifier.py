@@ -14,9 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import KDError
-from ..models.modes import eval_mode
-from .zero_shot import _default_max_length, _device, _hf_module, _model_config, _pad_id, pad_batch, sorted_batches
-from .zero_shot import weights_fingerprint
+from .zero_shot import _default_max_length, _hf_module, _model_config, _pad_id, batched_logits, weights_fingerprint
 from .zero_shot_inputs import check_class_names
 
 
@@ -62,19 +60,10 @@ class ClassifierTeacher:
     def logits(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Logits N x K in the run's class order, float32, rows in input order."""
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, verbose=False)
-        ids, types = enc["input_ids"], enc.get("token_type_ids")
-        device = _device(self.model)
         side = getattr(self.tokenizer, "padding_side", "right")
-        out = torch.empty(len(ids), len(self.class_names), dtype=torch.float32)
-        with eval_mode(_hf_module(self.model)):
-            for idx in sorted_batches([len(x) for x in ids], batch_size):
-                rows = idx.tolist()
-                input_ids, mask = pad_batch([ids[r] for r in rows], self.pad_id, side)
-                inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-                if types is not None:
-                    inputs["token_type_ids"] = pad_batch([types[r] for r in rows], 0, side)[0].to(device)
-                out[idx] = self.model(**inputs).logits.float()[:, self.columns].cpu()
-        return out
+        logits = batched_logits(self.model, enc["input_ids"], enc.get("token_type_ids"), self.pad_id, side,
+                                batch_size)
+        return logits[:, self.columns]
 
     def __call__(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         self.calls += 1

@@ -71,6 +71,27 @@ def group_mean(x: torch.Tensor, group: Sequence[int], k: int) -> torch.Tensor:
     return out / counts.view((1, k) + (1,) * (x.dim() - 2))
 
 
+@torch.inference_mode()
+def batched_logits(model: Any, ids: list, types: Optional[list], pad_id: int, side: str, batch_size: int):
+    """Logits (float32, N x C, rows in input order) of a sequence classifier over token id rows, in batches of
+    similar length padded to their own longest row."""
+    device = _device(model)
+    out: Optional[torch.Tensor] = None
+    with eval_mode(_hf_module(model)):
+        for idx in sorted_batches([len(x) for x in ids], batch_size):
+            rows = idx.tolist()
+            input_ids, mask = pad_batch([ids[r] for r in rows], pad_id, side)
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+            if types is not None:
+                inputs["token_type_ids"] = pad_batch([types[r] for r in rows], 0, side)[0].to(device)
+            logits = model(**inputs).logits.float()
+            if out is None:
+                out = torch.empty(len(ids), logits.shape[-1], dtype=torch.float32)
+            out[idx] = logits.cpu()
+    assert out is not None
+    return out
+
+
 def _prompt_key(teacher: Any) -> dict:
     """Cache-key part of the prompts: one template and bare class names keep the original key."""
     if len(teacher.hypotheses) == len(teacher.class_names):
@@ -281,24 +302,9 @@ class NLITeacher:
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """NLI logits, float32, N x K x num_labels (averaged over each class's hypotheses)."""
         ids, types = self.encode_pairs(texts)
-        H = len(self.hypotheses)
-        model = self.model
-        device = _device(model)
-        side = getattr(self.tokenizer, "padding_side", "right")
-        out: Optional[torch.Tensor] = None
-        with eval_mode(_hf_module(model)):
-            for idx in sorted_batches([len(x) for x in ids], batch_size):
-                rows = idx.tolist()
-                input_ids, mask = pad_batch([ids[r] for r in rows], self.pad_id, side)
-                inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-                if types is not None:
-                    inputs["token_type_ids"] = pad_batch([types[r] for r in rows], 0, side)[0].to(device)
-                logits = model(**inputs).logits.float()
-                if out is None:
-                    out = torch.empty(len(ids), logits.shape[-1], dtype=torch.float32)
-                out[idx] = logits.cpu()
-        assert out is not None
-        return group_mean(out.view(len(texts), H, -1), self.group, len(self.class_names))
+        out = batched_logits(self.model, ids, types, self.pad_id, getattr(self.tokenizer, "padding_side", "right"),
+                             batch_size)
+        return group_mean(out.view(len(texts), len(self.hypotheses), -1), self.group, len(self.class_names))
 
     def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """N x K x C logits -> N x K soft labels (the zero-shot-distillation example's teacher probabilities),
