@@ -5,9 +5,9 @@
 #
 #   setting                   demo minillm        LMOps (scripts/gpt2/minillm)             here
 #   PT term (lm_coef,kd_ratio) none               1, 0.5 on the pretraining corpus          minillm_pt, minillm_paper
-#   lr schedule / warmup       linear decay / 0   constant after 100 warmup steps          minillm_paper
-#   AdamW betas / decay        (0.9, 0.999) / 0   (0.9, 0.95) / 1e-6                        minillm_paper
-#   lr                         1e-3 (= kd's)      5e-6 = 1/100 of its SFT lr (5e-4)         minillm_paper: LR/10
+#   lr schedule / warmup       linear decay / 0   constant after 100 warmup steps          minillm_lr, minillm_paper
+#   AdamW betas / decay        (0.9, 0.999) / 0   (0.9, 0.95) / 1e-6                        minillm_lr, minillm_paper
+#   lr                         1e-3 (= kd's)      5e-6 = 1/100 of its SFT lr (5e-4)         both: LR/10
 #   unchanged, same as LMOps:  teacher_mixed_alpha 0.2, PPO clip 0.2, single-step reg on, length norm on,
 #                              gamma 0.95, reward_scaling 0.5, 4 PPO epochs, rollouts per round = global batch
 #
@@ -72,10 +72,11 @@ for SEED in $SEEDS; do
   train $S/minillm_pt --student.name_or_path "$INIT" $COMMON $MINI $PTARGS --learning_rate "$LR" --seed "$SEED"
   train $S/minillm_paper --student.name_or_path "$INIT" $COMMON $MINI $PTARGS $PAPER --learning_rate "$LR_PAPER" \
     --seed "$SEED"
-  if [ ! -f "$OUT/$S/study_eval.json" ]; then
+  train $S/minillm_lr --student.name_or_path "$INIT" $COMMON $MINI $PAPER --learning_rate "$LR_PAPER" --seed "$SEED"
+  if [ ! -f "$OUT/$S/study_eval.json" ] || ! grep -q '"minillm_lr"' "$OUT/$S/study_eval.json"; then
     log "eval $S"
     MODELS=(--model student_init="$INIT")
-    for M in kd minillm minillm_pt minillm_paper; do MODELS+=(--model "$M=$OUT/$S/$M/final"); done
+    for M in kd minillm minillm_pt minillm_lr minillm_paper; do MODELS+=(--model "$M=$OUT/$S/$M/final"); done
     $H eval --teacher "$TEACHER" --test "$OUT/data/test.jsonl" --members "$OUT/data/members.json" \
       --inputs "$EVAL_INPUTS" --samples "$SAMPLES" "${MODELS[@]}" --seed "$SEED" --out "$OUT/$S/study_eval.json" >&2
   fi

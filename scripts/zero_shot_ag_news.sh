@@ -7,7 +7,8 @@
 # ROUNDS=2 adds the self-training round (the student relabels, a fresh 2-layer student learns): measured equal
 # (84.8 %), not better. EXTRA=file adds unlabeled text (the 2017 news leads measured 1.4 points worse).
 #
-#   bash scripts/zero_shot_ag_news.sh                  # ~4 min on 2 CPU cores (first run: + ~2 min labeling)
+#   bash scripts/zero_shot_ag_news.sh                  # ~3 min on 2 quiet CPU cores, + ~2 min labeling the first time
+#   (measured: seed 0 gives 0.8481 dev accuracy, the benchmark's prompts-seed0 cell exactly: same distill loss)
 #   ROUNDS=2 SEED=1 OUT=runs/zs1 bash scripts/zero_shot_ag_news.sh
 #
 # Env: OUT (runs/zero_shot_ag_news), ROUNDS (1), SEED (0), EXTRA (none), DATA
