@@ -15,7 +15,8 @@ tsv_slices() {
 
 # train_stage NAME THREADS ARG...: $PY launch/train.py ARG... --output_dir $OUT/NAME, output in $OUT/NAME.log,
 # with OMP_NUM_THREADS=THREADS (empty: as inherited); skipped when $OUT/NAME/final/config.json exists (delete it to
-# redo). Prints the command and the stage's wall time; on failure the log's last 20 lines, and returns 1.
+# redo). Prints the command and the stage's wall time (also written to $OUT/NAME.seconds, which the reports read); on
+# failure the log's last 20 lines, and returns 1.
 train_stage() {
   local name=$1 threads=$2; shift 2
   if [ -f "$OUT/$name/final/config.json" ]; then echo "== $name: done already ($OUT/$name/final)"; return; fi
@@ -26,5 +27,6 @@ train_stage() {
   # shellcheck disable=SC2086  # PY may hold options (PYTHON="python -X dev")
   env "${omp[@]}" $PY launch/train.py "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
     || { echo "$name failed, see $OUT/$name.log" >&2; tail -20 "$OUT/$name.log" >&2; return 1; }
+  echo $(( SECONDS - t0 )) > "$OUT/$name.seconds"
   echo "== $name: $(( SECONDS - t0 )) s"
 }

@@ -30,19 +30,14 @@ SAMPLES=${SAMPLES:-32}
 RESULTS=${RESULTS:-benchmarks/results/quality_minillm_t5}
 export OMP_NUM_THREADS=${THREADS:-2} TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu GLOO_SOCKET_IFNAME=lo \
   HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} KD_ENGINE_CACHE=${KD_ENGINE_CACHE:-$OUT/cache}
-PY=${PYTHON:-python}
+. scripts/lib.sh
 H="$PY benchmarks/onpolicy_t5.py"
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" >&2; }
-train() {  # name method extra...
+train() {  # name method extra...: scripts/lib.sh's train_stage on the task's training file
   local name=$1; shift
-  if [ -f "$OUT/$name/final/config.json" ]; then log "skip $name (done)"; return; fi
-  log "train $name"
-  local t0=$SECONDS
-  $PY launch/train.py "$@" --train_file "$OUT/data/train.jsonl" --target_column answer \
-    --output_dir "$OUT/$name" --overwrite_output_dir true --logging_steps 25 --disable_tqdm true \
-    > "$OUT/$name.log" 2>&1 || { tail -20 "$OUT/$name.log" >&2; exit 1; }
-  echo $(( SECONDS - t0 )) > "$OUT/$name.seconds"
+  train_stage "$name" "" "$@" --train_file "$OUT/data/train.jsonl" --target_column answer \
+    --overwrite_output_dir true --logging_steps 25 --disable_tqdm true >&2
 }
 
 mkdir -p "$OUT"
