@@ -225,8 +225,10 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = [f"# MATE-KD vs KD vs SFT on {a.task.upper()} (`python benchmarks/mate_kd_quality.py --task {a.task}"
-             f"{'' if a.steps == 600 else f' --steps {a.steps}'}`)", "",
+    cmd = f"--task {a.task}" + ("" if rows == list(ROWS) else f" --rows {','.join(rows)}") + \
+        ("" if seeds == [0, 1, 2] else f" --seeds {','.join(map(str, seeds))}") + ("" if a.steps == 600 else
+                                                                                f" --steps {a.steps}")
+    lines = [f"# MATE-KD vs KD vs SFT on {a.task.upper()} (`python benchmarks/mate_kd_quality.py {cmd}`)", "",
              f"Dev: {n_dev} held-out rows; students' train: {result['train_rows']} rows. Teacher all-MiniLM-L6-v2 + "
              f"head (sft on {result['teacher_train_rows']} rows): {100 * teacher_acc:.2f} % dev accuracy. Students: 3 "
              f"layers, {a.steps} student steps of 32, "
