@@ -83,19 +83,15 @@ def _common(task: str, train: str, dev: str) -> dict:
             "per_device_train_batch_size": 32, "learning_rate": 1e-4, "report_to": "none", "disable_tqdm": True}
 
 
-def _argv(options: dict) -> list[str]:
-    out = []
-    for k, v in options.items():
-        out += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    return out
-
-
 def _teacher(task: str, work: str, train: str, dev: str) -> tuple[str, float, float]:
     """Fine-tune the teacher once (skipped when its export exists); (path, dev accuracy, seconds)."""
     out = os.path.join(work, "teacher")
     final = os.path.join(out, "final")
     t0 = time.time()
     if not os.path.isfile(os.path.join(final, "config.json")):
+        sys.path.insert(0, ROOT)
+        from kd_engine.compare.spec import _argv  # the compare tool's options -> CLI arguments
+
         t = TASKS[task]
         opts = {**_common(task, train, dev), "method": "sft", "student": "offline:all-minilm-l6-v2",
                 "num_labels": t["labels"], "num_train_epochs": t["teacher_epochs"], "warmup_steps": 30,
@@ -105,9 +101,7 @@ def _teacher(task: str, work: str, train: str, dev: str) -> tuple[str, float, fl
                                stderr=subprocess.STDOUT, env=_env())
         if r.returncode:
             sys.exit(f"error: teacher training failed (exit {r.returncode}), see {work}/teacher.log")
-    evals = [json.loads(x) for x in open(os.path.join(out, "train_log.jsonl"))]
-    acc = [e for e in evals if e.get("split") == "eval"][-1]["accuracy"]
-    return final, acc, round(time.time() - t0, 1)
+    return final, _last_eval(out)["accuracy"], round(time.time() - t0, 1)
 
 
 def _env() -> dict:
@@ -125,12 +119,12 @@ def _spec(task: str, work: str, rows: list[str], seeds: list[int], steps: int, t
     options = {"sft": {}, "kd": {"alpha": round(2 / 3, 6), "temperature": temperature},
                "mate_kd": {**mate, "w_ce": third, "w_adv": third, "w_kd": third},
                "mate_kd_no_adv": {**mate, "w_ce": third, "w_adv": 0.0, "w_kd": round(2 / 3, 6)}}
-    method = {"sft": "sft", "kd": "kd", "mate_kd": "mate_kd", "mate_kd_no_adv": "mate_kd"}
     cols = TASKS[task]["columns"]
     spec = {"output_dir": os.path.join(work, "compare"),
             "base": {**_common(task, train, dev), "teacher": teacher, "student": {"layers": 3}, "max_steps": steps,
                      "warmup_steps": steps // 10, "logging_steps": 50, "eval_steps": steps},
-            "rows": [{"name": r, "method": method[r], "options": options[r]} for r in rows],
+            "rows": [{"name": r, "method": "mate_kd" if r.startswith("mate_kd") else r, "options": options[r]}
+                     for r in rows],
             "seeds": seeds, "baseline": rows[0],
             "evaluator": {"kind": "accuracy", "file": dev, **cols, "max_length": TASKS[task]["max_length"]}}
     path = os.path.join(work, "compare.yaml")
