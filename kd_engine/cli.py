@@ -31,6 +31,16 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _relabel_logging(split) -> None:
+    """After the world split: log lines name the global rank and role; the student group's rank 0 logs INFO."""
+    main = split.role == "student" and split.group_rank == 0
+    logging.getLogger().setLevel(logging.INFO if main else logging.WARNING)
+    fmt = logging.Formatter(f"[%(asctime)s] [rank {split.global_rank} {split.role}] %(levelname)s %(name)s: "
+                            "%(message)s", datefmt="%H:%M:%S")
+    for h in logging.getLogger().handlers:
+        h.setFormatter(fmt)
+
+
 def final_line(cfg, steps: int, metrics: dict) -> str:
     """The last line of a successful run: where the student went and the key metrics."""
     where = os.path.join(cfg.output_dir, "final") if cfg.export else os.path.join(cfg.output_dir, "checkpoints")
@@ -70,6 +80,15 @@ def _run(argv: Optional[list[str]]) -> int:
         from .validate import preflight
 
         preflight(parsed)  # files and the DeepSpeed JSON, before the heavy imports and before any write
+        if parsed.train.teacher_ranks > 0:  # a teacher group of its own: the first ranks serve, the others train
+            from .engine.world_split import split_world
+
+            split = split_world(parsed.train.teacher_ranks, parsed.train.dist_timeout)
+            _relabel_logging(split)
+            if split.role == "teacher":
+                from .engine.teacher_server import serve
+
+                return serve(parsed, split)
         from .engine.trainer import Trainer
 
         trainer = Trainer(parsed)

@@ -40,6 +40,8 @@ class TrainConfig:
     trust_remote_code: bool = False  # allow model code shipped with a hub model
     teacher_dtype: str = "auto"  # auto (student's training dtype) | fp32 | bf16 | fp16
     teacher_tp: int = 1  # split the teacher over N ranks (tensor parallel); each N consecutive ranks hold one copy
+    teacher_ranks: int = 0  # the first N ranks serve the teacher (sparse top-k rows) to the others, which train
+    teacher_prefetch: int = 2  # with teacher_ranks: micro-batches requested ahead of the one trained on
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2, both models (default: transformers')
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
     # data
@@ -344,6 +346,10 @@ def validate_train_config(c: TrainConfig) -> None:
         raise ConfigError(f"seed must be in [0, 2**32); got {c.seed}")
     if c.split_seed is not None and not 0 <= c.split_seed < 2 ** 32:
         raise ConfigError(f"split_seed must be in [0, 2**32); got {c.split_seed}")
+    if c.teacher_ranks < 0:
+        raise ConfigError(f"teacher_ranks must be >= 0 (0: no teacher group); got {c.teacher_ranks}")
+    if not 0 <= c.teacher_prefetch <= 64:
+        raise ConfigError(f"teacher_prefetch must be in [0, 64]; got {c.teacher_prefetch}")
     if not c.dist_timeout > 0:
         raise ConfigError(f"dist_timeout must be > 0 seconds; got {c.dist_timeout}")
     flag = str(c.resume).lower()

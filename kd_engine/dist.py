@@ -159,7 +159,7 @@ def end_process(rc: int, meet: bool) -> int:
     DeepSpeed's engine still holds, destroyed there, abort the process after it has finished and written everything
     (SIGABRT, "terminate called without an active exception"; seen twice on 2-rank CPU test runs here, the problem
     pytorch/pytorch#179291 describes)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("KD_GLOBAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) <= 1:
         return rc
     import torch.distributed as dist
 
@@ -244,6 +244,8 @@ def is_lost_rank_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective that failed because another rank died, hung or became unreachable."""
     import torch.distributed as dist
 
+    if getattr(exc, "names_the_peer", False):  # the teacher service's bridge: its message names the global rank
+        return True
     if isinstance(exc, getattr(dist, "DistBackendError", ())) or isinstance(exc, getattr(dist, "DistError", ())):
         return True
     text = str(exc)
@@ -254,6 +256,8 @@ def is_lost_rank_error(exc: BaseException) -> bool:
 
 def lost_rank_message(exc: BaseException, rank: int, world_size: int) -> str:
     """One line for a lost rank: names it where the world has only one other rank, else says which rank reports."""
+    if getattr(exc, "names_the_peer", False):
+        return f"rank {rank}: {exc}"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     who = f"rank {1 - rank}" if world_size == 2 else "another rank"
     return (f"rank {rank} lost contact with {who} during a collective ({first}); every rank stops; "

@@ -96,9 +96,7 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
     from .dist import barrier, broadcast_object
     from .errors import KDError
     from .input_files import load_tensors, read_json
-    from .losses.kd import shift_for_causal_lm
-    from .losses.sparse_kd import sample_tail, teacher_rows
-    from .methods.kd import model_inputs, seq2seq_inputs
+    from .teachers.sparse_rows import forward_logits, rows_from_logits
     from .models.build import load_teacher_model, resolve_task
     from .models.loading import load_tokenizer
 
@@ -159,33 +157,20 @@ def build(a, rank: int = 0, world: int = 1) -> dict:
             if not idx and not collective:
                 break
             batch = data.collate_fn([data.train[i] for i in (idx or [start])])  # [start]: a forward for the group
-            inputs = seq2seq_inputs(model, batch) if task == "seq2seq_lm" else model_inputs(batch)
-            with torch.no_grad():
-                logits = teacher(**inputs).logits
+            logits = forward_logits(teacher, model, batch, task)
             if not idx:
                 continue
-            labels = batch["labels"]
-            if task == "causal_lm":
-                logits, labels = shift_for_causal_lm(logits, labels)
-            mask = labels != -100
-            ids, logp, tail, log_p = teacher_rows(logits[mask], a.top_k, a.temperature, vocab)
-            keys = store.batch_keys(batch, task)
-            parts["keys"] += keys
-            row0 = 0
-            for key, row in zip(keys, mask):
-                n_rows = int(row.sum())
+            rows = rows_from_logits(logits, batch, task, a.top_k, a.temperature, vocab, a.tail_samples, a.seed)
+            parts["keys"] += rows["keys"]
+            for n_rows in rows["counts"]:
                 parts["offsets"].append(parts["offsets"][-1] + n_rows)
-                if a.tail_samples:  # drawn per example, seeded by its content: same samples at any rank/order/resume
-                    g = torch.Generator().manual_seed(store.sample_seed(key, a.seed))
-                    sl = slice(row0, row0 + n_rows)
-                    t_ids, t_logp = sample_tail(log_p[sl], ids[sl], a.tail_samples, g)
-                    parts["tail_ids"].append(t_ids.to(torch.int32))
-                    parts["tail_logp"].append(t_logp.to(ldt))
-                row0 += n_rows
-            parts["ids"].append(ids.to(torch.int32))
-            parts["logp"].append(logp.to(ldt))
-            parts["log_tail"].append(tail.to(ldt))
-            parts["targets"].append(labels[mask].to(torch.int32))
+            if a.tail_samples:
+                parts["tail_ids"].append(rows["tail_ids"])
+                parts["tail_logp"].append(rows["tail_logp"].to(ldt))
+            parts["ids"].append(rows["ids"])
+            parts["logp"].append(rows["logp"].to(ldt))
+            parts["log_tail"].append(rows["log_tail"].to(ldt))
+            parts["targets"].append(rows["targets"])
         def cat(name, shape, dt):
             return torch.cat(parts[name]) if parts[name] else torch.empty(shape, dtype=dt)
 

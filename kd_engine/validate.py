@@ -37,6 +37,8 @@ def preflight(parsed) -> None:
         if path and not os.path.exists(path) and not _looks_like_hub_id(path):
             raise KDError(f"data file '{path}' does not exist")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.teacher_ranks > 0:
+        world = check_teacher_group(cfg, world)  # the student group's size
     steps = cfg.max_steps if cfg.max_steps > 0 else 1
     path = cfg.deepspeed or DEFAULT_DS_CONFIG
     ds, probe = load_ds_config(path), copy.deepcopy(cfg)  # the trainer resolves the real ones later
@@ -45,3 +47,22 @@ def preflight(parsed) -> None:
     from .ds_validate import validate_ds_json
 
     validate_ds_json(resolved, path)
+
+
+def check_teacher_group(cfg, world: int) -> int:
+    """--teacher_ranks against the job's world size and the teacher; returns the number of student ranks."""
+    from .errors import ConfigError
+
+    n, tp = cfg.teacher_ranks, cfg.teacher_tp
+    if n >= world:
+        raise ConfigError(f"--teacher_ranks {n} leaves no student rank in a world of {world} rank(s): start at least "
+                          f"{n + 1} ranks (torchrun --nproc_per_node, deepspeed --num_gpus, srun -n)")
+    if n % tp:
+        raise ConfigError(f"--teacher_tp {tp} does not divide --teacher_ranks {n}: each teacher group of {tp} ranks "
+                          "holds one tensor-parallel copy")
+    if tp > 1:
+        from .models.loading import load_config
+        from .models.tensor_parallel import check_tp_request
+
+        check_tp_request(load_config(cfg.teacher), tp, n, cfg.teacher)
+    return world - n

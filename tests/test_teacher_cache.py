@@ -121,16 +121,16 @@ def test_lookup_by_content_finds_the_right_rows_in_any_order(assets, tmp_path):
 
 def test_interrupted_build_resumes_and_equals_a_straight_build(assets, tmp_path, monkeypatch):
     from kd_engine import teacher_cache_store as store
-    from kd_engine.losses import sparse_kd
+    from kd_engine.teachers import sparse_rows
 
     calls = {"n": 0}
-    real = sparse_kd.teacher_rows
+    real = sparse_rows.teacher_rows
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(sparse_kd, "teacher_rows", counting)
+    monkeypatch.setattr(sparse_rows, "teacher_rows", counting)
     assert _build(assets, tmp_path / "straight", "--top_k", "4", "--chunk_size", "6", "--batch_size", "3") == 0
     straight_calls, calls["n"] = calls["n"], 0
     real_save = store.save

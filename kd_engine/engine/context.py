@@ -22,6 +22,8 @@ reads configuration, runs the teacher and the student through these calls, and r
   own DeepSpeed engine, checkpointed and resumed with the student (call it in ``Method.setup``).
 - ``frozen(engine)``: context manager yielding that engine's model with its parameters frozen (train one model
   through another).
+- ``served_teacher``: with ``--teacher_ranks``, the client of the teacher group: ``lookup(keys, targets)`` gives the
+  current micro-batch's sparse rows in the offline cache's format (``TeacherCache.lookup``); None otherwise.
 - ``log_scalars(values, prefix="train")``: extra scalars to TensorBoard and the JSONL log at ``global_step``.
 """
 from __future__ import annotations
@@ -52,6 +54,7 @@ class EngineServices(Protocol):
     total_steps: int
     student: Any
     teacher_model: Optional[torch.nn.Module]
+    served: Any
 
     def teacher_forward(self, grad: bool = False, **inputs) -> Any: ...
     def teacher_block(self, grad: bool = False) -> contextlib.AbstractContextManager[torch.nn.Module]: ...
@@ -101,6 +104,7 @@ class Context:
     # ---- models ------------------------------------------------------------------------------------------
     student: _Read[Any] = _Read("student")  # the student's DeepSpeed engine
     teacher_module: _Read[Optional[torch.nn.Module]] = _Read("teacher_model")  # None without a teacher
+    served_teacher: _Read[Any] = _Read("served")  # --teacher_ranks: the teacher service's client (sparse rows)
 
     def teacher_forward(self, grad: bool = False, **inputs) -> Any:
         return self._trainer.teacher_forward(grad=grad, **inputs)

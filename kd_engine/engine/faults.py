@@ -3,7 +3,8 @@
 KD_ENGINE_CRASH_AT_STEP=N       the process signals itself when step N begins
 KD_ENGINE_CRASH_IN_SAVE=N       ... or while the checkpoint of step N is being written (engines saved, no COMPLETE)
 KD_ENGINE_CRASH_IN_EXPORT=1     ... or while the final export is being written (before its rename)
-KD_ENGINE_CRASH_RANK=R          only rank R does (default: every rank)
+KD_ENGINE_CRASH_IN_TEACHER=N    a teacher rank of --teacher_ranks ... before answering its N-th micro-batch
+KD_ENGINE_CRASH_RANK=R          only rank R does (default: every rank; a teacher rank: its global rank)
 KD_ENGINE_CRASH_SIGNAL=KILL     KILL (default) or STOP (a hung rank, for the --dist_timeout test)
 KD_ENGINE_NONFINITE=loss@3,...  non-finite loss / gradients / weights at given steps (the non-finite guard's tests)
 """
@@ -29,6 +30,10 @@ def at_step(step: int, rank: int, module=None) -> None:
     _fire("KD_ENGINE_CRASH_AT_STEP", step, rank)
     if module is not None:
         poison_weights(module, step)
+
+
+def in_teacher(answer: int, rank: int) -> None:
+    _fire("KD_ENGINE_CRASH_IN_TEACHER", answer, rank)
 
 
 def in_save(step: int, rank: int) -> None:

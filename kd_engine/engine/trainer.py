@@ -28,7 +28,7 @@ from ..errors import KDError
 from ..models.attention import apply_model_options
 from ..models.loading import check_teacher_tokenizer
 from ..models.modes import eval_mode, frozen_parameters
-from . import autoresume, checkpoint, faults, reshard, signals
+from . import autoresume, checkpoint, faults, reshard, signals, teacher_service
 from .context import Compute, Context
 from .export import count_params, export_student
 from .guard import NonFiniteGuard
@@ -49,12 +49,11 @@ class Trainer:
         self.engines: dict[str, Any] = {}  # name -> DeepSpeed engine, checkpointed together
         self.teacher = None  # callable inference engine
         self.teacher_model: Optional[torch.nn.Module] = None  # the underlying HF module (hooks, generation)
-        self.student = None
-        self.tokenizer = None
+        self.student = self.tokenizer = None
         self.global_step = 0
         self.teacher_seconds = 0.0
-        self.tokens_seen = 0
-        self.samples_seen = 0
+        self.served = None  # --teacher_ranks: the teacher service's client (engine/teacher_service.py)
+        self.tokens_seen = self.samples_seen = 0
         self.final_metrics: dict[str, float] = {}
         self.guard = NonFiniteGuard(self.cfg.max_nonfinite_steps)
         self._shown: Optional[dict] = None  # what the progress bar shows: the last logged loss
@@ -115,7 +114,7 @@ class Trainer:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         idx = next(self._batch_iter)
-        batch = self.collate(self.data.train, idx)
+        batch = self.served.take(idx) if self.served else self.collate(self.data.train, idx)
         mask = batch.get("attention_mask", batch.get("token_mask"))  # token_mask: packed rows (no attention mask)
         if mask is not None:
             self.tokens_seen += int(mask.sum())
@@ -234,6 +233,7 @@ class Trainer:
             raise KDError("the student has no trainable parameters (everything frozen?)")
         # the first write, once models, data and configs passed: a rejected run changes nothing. Rank 0 takes the
         # folder's run lock first (two runs started into one folder: one trains, the other stops here)
+        self.served = teacher_service.connect(self)  # a teacher group's start-up error stops every rank here
         self.runlock = take_on_rank0(cfg.output_dir, self.rank, dist.broadcast_object)
         checkpoint.prepare_output_dir(cfg.output_dir, self.run_mode, self.method.name, to_dict(cfg), self.rank)
         dist.barrier()
@@ -251,7 +251,7 @@ class Trainer:
             logger.info("method %s | world size %d | ZeRO stage %d | %s | student %s params | teacher %s | "
                         "%d examples | %d steps of %d samples", self.method.name, self.world_size,
                         zero_stage(self.ds_config), self.student_dtype, f"{count_params(self.student.module):,}",
-                        "none" if teacher is None else f"{count_params(self.teacher_model):,} params"
+                        teacher_service.describe(cfg) if teacher is None else f"{count_params(teacher):,} params"
                         + placement(cfg, zero_stage(self.ds_config)),
                         len(self.data.train), self.total_steps, self.ds_config["train_batch_size"])
 
@@ -311,6 +311,9 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         try:
             return self._fit()
+        except signals.Stopped:
+            teacher_service.finish(self, stopped=True)  # a teacher group stops too (and reports the stop)
+            raise
         finally:
             if getattr(self, "runlock", None) is not None:
                 self.runlock.release()
@@ -322,6 +325,7 @@ class Trainer:
         self._resume()
         cfg = self.cfg
         self._batch_iter = infinite_batches(self.sampler)
+        teacher_service.start(self)  # a teacher group's requests run ahead of the training batches
         self.monitor = Monitor(self.student, cfg.output_dir, self.rank, self.total_steps, self.global_step,
                                cfg.disable_tqdm)
         if cfg.eval_on_start and self.global_step == 0:
@@ -349,6 +353,7 @@ class Trainer:
                 self.evaluate()
             if cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0 and self.global_step < self.total_steps:
                 self._save()
+        teacher_service.finish(self)
         return self._finish()
 
     def _log_window(self, window: dict, sums: dict) -> None:

@@ -130,6 +130,7 @@ class ResponseMethod(GenerativeMixin, LogitKD):
     Options = ResponseOptions
     supports_packing = False  # gkd samples a response per row; seqkd packs each micro-batch (below)
     supports_messages = True
+    supports_teacher_service = False  # teacher generation / dense logits of sampled responses (base.SERVICE_GAPS)
 
     def uses_teacher_responses(self) -> bool:
         return self.opts.needs_teacher_responses()

@@ -62,6 +62,9 @@ class Method:
     # --teacher_tp N: the method only calls ctx.teacher_forward (no teacher generation, hooks or output layer),
     # which a teacher split over a group of ranks serves collectively (models/tensor_parallel.py)
     supports_teacher_tp: ClassVar[bool] = False
+    # --teacher_ranks N: the method's loss needs only the teacher's sparse rows (top-k + tail, the offline cache's
+    # format) of the student's own batches, which a teacher group serves (engine/teacher_service.py)
+    supports_teacher_service: ClassVar[bool] = False
 
     def __init__(self, cfg, opts):
         self.cfg = cfg
@@ -124,6 +127,21 @@ class Method:
         return {}
 
 
+SERVICE_GAPS = {  # what each method needs of its teacher that sparse rows do not carry
+    "gkd": "dense teacher logits for its generalized JSD / reverse KL over the full vocabulary, on-policy samples "
+           "included",
+    "minillm": "dense teacher logits of the student's samples (reverse-KL rewards, the teacher-mixed sampling "
+               "distribution) and teacher generation",
+    "seqkd": "teacher generation (responses decoded by the teacher)",
+    "minilmv2": "the teacher's attention relations (Q/K/V of a layer)",
+    "sft": "no teacher at all (supervised fine-tuning)",
+    "mate_kd": "dense teacher logits backpropagated into the generator",
+    "zero_shot": "the NLI teacher's entailment scores",
+    "xtoken_kd": "dense teacher logits in the teacher's own vocabulary",
+    "uld": "dense teacher logits in the teacher's own vocabulary",
+}
+
+
 def check_capabilities(train, method_cls: type[Method]) -> None:
     """ConfigError when an engine option asks for something the method cannot do."""
     from ..errors import ConfigError
@@ -138,6 +156,14 @@ def check_capabilities(train, method_cls: type[Method]) -> None:
     if train.teacher_tp > 1 and not method_cls.supports_teacher_tp:
         raise ConfigError(f"--teacher_tp: method '{name}' uses its teacher beyond forward passes (generation, "
                           f"hooks on its layers, or no teacher at all); a tensor-parallel teacher serves kd and gkd")
+    if train.teacher_ranks > 0 and not method_cls.supports_teacher_service:
+        raise ConfigError(f"--teacher_ranks: method '{name}' needs more of the teacher than the service sends (sparse "
+                          f"top-k rows of its output distribution over the student's batches): "
+                          f"{SERVICE_GAPS.get(name, 'dense logits, hidden states, attention or generation')}; the "
+                          f"teacher service serves kd (forward KL)")
+    if train.teacher_ranks > 0 and not train.student.name_or_path:
+        raise ConfigError("--teacher_ranks: the student ranks never hold the teacher, so a student cannot be built "
+                          "from it there; build it once (python -m kd_engine.shrink) and pass --student")
     if train.teacher_tp > 1 and not train.student.name_or_path and train.student.init == "teacher_layers":
         raise ConfigError("--teacher_tp: copying teacher layers into a student needs the teacher whole on one rank; "
                           "build the student once (python -m kd_engine.shrink) and pass --student, or use "

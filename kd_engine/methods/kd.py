@@ -48,6 +48,9 @@ class KDOptions:
     divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd (generalized JSD with beta; LM tasks)
     beta: float = 0.5  # jsd mixture weight: 0 = forward KL, 1 = reverse KL (TRL GKD convention)
     teacher_cache: Optional[str] = None  # folder from python -m kd_engine.teacher_cache: train with no teacher loaded
+    teacher_top_k: int = 32  # with --teacher_ranks: teacher tokens served per position (the cache builder's --top_k)
+    teacher_tail_samples: int = 8  # with --teacher_ranks: tail tokens sampled per position (as the cache builder's)
+    teacher_seed: int = 0  # with --teacher_ranks: seed of the tail samples, with each example's content hash
 
     def validate(self) -> None:
         if not 0.01 <= self.temperature <= 100:  # logits / T overflow fp32 below, every target is uniform above
@@ -57,6 +60,9 @@ class KDOptions:
         if self.kd_loss_impl not in ("auto", "fused", "naive"):
             raise ConfigError(f"kd_loss_impl must be auto, fused or naive; got {self.kd_loss_impl!r}")
         check_divergence(self.divergence, self.beta)
+        if self.teacher_top_k < 1 or self.teacher_tail_samples < 0:
+            raise ConfigError(f"teacher_top_k must be >= 1 and teacher_tail_samples >= 0; got {self.teacher_top_k} "
+                              f"and {self.teacher_tail_samples}")
 
     def check_against(self, cfg) -> None:
         """Checks that need the engine config, before anything is written: the cache must match this run."""
@@ -65,6 +71,8 @@ class KDOptions:
                               "cache builder takes --teacher_tp itself)")
         if cfg.teacher_tp > 1 and self.kd_loss_impl == "fused":
             raise ConfigError(TP_FUSED)
+        if cfg.teacher_ranks > 0:
+            served_run_check(self, cfg)
         if self.teacher_cache:
             from .. import teacher_cache_store as store
 
@@ -89,13 +97,14 @@ class LogitKD(Method):
     supports_packing = True
     supports_messages = True
     supports_teacher_tp = True  # naive loss path: the split teacher returns its gathered logits
+    supports_teacher_service = True  # --teacher_ranks: the served sparse rows feed the cached-loss path
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
         self.task = None
         self.cache = None
-        if opts.teacher_cache:
-            self.needs_teacher = False  # the cache replaces the teacher: nothing loaded
+        if opts.teacher_cache or cfg.teacher_ranks > 0:
+            self.needs_teacher = False  # the cache (or the teacher group) replaces the teacher: nothing loaded here
 
     def _task(self) -> str:
         if self.task is None:
@@ -140,7 +149,7 @@ class LogitKD(Method):
         return lm and self.opts.kd_loss_impl != "naive"
 
     def compute_loss(self, ctx, batch):
-        if self.opts.teacher_cache:
+        if self.opts.teacher_cache or self.cfg.teacher_ranks > 0:
             return self._cached_loss(ctx, batch)
         if self._fused():
             return self._fused_loss(ctx, batch)
@@ -180,8 +189,9 @@ class LogitKD(Method):
         Fused (default for LMs): computed inside the student's output layer, chunk by chunk, no full logits."""
         from .. import teacher_cache_store as store
 
-        if self.cache is None:
-            self.cache = store.TeacherCache(self.opts.teacher_cache)
+        if self.cache is None:  # served rows come in the cache's own format (engine/teacher_service.py)
+            served = self.cfg.teacher_ranks > 0
+            self.cache = ctx.served_teacher if served else store.TeacherCache(self.opts.teacher_cache)
         o, student, task = self.opts, ctx.student.module, self._task()
         inputs = self._inputs(student, batch)
         lab = batch["labels"][:, 1:] if task == "causal_lm" else batch["labels"]
@@ -254,3 +264,20 @@ def cached_run_check(path: str, cfg, task_opt: str) -> None:
     if diff:
         raise ConfigError(f"teacher_cache {path} was made for another run ({'; '.join(diff)}); build a cache for "
                           f"this tokenizer/corpus/length")
+
+
+def served_run_check(opts: KDOptions, cfg) -> None:
+    """ConfigError unless this kd run can take its teacher's rows from a teacher group (--teacher_ranks)."""
+    if opts.teacher_cache:
+        raise ConfigError("--teacher_ranks serves a teacher that --teacher_cache replaces: drop one of them")
+    if opts.divergence != "forward_kl":
+        raise ConfigError(f"--teacher_ranks: the service sends sparse top-k rows, which give the forward KL only; "
+                          f"divergence {opts.divergence} needs dense teacher logits (co-locate the teacher)")
+    if cfg.packing:
+        raise ConfigError("--teacher_ranks: tail samples are seeded per example, and a packed row holds several: "
+                          "it excludes --packing")
+    if not cfg.teacher:
+        raise ConfigError("--teacher_ranks needs --teacher (the model the teacher ranks load)")
+    task = resolve_task(opts.task, cfg)
+    if task not in ("causal_lm", "seq2seq_lm"):
+        raise ConfigError(f"--teacher_ranks serves causal and seq2seq LMs; the task here is {task}")

@@ -1,0 +1,264 @@
+"""The online teacher service (``--teacher_ranks N``): teacher ranks answer student micro-batches with sparse rows.
+
+Placement: the first N global ranks hold the teacher (``world_split``), in groups of ``--teacher_tp`` ranks (one
+tensor-parallel copy per group; replicas when 1); student rank s is served by teacher group ``s % groups``.
+
+Protocol over the bridge (gloo point-to-point, host tensors; every message has a fixed tag, and messages between
+two ranks with one tag arrive in order):
+
+- start-up: each teacher group's first rank sends each of its students ``[status, n]`` and an ``n``-byte message;
+  status 0 means the teacher loaded and checked (tokenizer, vocabulary), otherwise the message is the error and every
+  student rank raises it before writing anything.
+- request (student -> every rank of its teacher group): ``[kind, B, L, Ld]`` (kind 1: rows wanted; 0: finished;
+  2: stopped on a signal), then ``input_ids [B, L]``, ``attention_mask [B, L]``, ``labels [B, Ld]`` (int64).
+- answer (the group's first rank -> the student): the rows of ``teachers.sparse_rows`` in the cache's row format:
+  ``ids [N, k]`` int32, ``logp [N, k]``, ``log_tail [N]``, and with tail samples ``tail_ids [N, m]`` int32,
+  ``tail_logp [N, m]`` (fp32), N = the batch's real target tokens, which the student counts itself, so it posts
+  its receives when it sends the request. An answer with N = 0 sends nothing.
+
+Requests run ahead: the student keeps ``--teacher_prefetch`` micro-batches requested beyond the one it trains on,
+drawn from a copy of its data sampler (the sampler's own position, which checkpoints record, moves only when a
+batch is trained on; resume is exact). The teacher answers with non-blocking sends and goes on to the next request.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger("kd_engine")
+
+TAG_READY, TAG_READY_MSG, TAG_HEADER = 100, 101, 110
+TAG_INPUTS = (111, 112, 113)  # input_ids, attention_mask, labels
+TAG_ROWS = (120, 121, 122, 123, 124)  # ids, logp, log_tail, tail_ids, tail_logp
+KIND_STOP, KIND_ROWS, KIND_STOPPED = 0, 1, 2
+
+
+class LostTeacherPeer(RuntimeError):
+    """A rank on the other side of the bridge died, hung past --dist_timeout or closed its connection."""
+
+    names_the_peer = True  # dist.lost_rank_message prints this message as it is
+
+
+def teacher_group_of(student_group_rank: int, teacher_ranks: int, tp: int) -> list[int]:
+    """Global ranks of the teacher group that serves a student (group rank ``student_group_rank``)."""
+    groups = teacher_ranks // tp
+    g = student_group_rank % groups
+    return list(range(g * tp, (g + 1) * tp))
+
+
+def students_of(teacher_global_rank: int, teacher_ranks: int, tp: int, world: int) -> list[int]:
+    """Global ranks of the students a teacher rank serves."""
+    groups, g = teacher_ranks // tp, teacher_global_rank // tp
+    return [teacher_ranks + s for s in range(world - teacher_ranks) if s % groups == g]
+
+
+def n_target_rows(labels: torch.Tensor, task: str) -> int:
+    from ..teachers.sparse_rows import target_labels
+
+    return int((target_labels(labels, task) != -100).sum())
+
+
+def _wait(work, what: str, peer: int, timeout_s: float) -> None:
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise LostTeacherPeer(f"{what} global rank {peer} failed ({first}): that rank died, hung for more than "
+                              f"--dist_timeout {timeout_s:g} s or stopped; every rank stops; resume from the last "
+                              f"checkpoint with --resume") from None
+
+
+@dataclass
+class _Pending:
+    idx: list
+    batch: dict
+    sends: list
+    rows: list  # [ids, logp, log_tail, (tail_ids, tail_logp)] receive buffers
+    recvs: list = field(default_factory=list)
+
+
+class TeacherClient:
+    """A student rank's side: requests ahead, answers looked up in the offline cache's ``lookup`` form."""
+
+    def __init__(self, split, tp: int, task: str, top_k: int, tail_samples: int, depth: int):
+        self.split, self.task, self.k, self.m, self.depth = split, task, top_k, tail_samples, depth
+        self.targets = teacher_group_of(split.group_rank, split.teacher_ranks, tp)
+        self.leader = self.targets[0]
+        self.pending: deque[_Pending] = deque()
+        self.current: Optional[_Pending] = None
+        self.lookahead = None  # iterator of future batches' indices (a copy of the trainer's sampler)
+        self.collate = None
+        self.on_wait = lambda seconds: None  # time spent waiting for answers (the teacher's forward not hidden)
+
+    # ---- start-up -------------------------------------------------------------------------------------
+    def wait_ready(self) -> Optional[str]:
+        """The teacher group's start-up status: None when ready, else its error message."""
+        head = torch.zeros(2, dtype=torch.int64)
+        _wait(self.split.bridge.recv([head], self.leader, TAG_READY), "waiting for the teacher: teacher",
+              self.leader, self.split.timeout_s)
+        if int(head[0]) == 0:
+            return None
+        msg = torch.zeros(int(head[1]), dtype=torch.uint8)
+        _wait(self.split.bridge.recv([msg], self.leader, TAG_READY_MSG), "teacher", self.leader, self.split.timeout_s)
+        return bytes(msg.tolist()).decode("utf-8", "replace")
+
+    def start(self, lookahead, collate) -> None:
+        self.lookahead, self.collate = lookahead, collate
+
+    # ---- requests and answers -------------------------------------------------------------------------
+    def _send(self, idx: list, batch: dict) -> None:
+        bridge = self.split.bridge
+        ids, labels = batch["input_ids"], batch["labels"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        header = torch.tensor([KIND_ROWS, ids.shape[0], ids.shape[1], labels.shape[1]], dtype=torch.int64)
+        wire = [t.to(torch.int64).contiguous() for t in (ids, mask, labels)]
+        sends = []
+        for dst in self.targets:
+            sends.append(bridge.send([header], dst, TAG_HEADER))
+            sends += [bridge.send([t], dst, tag) for t, tag in zip(wire, TAG_INPUTS)]
+        n = n_target_rows(labels, self.task)
+        rows = [torch.empty((n, self.k), dtype=torch.int32), torch.empty((n, self.k)), torch.empty(n)]
+        if self.m:
+            rows += [torch.empty((n, self.m), dtype=torch.int32), torch.empty((n, self.m))]
+        p = _Pending(idx, batch, [header, *wire, *sends], rows)
+        if n:
+            p.recvs = [bridge.recv([t], self.leader, tag) for t, tag in zip(rows, TAG_ROWS)]
+        self.pending.append(p)
+
+    def take(self, idx: list) -> dict:
+        """The collated (host) batch of ``idx``, the trainer's next micro-batch; keeps ``depth`` more requested."""
+        while len(self.pending) < self.depth + 1:
+            nxt = next(self.lookahead)
+            self._send(nxt, self.collate(nxt))
+        p = self.pending.popleft()
+        if p.idx != idx:  # the lookahead copy and the trainer's sampler went different ways: a bug, never silent
+            raise RuntimeError(f"teacher prefetch out of step: requested {p.idx[:4]}..., training on {idx[:4]}...")
+        self.current = p
+        return p.batch
+
+    def lookup(self, keys, targets):
+        """The current batch's rows as ``TeacherCache.lookup`` returns them; checks the answer's row count."""
+        import time
+
+        p = self.current
+        t0 = time.perf_counter()
+        for w in p.recvs:
+            _wait(w, "the teacher service: teacher", self.leader, self.split.timeout_s)
+        self.on_wait(time.perf_counter() - t0)
+        n = sum(int(t.numel()) for t in targets)
+        if n != p.rows[0].shape[0]:
+            raise RuntimeError(f"teacher service answered {p.rows[0].shape[0]} rows for a batch of {n} targets")
+        ids, logp, tail = p.rows[0].long(), p.rows[1], p.rows[2]
+        sampled = (p.rows[3].long(), p.rows[4]) if self.m else (None, None)
+        return ids, logp, tail, *sampled
+
+    def close(self, stopped: bool = False) -> None:
+        """Drain the answers still in flight, then tell the teacher group this student is done."""
+        for p in self.pending:
+            for w in p.recvs:
+                _wait(w, "the teacher service: teacher", self.leader, self.split.timeout_s)
+        self.pending.clear()
+        header = torch.tensor([KIND_STOPPED if stopped else KIND_STOP, 0, 0, 0], dtype=torch.int64)
+        for dst in self.targets:
+            _wait(self.split.bridge.send([header], dst, TAG_HEADER), "finishing: teacher", dst, self.split.timeout_s)
+
+
+def send_ready(split, students: list[int], error: Optional[str]) -> None:
+    """Start-up status to each student (status 0, or 1 and the error text)."""
+    msg = torch.tensor(list((error or "").encode("utf-8")), dtype=torch.uint8)
+    head = torch.tensor([0 if error is None else 1, msg.numel()], dtype=torch.int64)
+    for s in students:
+        _wait(split.bridge.send([head], s, TAG_READY), "start-up: student", s, split.timeout_s)
+        if error is not None and msg.numel():
+            _wait(split.bridge.send([msg], s, TAG_READY_MSG), "start-up: student", s, split.timeout_s)
+
+
+def recv_request(split, src: int) -> tuple[int, Optional[dict]]:
+    """``(kind, batch)`` from student ``src``: batch None for a finish/stop message."""
+    header = torch.zeros(4, dtype=torch.int64)
+    _wait(split.bridge.recv([header], src, TAG_HEADER), "serving: student", src, split.timeout_s)
+    kind, b, length, ld = (int(v) for v in header)
+    if kind != KIND_ROWS:
+        return kind, None
+    bufs = [torch.empty((b, length), dtype=torch.int64), torch.empty((b, length), dtype=torch.int64),
+            torch.empty((b, ld), dtype=torch.int64)]
+    works = [split.bridge.recv([t], src, tag) for t, tag in zip(bufs, TAG_INPUTS)]
+    for w in works:
+        _wait(w, "serving: student", src, split.timeout_s)
+    return kind, {"input_ids": bufs[0], "attention_mask": bufs[1], "labels": bufs[2]}
+
+
+def send_rows(split, dst: int, rows: dict, tail_samples: int) -> list[Any]:
+    """Non-blocking sends of one answer; returns the works and the tensors they need kept alive."""
+    if rows["ids"].shape[0] == 0:
+        return []
+    tensors = [rows["ids"].contiguous(), rows["logp"].contiguous(), rows["log_tail"].contiguous()]
+    if tail_samples:
+        tensors += [rows["tail_ids"].contiguous(), rows["tail_logp"].contiguous()]
+    return [(split.bridge.send([t], dst, tag), t, dst) for t, tag in zip(tensors, TAG_ROWS)]
+
+
+def connect(trainer) -> Optional[TeacherClient]:
+    """On a student rank of a job with a teacher group: the client, once every student's teacher group reported
+    ready (before the run's first write: a teacher that cannot load, or a vocabulary mismatch it finds, stops every
+    rank with its error). None in a job without a teacher group."""
+    import torch.distributed as dist
+
+    from ..errors import KDError
+    from .world_split import current
+
+    split = current()
+    if split is None:
+        return None
+    opts, cfg = trainer.opts, trainer.cfg
+    task = trainer.method._task()
+    client = TeacherClient(split, cfg.teacher_tp, task, opts.teacher_top_k, opts.teacher_tail_samples,
+                           cfg.teacher_prefetch)
+    error = client.wait_ready()
+    status = torch.tensor([0 if error is None else 1])
+    dist.all_reduce(status)  # every student rank stops when any one's teacher group failed
+    if error is not None:
+        raise KDError(error)
+    if int(status):
+        raise KDError("a teacher group reported an error at start-up (printed by the student ranks it serves)")
+
+    def waited(seconds: float) -> None:
+        trainer.teacher_seconds += seconds
+
+    client.on_wait = waited
+    return client
+
+
+def start(trainer) -> None:
+    """Before the first training batch (after resume): requests are drawn from a copy of the sampler, so the
+    sampler's own position (what checkpoints record) moves only as batches are trained on."""
+    import copy
+
+    from ..data.sampler import infinite_batches
+
+    if trainer.served is not None:
+        trainer.served.start(infinite_batches(copy.deepcopy(trainer.sampler)),
+                             lambda idx: trainer.collate(trainer.data.train, idx))
+
+
+def finish(trainer, stopped: bool = False) -> None:
+    """After the last step (or a stop signal): the teacher group is told, once."""
+    client, trainer.served = trainer.served, None
+    if client is not None:
+        client.close(stopped=stopped)
+
+
+def describe(cfg) -> str:
+    """The teacher's placement for the start-up log line of a student rank."""
+    from .world_split import current
+
+    split = current()
+    if split is None:
+        return "none"
+    tp = f", tensor parallel in groups of {cfg.teacher_tp}" if cfg.teacher_tp > 1 else ""
+    return f"served by global ranks 0-{split.teacher_ranks - 1}{tp} ({cfg.teacher_prefetch} micro-batches ahead)"
