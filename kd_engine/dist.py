@@ -256,9 +256,19 @@ def is_lost_rank_error(exc: BaseException) -> bool:
 
 def lost_rank_message(exc: BaseException, rank: int, world_size: int) -> str:
     """One line for a lost rank: names it where the world has only one other rank, else says which rank reports."""
+    offset = int(os.environ.get("KD_GLOBAL_RANK", rank)) - rank  # --teacher_ranks: name global ranks
     if getattr(exc, "names_the_peer", False):
-        return f"rank {rank}: {exc}"
+        return f"rank {rank + offset}: {exc}"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    who = f"rank {1 - rank}" if world_size == 2 else "another rank"
-    return (f"rank {rank} lost contact with {who} during a collective ({first}); every rank stops; "
+    if os.environ.get("KD_ROLE") == "student":
+        from .engine.teacher_service import lost_teacher
+
+        teacher = lost_teacher()
+        if teacher is not None:
+            return (f"rank {rank + offset}: teacher global rank {teacher} died (its connection reset; the student "
+                    f"group's collective failed with it: {first[:200]}); every rank stops; resume from the last "
+                    f"checkpoint with --resume")
+    who = f"rank {1 - rank + offset}" if world_size == 2 else "another rank"
+    group = f" of the {os.environ['KD_ROLE']} group" if os.environ.get("KD_ROLE") else ""
+    return (f"rank {rank + offset} lost contact with {who}{group} during a collective ({first}); every rank stops; "
             "resume from the last checkpoint with --resume")

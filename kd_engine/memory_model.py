@@ -144,4 +144,5 @@ def teacher_traffic(shape: Shape, placement: str, devices: int, tp: int = 1, dty
     if placement == "tp":  # 2 all-reduces of b x s x h per layer (ring), for each of the group's micro-batches
         ring = 2 * (tp - 1) / tp
         return int(accumulation * tp * shape.layers * 2 * ring * tokens * shape.hidden * dtype_bytes)
-    return int(accumulation * tokens * (top_k + 1 + tail) * 6)  # teacher_group / cache: sparse rows, 6 B each
+    per = 8 if placement == "teacher_group" else 6  # served rows: int32 id + fp32 log-prob; the cache: fp16
+    return int(accumulation * tokens * (top_k + 1 + tail) * per)

@@ -18,6 +18,7 @@ import sys
 from .errors import KDError
 
 PLACEMENTS = ("replica", "tp", "zero3", "cache")
+ORDER = ("replica", "tp", "group", "zero3", "cache")  # recommendation order (see recommend)
 HEADROOM = 0.9  # of a GPU's memory usable for these terms (the CUDA context, allocator and buffers need the rest)
 
 
@@ -101,21 +102,50 @@ def rows(a, teacher, student) -> list[dict]:
             out.append({"placement": placement + (f" {tp}" if placement == "tp" else ""), "stage": stage,
                         "states": states, "activations": act, "teacher": t_mem, "total": total,
                         "fits": total <= HEADROOM * a.gpu_memory_gib * mm.GIB, "traffic": traffic, "tp": tp})
+    return out + group_rows(a, teacher, student, tp, nbytes)
+
+
+def group_rows(a, teacher, student, tp: int, nbytes: int) -> list[dict]:
+    """--teacher_ranks on the first node (TEACHER_NODES=1): the students train on the other nodes with no teacher
+    weights at all; a teacher GPU holds 1/tp of the teacher (tp: a TP copy per group of a node's GPUs, else a
+    replica), one micro-batch's forward and its dense fp32 logits and log-probabilities for the rows. The total is
+    the larger of a student GPU's and a teacher GPU's memory."""
+    from . import memory_model as mm
+
+    if a.nodes < 2:
+        return []
+    tp_g = tp if teacher.tensor_parallel else 1
+    tokens = a.micro * a.seq
+    t_gpu = teacher.params * nbytes / tp_g + tokens * (teacher.hidden + teacher.intermediate) * nbytes * 2 \
+        + 2 * tokens * teacher.vocab * 4
+    students = (a.nodes - 1) * a.gpus_per_node
+    act = mm.activations(student, a.micro, a.seq, nbytes, a.checkpointing, a.attention == "eager",
+                         a.kd_loss == "fused", teacher_vocab=teacher.vocab)
+    traffic = mm.teacher_traffic(teacher, "teacher_group", students, 1, nbytes, a.micro, a.seq, a.accumulation)
+    out = []
+    for stage in (0, 1, 2, 3):
+        states = mm.student_states(student, stage, students, a.nodes - 1, a.dtype, a.offload)
+        total = max(states + act, t_gpu)
+        out.append({"placement": "group 1n" + (f" tp {tp_g}" if tp_g > 1 else ""), "stage": stage, "states": states,
+                    "activations": act, "teacher": t_gpu, "total": total, "traffic": traffic, "tp": tp_g,
+                    "fits": total <= HEADROOM * a.gpu_memory_gib * mm.GIB})
     return out
 
 
 def recommend(a, table: list[dict]) -> str:
     """The first placement that fits, in the order replica (no teacher traffic), tensor parallel (its all-reduces stay
-    inside a node), ZeRO-3 (its gathers cross nodes), cache (a build first); then the lowest ZeRO stage."""
+    inside a node), a teacher group on one node (sparse rows cross nodes, a few hundred bytes per token; that node
+    does not train), ZeRO-3 (the whole teacher gathered across nodes for every micro-batch), cache (a build first);
+    then the lowest ZeRO stage."""
     fitting = [r for r in table if r["fits"]]
     if not fitting:
         return ("nothing fits: add GPUs or nodes, lower --micro / --seq, use --checkpointing or --offload, or a "
                 "smaller student")
-    order = {p: n for n, p in enumerate(PLACEMENTS)}
+    order = {p: n for n, p in enumerate(ORDER)}
     best = min(fitting, key=lambda r: (order[r["placement"].split()[0]], r["stage"]))
     opts = [f"--teacher {a.teacher}", f"--student {a.student}", f"--deepspeed ds_configs/zero{best['stage']}.json",
             f"--max_length {a.seq}", f"--per_device_train_batch_size {a.micro}"]
-    if best["placement"].startswith("tp"):
+    if best["placement"].startswith(("tp", "group")) and best["tp"] > 1:
         opts.append(f"--teacher_tp {best['tp']}")
     if a.checkpointing:
         opts.append("--gradient_checkpointing true")
@@ -123,6 +153,8 @@ def recommend(a, table: list[dict]) -> str:
         opts.append(f"--teacher_dtype {a.dtype}")
     launch = (f"torchrun --nproc_per_node {a.gpus_per_node} launch/train.py" if a.nodes == 1
               else f"sbatch --nodes {a.nodes} scripts/slurm/train.sbatch")
+    if best["placement"].startswith("group"):
+        launch = f"TEACHER_NODES=1 sbatch --nodes {a.nodes} scripts/slurm/train.sbatch"
     if best["placement"] == "cache":
         opts[0] = "--teacher_cache DIR"
         launch = f"python -m kd_engine.teacher_cache --teacher {a.teacher} --output_dir DIR ...; then {launch}"
@@ -150,7 +182,9 @@ def main(argv=None) -> int:
         print(f"{r['placement']:<18} {r['stage']:>4} {r['states'] / gib:>15.2f} {r['activations'] / gib:>12.2f} "
               f"{r['teacher'] / gib:>9.2f} {r['total'] / gib:>10.2f} {'yes' if r['fits'] else 'no':>5} "
               f"{r['traffic'] / gib:>17.2f}")
-    print("not planned here: a teacher group of its own (--teacher_ranks, not built yet)")
+    if a.nodes >= 2:
+        print(f"group 1n: the teacher group on 1 node ({a.gpus_per_node} GPUs; teacher column: one teacher GPU) serves "
+              f"{(a.nodes - 1) * a.gpus_per_node} student GPUs; total: the larger of a student and a teacher GPU")
     print("recommended: " + recommend(a, table))
     return 0
 

@@ -86,6 +86,10 @@ def test_plan_for_a_70b_teacher_and_an_8b_student(configs, capsys):
     assert tp["2"][-2] == "no" and tp["3"][-2] == "yes"  # the naive loss's full-vocabulary logits count with TP
     assert float(tp["3"][4]) > float(rows[("replica", "3", "9.23")][3])  # activations: + those logits
     assert "--teacher_tp 8" in out and "zero3.json" in out.splitlines()[-1]
+    group = {line.split()[4]: line.split() for line in out.splitlines() if line.startswith("group 1n tp 8")}
+    assert sorted(group) == ["0", "1", "2", "3"] and group["0"][-2] == "no" and group["3"][-2] == "yes"
+    # a student GPU holds no teacher: the teacher column is one teacher GPU's 1/8 of the 70B (+ one forward)
+    assert 17.0 < float(group["3"][7]) < 25.0 and "serves 8 student GPUs" in out
 
 
 @pytest.mark.parametrize("argv,needle", [

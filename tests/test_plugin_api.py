@@ -125,7 +125,7 @@ def test_context_offers_exactly_the_documented_members():
 
     public = {n for n in dir(Context) if not n.startswith("_")}
     assert public == {"cfg", "opts", "tokenizer", "device", "rank", "world_size", "is_main", "student",
-                      "next_batch", "teacher_forward", "teacher_hooks", "teacher_module", "accumulate",
+                      "next_batch", "teacher_forward", "teacher_hooks", "teacher_module", "served_teacher", "accumulate",
                       "student_step", "add_engine", "frozen", "log_scalars", "global_step", "total_steps"}
 
 

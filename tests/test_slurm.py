@@ -37,6 +37,7 @@ def cluster():
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm_assets")
     tiny.make_llama(str(d / "teacher"), layers=4, dropout=0.1)  # dropout on: per-rank RNG must be restored
+    tiny.make_llama(str(d / "student"), layers=2, seed=1, dropout=0.1)  # for the teacher-group job
     tiny.write_lines(str(d / "train.txt"), tiny.sentences(200))
     tiny.write_lines(str(d / "eval.txt"), tiny.sentences(8, seed=1))
     z3 = json.load(open("ds_configs/zero3.json"))
@@ -125,7 +126,7 @@ def _check_preempted_run(cluster, assets, job, out, reference, signame):
     assert m and m.group(1) == signame, log[-4000:]
     step = int(m.group(2))
     assert 3 <= step < STEPS and m.group(3).endswith(f"step-{step:08d}")
-    assert f"restart 1: 2 node(s)" in log and f"resumed from {m.group(3)} at step {step}" in log
+    assert "restart 1: 2 node(s)" in log and f"resumed from {m.group(3)} at step {step}" in log
     assert [r["step"] for r in rows(out, "train")] == list(range(1, STEPS + 1))  # no duplicate/missing step
     assert [(r["step"], r["restart_count"]) for r in rows(out, "run")] == [(0, 0.0), (step, 1.0)]
     assert same_weights(out, reference[2])  # bit-identical to the uninterrupted run
@@ -145,6 +146,32 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_exactly(cluster, assets, 
     m = _check_preempted_run(cluster, assets, job, out, reference, "SIGUSR1")
     assert m.group(4) == f"requeueing SLURM job {job}"
     assert "2 node(s) x 1 rank(s), srun" in log_of(assets, job)
+
+
+def test_teacher_group_on_node_0_is_preempted_requeued_and_finishes_bit_identical(cluster, assets, tmp_path):
+    """TEACHER_NODES=1: the teacher serves from node 0 (global rank 0), the student trains on node 1 (ZeRO-3).
+    An uninterrupted job, then one stopped by USR1 at step >= 3: the teacher keeps serving through the student's
+    checkpoint, both exit, the job requeues, resumes and exports weights equal to the uninterrupted job's."""
+    args = [a for a in train_args(assets)]
+    i = args.index("--student.layers")
+    args[i:i + 2] = ["--student", str(assets / "student"), "--teacher_top_k", "8", "--teacher_tail_samples", "4"]
+
+    def job(out):
+        return cluster.sbatch("--nodes", "2", "--output", str(assets / "logs" / "%j.out"), SBATCH, *args,
+                              env=job_env(cluster, assets, out, TEACHER_NODES="1"))
+
+    ref = tmp_path / "ref"
+    first = job(ref)
+    info, log = cluster.wait(first), log_of(assets, first)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert "teacher group on the first 1 node(s) (1 rank(s)), students on the other 1" in log
+    assert "world size 1 | ZeRO stage 3" in log and "served by global ranks 0-0" in log
+    out = tmp_path / "pre"
+    second = job(out)
+    wait_for_step(out, 3)
+    cluster.run("scancel", "--signal=USR1", "--batch", second)
+    _check_preempted_run(cluster, assets, second, out, (first, info, ref), "SIGUSR1")
+    assert "teacher rank 0: SIGUSR1 received" in log_of(assets, second)
 
 
 def test_partition_priority_preemption_resumes_exactly(cluster, assets, reference, tmp_path):

@@ -23,7 +23,9 @@ reads configuration, runs the teacher and the student through these calls, and r
 - ``frozen(engine)``: context manager yielding that engine's model with its parameters frozen (train one model
   through another).
 - ``served_teacher``: with ``--teacher_ranks``, the client of the teacher group: ``lookup(keys, targets)`` gives the
-  current micro-batch's sparse rows in the offline cache's format (``TeacherCache.lookup``); None otherwise.
+  current micro-batch's sparse rows in the offline cache's format (``TeacherCache.lookup``); None otherwise. When
+  the method serves hidden states (``Method.served_outputs``), ``teacher_forward`` / ``teacher_module`` are a
+  stand-in (``engine/served_teacher.py``) that asks the group and applies the teacher's output layer.
 - ``log_scalars(values, prefix="train")``: extra scalars to TensorBoard and the JSONL log at ``global_step``.
 """
 from __future__ import annotations

@@ -3,6 +3,7 @@
 KD_ENGINE_CRASH_AT_STEP=N       the process signals itself when step N begins
 KD_ENGINE_CRASH_IN_SAVE=N       ... or while the checkpoint of step N is being written (engines saved, no COMPLETE)
 KD_ENGINE_CRASH_IN_EXPORT=1     ... or while the final export is being written (before its rename)
+KD_ENGINE_SLEEP_IN_SAVE=S      every checkpoint write takes S seconds longer (a slow file system)
 KD_ENGINE_CRASH_IN_TEACHER=N    a teacher rank of --teacher_ranks ... before answering its N-th micro-batch
 KD_ENGINE_CRASH_RANK=R          only rank R does (default: every rank; a teacher rank: its global rank)
 KD_ENGINE_CRASH_SIGNAL=KILL     KILL (default) or STOP (a hung rank, for the --dist_timeout test)
@@ -38,6 +39,11 @@ def in_teacher(answer: int, rank: int) -> None:
 
 def in_save(step: int, rank: int) -> None:
     _fire("KD_ENGINE_CRASH_IN_SAVE", step, rank)
+    slow = float(os.environ.get("KD_ENGINE_SLEEP_IN_SAVE", "0") or 0)
+    if slow > 0:  # a slow file system: the checkpoint write takes this many seconds longer
+        import time
+
+        time.sleep(slow)
 
 
 def in_export(rank: int) -> None:

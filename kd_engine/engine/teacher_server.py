@@ -1,9 +1,11 @@
 """A teacher rank's side of ``--teacher_ranks``: load the teacher (tensor-parallel over its group with
-``--teacher_tp``), report ready, then answer each student's micro-batches with sparse rows until every student it
-serves has finished (protocol: ``teacher_service``). The teacher is stateless: nothing here is checkpointed."""
+``--teacher_tp``), report ready, then answer each student's micro-batches with sparse rows (or, for a loss that
+needs the whole distribution, the hidden states entering the output layer) until every student it serves has
+finished (protocol: ``teacher_service``). The teacher is stateless: nothing here is checkpointed."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 import torch
@@ -16,7 +18,7 @@ MAX_IN_FLIGHT = 64  # answers sent but not yet received; the oldest is waited fo
 
 
 def load(parsed, split):
-    """(teacher module to call, model whose config gives decoder inputs, task, vocabulary size, device)."""
+    """(teacher module, task, vocabulary size, device, what to serve, output layer weight in hidden mode)."""
     from .. import dist
     from ..models.build import load_teacher_model, resolve_task
     from ..models.loading import check_teacher_tokenizer
@@ -37,13 +39,21 @@ def load(parsed, split):
     device = dist.device()
     model.to(device=device, dtype=DTYPES[dtype])
     freeze(model)
-    return model, task, len(tok), device
+    mode, weight = method.served_outputs(), None
+    if mode == "hidden":  # every group rank takes part (a tensor-parallel layer is gathered)
+        from ..models import lm_head
+
+        weight = lm_head.output_layer(model, "teacher").weight.detach()
+        weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+        if weight.shape[0] < len(tok):
+            raise KDError(f"the teacher's output layer has {weight.shape[0]} rows on this rank, fewer than the "
+                          f"tokenizer's {len(tok)} tokens (split by --teacher_tp?): use --teacher_tp 1")
+    return model, task, len(tok), device, mode, weight
 
 
 def serve(parsed, split) -> int:
     """Returns the process's exit code: 0 when every student finished, EXIT_STOPPED when they stopped on a signal."""
     from .signals import EXIT_STOPPED
-    from ..teachers.sparse_rows import forward_logits, rows_from_logits
 
     cfg, opts = parsed.train, parsed.method_options
     tp = cfg.teacher_tp
@@ -51,40 +61,81 @@ def serve(parsed, split) -> int:
     leader = split.global_rank % tp == 0
     error = None
     try:
-        model, task, vocab, device = load(parsed, split)
+        model, task, vocab, device, mode, weight = load(parsed, split)
     except KDError as exc:
         error = str(exc)
     if leader:
         svc.send_ready(split, students, error)
     if error is not None:
         raise KDError(error)
-    logger.warning("teacher rank %d ready: serving student ranks %s (top-%d, %d tail samples)", split.global_rank,
-                   students, opts.teacher_top_k, opts.teacher_tail_samples)
+    if leader and mode == "hidden":
+        svc.send_head(split, students, weight)
+    what = ("final hidden states" if mode == "hidden" else
+            f"top-{opts.teacher_top_k}, {opts.teacher_tail_samples} tail samples")
+    logger.warning("teacher rank %d ready: serving student ranks %s (%s)", split.global_rank, students, what)
+    _keep_serving_on_stop_signals(cfg.stop_signals, split.global_rank)
     in_flight: deque = deque()
-    live, stopped, answered = list(students), False, 0
+    paused: set = set()  # students that announced an evaluation or a checkpoint write
+    live, stopped, answered, busy = list(students), False, 0, 0.0
     while live:
         for src in list(live):
-            kind, batch = svc.recv_request(split, src)
+            kind, batch = svc.recv_request(split, src, src in paused)
+            paused.discard(src)
+            if kind == svc.KIND_PAUSE:
+                paused.add(src)
+                continue
             if batch is None:
                 live.remove(src)
                 stopped = stopped or kind == svc.KIND_STOPPED
                 continue
             faults.in_teacher(answered + 1, split.global_rank)
             batch = {k: v.to(device) for k, v in batch.items()}
+            t0 = time.perf_counter()
             with torch.inference_mode():
-                logits = forward_logits(model, model, batch, task)
-                rows = rows_from_logits(logits, batch, task, opts.teacher_top_k, opts.temperature, vocab,
-                                        opts.teacher_tail_samples, opts.teacher_seed)
+                answer = _answer(kind, model, batch, task, vocab, opts)
             answered += 1
+            busy += time.perf_counter() - t0
             if not leader:
                 continue
-            rows = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rows.items()}
-            in_flight.extend(svc.send_rows(split, src, rows, opts.teacher_tail_samples))
+            if kind == svc.KIND_HIDDEN:
+                in_flight.extend(svc.send_hidden(split, src, answer))
+            else:
+                rows = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in answer.items()}
+                in_flight.extend(svc.send_rows(split, src, rows, opts.teacher_tail_samples))
             while len(in_flight) > MAX_IN_FLIGHT:
                 work, _, dst = in_flight.popleft()
                 svc._wait(work, "answering: student", dst, split.timeout_s)
     while in_flight:
         work, _, dst = in_flight.popleft()
         svc._wait(work, "answering: student", dst, split.timeout_s)
-    logger.warning("teacher rank %d: %d micro-batches answered", split.global_rank, answered)
+    logger.warning("teacher rank %d: %d micro-batches answered, %.1f ms of forward and rows each", split.global_rank,
+                   answered, 1000.0 * busy / max(answered, 1))
     return EXIT_STOPPED if stopped else 0
+
+
+def _answer(kind: int, model, batch: dict, task: str, vocab: int, opts):
+    """Sparse rows of a row request, or the hidden states entering the output layer of a hidden request."""
+    from ..models import lm_head
+    from ..teachers.sparse_rows import forward_logits, rows_from_logits
+
+    if kind == svc.KIND_HIDDEN:
+        return lm_head.hidden_states(model, model, "teacher", **batch)
+    logits = forward_logits(model, model, batch, task)
+    return rows_from_logits(logits, batch, task, opts.teacher_top_k, opts.temperature, vocab,
+                            opts.teacher_tail_samples, opts.teacher_seed)
+
+
+def _keep_serving_on_stop_signals(names, rank: int) -> None:
+    """A stop signal (USR1 before a time limit, TERM at preemption) reaches every rank of a SLURM step: the teacher
+    keeps answering until its students have written their checkpoint and say they stopped (then exits 75 as they
+    do); dying at once would leave them without the rows of the steps before their checkpoint."""
+    import signal
+
+    from ..signal_names import parse_signals
+
+    def noted(signum, frame):
+        logger.warning("teacher rank %d: %s received; serving until the student ranks stop", rank,
+                       signal.Signals(signum).name)
+
+    for sig in parse_signals(names):
+        signal.signal(sig, noted)

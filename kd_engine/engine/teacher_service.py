@@ -10,13 +10,21 @@ two ranks with one tag arrive in order):
   status 0 means the teacher loaded and checked (tokenizer, vocabulary), otherwise the message is the error and every
   student rank raises it before writing anything.
 - request (student -> every rank of its teacher group): ``[kind, B, L, Ld]`` (kind 1: rows wanted; 0: finished;
-  2: stopped on a signal), then ``input_ids [B, L]``, ``attention_mask [B, L]``, ``labels [B, Ld]`` (int64).
+  2: stopped on a signal; 3: pause, an evaluation or a checkpoint write follows, so the teacher waits up to
+  ``PAUSE_TIMEOUT_S`` instead of ``--dist_timeout`` for this student's next request), then ``input_ids [B, L]``,
+  ``attention_mask [B, L]``, ``labels [B, Ld]`` (int64).
+- hidden request (kind 4, ``served_outputs() == "hidden"``): ``[4, B, L, Ld]``, ``input_ids``, ``attention_mask``
+  ``[B, L]`` and, for an encoder-decoder (``Ld > 0``), ``decoder_input_ids``, ``decoder_attention_mask`` ``[B, Ld]``;
+  the answer is the hidden states entering the teacher's output layer ``[B, Ld or L, H]`` in the teacher's dtype,
+  whose output layer ``[V, H]`` the group's first rank sent each student once after the start-up status
+  (``[V, H, dtype]``, then the weight; ``served_teacher.ServedTeacher`` applies it).
 - answer (the group's first rank -> the student): the rows of ``teachers.sparse_rows`` in the cache's row format:
   ``ids [N, k]`` int32, ``logp [N, k]``, ``log_tail [N]``, and with tail samples ``tail_ids [N, m]`` int32,
   ``tail_logp [N, m]`` (fp32), N = the batch's real target tokens, which the student counts itself, so it posts
   its receives when it sends the request. An answer with N = 0 sends nothing.
 
-Requests run ahead: the student keeps ``--teacher_prefetch`` micro-batches requested beyond the one it trains on,
+Row requests run ahead (hidden requests do not: on-policy samples exist only once the student made them): the
+student keeps ``--teacher_prefetch`` micro-batches requested beyond the one it trains on,
 drawn from a copy of its data sampler (the sampler's own position, which checkpoints record, moves only when a
 batch is trained on; resume is exact). The teacher answers with non-blocking sends and goes on to the next request.
 """
@@ -31,10 +39,12 @@ import torch
 
 logger = logging.getLogger("kd_engine")
 
-TAG_READY, TAG_READY_MSG, TAG_HEADER = 100, 101, 110
-TAG_INPUTS = (111, 112, 113)  # input_ids, attention_mask, labels
+TAG_READY, TAG_READY_MSG, TAG_HEAD, TAG_HEAD_W, TAG_HEADER, TAG_HIDDEN = 100, 101, 102, 103, 110, 130
+TAG_PROBE = 190  # never received: a send that fails tells a student its teacher died
+TAG_INPUTS = (111, 112, 113, 114)  # input_ids, attention_mask, labels (rows) or decoder ids and mask (hidden)
 TAG_ROWS = (120, 121, 122, 123, 124)  # ids, logp, log_tail, tail_ids, tail_logp
-KIND_STOP, KIND_ROWS, KIND_STOPPED = 0, 1, 2
+KIND_STOP, KIND_ROWS, KIND_STOPPED, KIND_PAUSE, KIND_HIDDEN = 0, 1, 2, 3, 4
+PAUSE_TIMEOUT_S = 6 * 3600.0  # how long a teacher waits for a student's next request after it announced a pause
 
 
 class LostTeacherPeer(RuntimeError):
@@ -63,8 +73,10 @@ def n_target_rows(labels: torch.Tensor, task: str) -> int:
 
 
 def _wait(work, what: str, peer: int, timeout_s: float) -> None:
+    import datetime
+
     try:
-        work.wait()
+        work.wait(datetime.timedelta(seconds=float(timeout_s)))
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise LostTeacherPeer(f"{what} global rank {peer} failed ({first}): that rank died, hung for more than "
@@ -84,14 +96,15 @@ class _Pending:
 class TeacherClient:
     """A student rank's side: requests ahead, answers looked up in the offline cache's ``lookup`` form."""
 
-    def __init__(self, split, tp: int, task: str, top_k: int, tail_samples: int, depth: int):
-        self.split, self.task, self.k, self.m, self.depth = split, task, top_k, tail_samples, depth
+    def __init__(self, split, tp: int, task: str, top_k: int, tail_samples: int, depth: int, mode: str = "rows"):
+        self.split, self.task, self.k, self.m, self.depth, self.mode = split, task, top_k, tail_samples, depth, mode
         self.targets = teacher_group_of(split.group_rank, split.teacher_ranks, tp)
         self.leader = self.targets[0]
         self.pending: deque[_Pending] = deque()
         self.current: Optional[_Pending] = None
         self.lookahead = None  # iterator of future batches' indices (a copy of the trainer's sampler)
         self.collate = None
+        self.paused: list = []  # pause headers and their sends (waited at close)
         self.on_wait = lambda seconds: None  # time spent waiting for answers (the teacher's forward not hidden)
 
     # ---- start-up -------------------------------------------------------------------------------------
@@ -105,6 +118,20 @@ class TeacherClient:
         msg = torch.zeros(int(head[1]), dtype=torch.uint8)
         _wait(self.split.bridge.recv([msg], self.leader, TAG_READY_MSG), "teacher", self.leader, self.split.timeout_s)
         return bytes(msg.tolist()).decode("utf-8", "replace")
+
+    def recv_head(self) -> torch.Tensor:
+        """Hidden mode: the teacher's output layer weight ``[V, H]``, sent once after a ready status."""
+        from .served_teacher import DTYPES, wire
+
+        head = torch.zeros(3, dtype=torch.int64)
+        _wait(self.split.bridge.recv([head], self.leader, TAG_HEAD), "start-up: teacher", self.leader,
+              self.split.timeout_s)
+        v, h, code = (int(x) for x in head)
+        weight = torch.empty((v, h), dtype=DTYPES[code])
+        _wait(self.split.bridge.recv([wire(weight)], self.leader, TAG_HEAD_W), "start-up: teacher", self.leader,
+              self.split.timeout_s)
+        self.hidden_size, self.hidden_dtype = h, weight.dtype
+        return weight
 
     def start(self, lookahead, collate) -> None:
         self.lookahead, self.collate = lookahead, collate
@@ -132,6 +159,8 @@ class TeacherClient:
 
     def take(self, idx: list) -> dict:
         """The collated (host) batch of ``idx``, the trainer's next micro-batch; keeps ``depth`` more requested."""
+        if self.mode == "hidden":  # nothing to request ahead: the method asks for hidden states as it goes
+            return self.collate(idx)
         while len(self.pending) < self.depth + 1:
             nxt = next(self.lookahead)
             self._send(nxt, self.collate(nxt))
@@ -157,15 +186,67 @@ class TeacherClient:
         sampled = (p.rows[3].long(), p.rows[4]) if self.m else (None, None)
         return ids, logp, tail, *sampled
 
+    def hidden(self, ids, mask=None, dec_ids=None, dec_mask=None) -> torch.Tensor:
+        """The teacher's final hidden states of one batch (hidden mode), waited for (a blocking call)."""
+        from .served_teacher import wire
+
+        bridge = self.split.bridge
+        ld = 0 if dec_ids is None else dec_ids.shape[1]
+        tensors = [ids, torch.ones_like(ids) if mask is None else mask]
+        if ld:
+            tensors += [dec_ids, torch.ones_like(dec_ids) if dec_mask is None else dec_mask]
+        tensors = [t.to("cpu", torch.int64).contiguous() for t in tensors]
+        header = torch.tensor([KIND_HIDDEN, ids.shape[0], ids.shape[1], ld], dtype=torch.int64)
+        sends = []
+        for dst in self.targets:
+            sends.append((bridge.send([header], dst, TAG_HEADER), dst))
+            sends += [(bridge.send([t], dst, tag), dst) for t, tag in zip(tensors, TAG_INPUTS)]
+        out = torch.empty((ids.shape[0], ld or ids.shape[1], self.hidden_size), dtype=self.hidden_dtype)
+        _wait(bridge.recv([wire(out)], self.leader, TAG_HIDDEN), "the teacher service: teacher", self.leader,
+              self.split.timeout_s)
+        for work, dst in sends:
+            _wait(work, "the teacher service: teacher", dst, self.split.timeout_s)
+        return out
+
+    def pause(self) -> None:
+        """Before an evaluation or a checkpoint write: the next request may come later than --dist_timeout."""
+        header = torch.tensor([KIND_PAUSE, 0, 0, 0], dtype=torch.int64)
+        self.paused.append(header)
+        self.paused += [self.split.bridge.send([header], dst, TAG_HEADER) for dst in self.targets]
+
     def close(self, stopped: bool = False) -> None:
         """Drain the answers still in flight, then tell the teacher group this student is done."""
         for p in self.pending:
             for w in p.recvs:
                 _wait(w, "the teacher service: teacher", self.leader, self.split.timeout_s)
         self.pending.clear()
+        for w in self.paused:
+            if not torch.is_tensor(w):
+                _wait(w, "finishing: teacher", self.leader, self.split.timeout_s)
+        self.paused.clear()
         header = torch.tensor([KIND_STOPPED if stopped else KIND_STOP, 0, 0, 0], dtype=torch.int64)
         for dst in self.targets:
             _wait(self.split.bridge.send([header], dst, TAG_HEADER), "finishing: teacher", dst, self.split.timeout_s)
+
+
+def lost_teacher() -> Optional[int]:
+    """After a student rank's collective failed: the global rank of a teacher that no longer takes messages (its
+    connection reset: it died), else None. A teacher's death can surface first in the students' own all-reduce
+    (gloo resets the survivors' connections), and the error should name the rank that died."""
+    import datetime
+
+    from .world_split import current
+
+    split = current()
+    if split is None or split.role != "student":
+        return None
+    probe = torch.zeros(1, dtype=torch.int64)
+    for t in range(split.teacher_ranks):
+        try:
+            split.bridge.send([probe], t, TAG_PROBE).wait(datetime.timedelta(seconds=2))
+        except RuntimeError:
+            return t
+    return None
 
 
 def send_ready(split, students: list[int], error: Optional[str]) -> None:
@@ -178,19 +259,43 @@ def send_ready(split, students: list[int], error: Optional[str]) -> None:
             _wait(split.bridge.send([msg], s, TAG_READY_MSG), "start-up: student", s, split.timeout_s)
 
 
-def recv_request(split, src: int) -> tuple[int, Optional[dict]]:
-    """``(kind, batch)`` from student ``src``: batch None for a finish/stop message."""
+def send_head(split, students: list[int], weight: torch.Tensor) -> None:
+    """Hidden mode, after a ready status: the teacher's output layer weight to each student."""
+    from .served_teacher import dtype_code, wire
+
+    w = weight.detach().cpu().contiguous()
+    head = torch.tensor([w.shape[0], w.shape[1], dtype_code(w.dtype)], dtype=torch.int64)
+    for s in students:
+        _wait(split.bridge.send([head], s, TAG_HEAD), "start-up: student", s, split.timeout_s)
+        _wait(split.bridge.send([wire(w)], s, TAG_HEAD_W), "start-up: student", s, split.timeout_s)
+
+
+def send_hidden(split, dst: int, hidden: torch.Tensor) -> list[Any]:
+    """Non-blocking send of one hidden-state answer (the work and the tensor it needs kept alive)."""
+    from .served_teacher import wire
+
+    t = wire(hidden.cpu())
+    return [(split.bridge.send([t], dst, TAG_HIDDEN), t, dst)]
+
+
+def recv_request(split, src: int, paused: bool = False) -> tuple[int, Optional[dict]]:
+    """``(kind, batch)`` from student ``src``: batch None for a finish, stop or pause message."""
     header = torch.zeros(4, dtype=torch.int64)
-    _wait(split.bridge.recv([header], src, TAG_HEADER), "serving: student", src, split.timeout_s)
+    _wait(split.bridge.recv([header], src, TAG_HEADER), "serving: student", src,
+          max(PAUSE_TIMEOUT_S, split.timeout_s) if paused else split.timeout_s)
     kind, b, length, ld = (int(v) for v in header)
-    if kind != KIND_ROWS:
+    if kind == KIND_ROWS:
+        names, shapes = ("input_ids", "attention_mask", "labels"), ((b, length), (b, length), (b, ld))
+    elif kind == KIND_HIDDEN:
+        names = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")[:4 if ld else 2]
+        shapes = ((b, length), (b, length), (b, ld), (b, ld))
+    else:
         return kind, None
-    bufs = [torch.empty((b, length), dtype=torch.int64), torch.empty((b, length), dtype=torch.int64),
-            torch.empty((b, ld), dtype=torch.int64)]
+    bufs = [torch.empty(shape, dtype=torch.int64) for shape in shapes[:len(names)]]
     works = [split.bridge.recv([t], src, tag) for t, tag in zip(bufs, TAG_INPUTS)]
     for w in works:
         _wait(w, "serving: student", src, split.timeout_s)
-    return kind, {"input_ids": bufs[0], "attention_mask": bufs[1], "labels": bufs[2]}
+    return kind, dict(zip(names, bufs))
 
 
 def send_rows(split, dst: int, rows: dict, tail_samples: int) -> list[Any]:
@@ -216,9 +321,9 @@ def connect(trainer) -> Optional[TeacherClient]:
     if split is None:
         return None
     opts, cfg = trainer.opts, trainer.cfg
-    task = trainer.method._task()
-    client = TeacherClient(split, cfg.teacher_tp, task, opts.teacher_top_k, opts.teacher_tail_samples,
-                           cfg.teacher_prefetch)
+    task, mode = trainer.method._task(), trainer.method.served_outputs()
+    client = TeacherClient(split, cfg.teacher_tp, task, getattr(opts, "teacher_top_k", 0),
+                           getattr(opts, "teacher_tail_samples", 0), cfg.teacher_prefetch, mode)
     error = client.wait_ready()
     status = torch.tensor([0 if error is None else 1])
     dist.all_reduce(status)  # every student rank stops when any one's teacher group failed
@@ -226,6 +331,10 @@ def connect(trainer) -> Optional[TeacherClient]:
         raise KDError(error)
     if int(status):
         raise KDError("a teacher group reported an error at start-up (printed by the student ranks it serves)")
+    if mode == "hidden":  # the methods call this stand-in as their teacher (engine/served_teacher.py)
+        from .served_teacher import ServedTeacher
+
+        trainer.teacher = trainer.teacher_model = ServedTeacher(client, client.recv_head().to(trainer.device))
 
     def waited(seconds: float) -> None:
         trainer.teacher_seconds += seconds
@@ -253,12 +362,19 @@ def finish(trainer, stopped: bool = False) -> None:
         client.close(stopped=stopped)
 
 
-def describe(cfg) -> str:
+def describe(trainer) -> str:
     """The teacher's placement for the start-up log line of a student rank."""
     from .world_split import current
 
-    split = current()
+    split, cfg = current(), trainer.cfg
     if split is None:
         return "none"
     tp = f", tensor parallel in groups of {cfg.teacher_tp}" if cfg.teacher_tp > 1 else ""
-    return f"served by global ranks 0-{split.teacher_ranks - 1}{tp} ({cfg.teacher_prefetch} micro-batches ahead)"
+    what = (f"sparse rows, {cfg.teacher_prefetch} micro-batches ahead" if trainer.served.mode == "rows" else
+            "final hidden states, on demand")
+    return f"served by global ranks 0-{split.teacher_ranks - 1}{tp} ({what})"
+
+
+def pause(trainer) -> None:
+    if trainer.served is not None:
+        trainer.served.pause()

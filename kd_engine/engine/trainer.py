@@ -155,10 +155,8 @@ class Trainer:
 
         if name in self.engines:
             raise RuntimeError(f"engine '{name}' already exists")
-        ds = copy.deepcopy(self.ds_config)
+        ds = {**copy.deepcopy(self.ds_config), **(ds_overrides or {})}
         ds.pop("tensorboard", None)
-        for k, v in (ds_overrides or {}).items():
-            ds[k] = v
         if optimizer is not None:
             ds.pop("optimizer", None)
         if lr_scheduler is not None:
@@ -251,7 +249,7 @@ class Trainer:
             logger.info("method %s | world size %d | ZeRO stage %d | %s | student %s params | teacher %s | "
                         "%d examples | %d steps of %d samples", self.method.name, self.world_size,
                         zero_stage(self.ds_config), self.student_dtype, f"{count_params(self.student.module):,}",
-                        teacher_service.describe(cfg) if teacher is None else f"{count_params(teacher):,} params"
+                        teacher_service.describe(self) if teacher is None else f"{count_params(teacher):,} params"
                         + placement(cfg, zero_stage(self.ds_config)),
                         len(self.data.train), self.total_steps, self.ds_config["train_batch_size"])
 
@@ -272,6 +270,7 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     def _save(self) -> None:
+        teacher_service.pause(self)  # a teacher group waits longer than --dist_timeout for what follows
         self.guard.check_weights(self.engines.values(), self.cfg.output_dir, self.global_step)  # no NaN ever saved
         state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
                  "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "method_name": self.method.name,
@@ -281,6 +280,7 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        teacher_service.pause(self)
         if self.data.eval is None or len(self.data.eval) == 0:
             return {}
         n = len(self.data.eval)

@@ -66,6 +66,11 @@ class Method:
     # format) of the student's own batches, which a teacher group serves (engine/teacher_service.py)
     supports_teacher_service: ClassVar[bool] = False
 
+    def served_outputs(self) -> Optional[str]:
+        """With --teacher_ranks, what the teacher group answers: "rows" (sparse, the offline cache's format) or
+        "hidden" (the hidden states entering its output layer, engine/served_teacher.py); None without one."""
+        return "rows" if self.cfg.teacher_ranks > 0 else None
+
     def __init__(self, cfg, opts):
         self.cfg = cfg
         self.opts = opts
@@ -127,11 +132,9 @@ class Method:
         return {}
 
 
-SERVICE_GAPS = {  # what each method needs of its teacher that sparse rows do not carry
-    "gkd": "dense teacher logits for its generalized JSD / reverse KL over the full vocabulary, on-policy samples "
-           "included",
-    "minillm": "dense teacher logits of the student's samples (reverse-KL rewards, the teacher-mixed sampling "
-               "distribution) and teacher generation",
+SERVICE_GAPS = {  # what each method needs of its teacher that served rows and hidden states do not carry
+    "minillm": "the teacher inside the student's sampling loop (its mixed sampling draws from the teacher at every "
+               "generated token: one request per token, not built) and teacher generation",
     "seqkd": "teacher generation (responses decoded by the teacher)",
     "minilmv2": "the teacher's attention relations (Q/K/V of a layer)",
     "sft": "no teacher at all (supervised fine-tuning)",
@@ -158,9 +161,9 @@ def check_capabilities(train, method_cls: type[Method]) -> None:
                           f"hooks on its layers, or no teacher at all); a tensor-parallel teacher serves kd and gkd")
     if train.teacher_ranks > 0 and not method_cls.supports_teacher_service:
         raise ConfigError(f"--teacher_ranks: method '{name}' needs more of the teacher than the service sends (sparse "
-                          f"top-k rows of its output distribution over the student's batches): "
+                          f"top-k rows, or final hidden states, of the student's batches): "
                           f"{SERVICE_GAPS.get(name, 'dense logits, hidden states, attention or generation')}; the "
-                          f"teacher service serves kd (forward KL)")
+                          f"teacher service serves kd and gkd")
     if train.teacher_ranks > 0 and not train.student.name_or_path:
         raise ConfigError("--teacher_ranks: the student ranks never hold the teacher, so a student cannot be built "
                           "from it there; build it once (python -m kd_engine.shrink) and pass --student")

@@ -148,8 +148,16 @@ class LogitKD(Method):
             return False
         return lm and self.opts.kd_loss_impl != "naive"
 
+    def served_outputs(self):
+        """--teacher_ranks: the teacher group's answers (engine/teacher_service.py): forward KL takes sparse rows
+        in the offline cache's format (the cached-loss path, requested ahead); another divergence takes the hidden
+        states entering the teacher's output layer, which this rank applies (engine/served_teacher.py)."""
+        if self.cfg.teacher_ranks <= 0:
+            return None
+        return "rows" if self.opts.divergence == "forward_kl" else "hidden"
+
     def compute_loss(self, ctx, batch):
-        if self.opts.teacher_cache or self.cfg.teacher_ranks > 0:
+        if self.opts.teacher_cache or self.served_outputs() == "rows":
             return self._cached_loss(ctx, batch)
         if self._fused():
             return self._fused_loss(ctx, batch)
@@ -270,12 +278,9 @@ def served_run_check(opts: KDOptions, cfg) -> None:
     """ConfigError unless this kd run can take its teacher's rows from a teacher group (--teacher_ranks)."""
     if opts.teacher_cache:
         raise ConfigError("--teacher_ranks serves a teacher that --teacher_cache replaces: drop one of them")
-    if opts.divergence != "forward_kl":
-        raise ConfigError(f"--teacher_ranks: the service sends sparse top-k rows, which give the forward KL only; "
-                          f"divergence {opts.divergence} needs dense teacher logits (co-locate the teacher)")
     if cfg.packing:
-        raise ConfigError("--teacher_ranks: tail samples are seeded per example, and a packed row holds several: "
-                          "it excludes --packing")
+        raise ConfigError("--teacher_ranks: a packed row holds several examples, and the service takes one per row "
+                          "(tail samples are seeded per example; no position ids are sent): it excludes --packing")
     if not cfg.teacher:
         raise ConfigError("--teacher_ranks needs --teacher (the model the teacher ranks load)")
     task = resolve_task(opts.task, cfg)
