@@ -128,6 +128,38 @@ def test_served_hidden_states_train_like_a_co_located_teacher(assets, tmp_path, 
         assert abs(ka - kb) <= 1e-5 and abs(ca - cb) <= 1e-5
 
 
+def test_minillm_rollouts_on_a_served_teacher_train_like_a_co_located_teacher(assets, tmp_path):
+    """minillm: teacher-mixed sampling decodes on the teacher group (a KV-cached session per student, one request
+    per generated token), rewards and the single-step and pretraining KD terms from served hidden states. 1 teacher
+    rank + 2 student ranks (ZeRO-2, lockstep rollouts) vs 2 ranks with the teacher co-located: the same losses and
+    rewards within 1e-5 at every step, and the same evaluation."""
+    d = tmp_path
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"text": s, "answer": s.split()[-1]}) + "\n"
+                                             for s in tiny.sentences(16, seed=3)))
+    tiny.write_lines(str(d / "pt.txt"), tiny.sentences(16, seed=4))
+    argv = ["--method", "minillm", "--teacher", str(assets / "teacher"), "--student", str(assets / "student"),
+            "--train_file", str(d / "prompts.jsonl"), "--pt_file", str(d / "pt.txt"), "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--num_rollouts", "4", "--ppo_epochs", "2", "--max_new_tokens", "5",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--disable_tqdm", "true", "--target_column", "answer",
+            "--eval_file", str(d / "prompts.jsonl"), "--max_eval_samples", "4", "--eval_steps", "3",
+            "--deepspeed", str(assets / "z2.json")]
+    served = _ok(_launch(3, argv + ["--output_dir", str(d / "served"), "--teacher_ranks", "1"]))
+    assert "final hidden states" in served.stderr
+    _ok(_launch(2, argv + ["--output_dir", str(d / "local")]))
+
+    def log(out, split):
+        return [r for r in map(json.loads, open(out / "train_log.jsonl")) if r["split"] == split]
+
+    a, b = log(d / "served", "train"), log(d / "local", "train")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in ("loss", "pg", "reg", "pt", "reward"):
+            assert abs(ra[key] - rb[key]) <= 1e-5, (key, ra, rb)
+    ea, eb = log(d / "served", "eval"), log(d / "local", "eval")
+    assert ea and len(ea) == len(eb)
+    assert all(abs(x - y) <= 1e-5 for k, x in ea[-1].items() if isinstance(x, float) for y in [eb[-1][k]])
+
+
 def test_resume_after_a_kill_is_bit_identical_to_an_uninterrupted_run(assets, tmp_path):
     """Checkpoint at step 2, every rank killed at step 3 (the teacher group with them), resumed: the exported
     student equals an uninterrupted served run's bit for bit (the data position lives on the student ranks; the
@@ -212,7 +244,7 @@ def test_bad_input_is_one_error_exit_2_and_nothing_written(assets, tmp_path, cap
 
 
 @pytest.mark.parametrize("method,extra,what", [
-    ("minillm", [], "draws from the teacher at every generated token"),
+    ("minillm", ["--task", "seq2seq_lm"], "served rollouts are built for causal LMs"),
     ("seqkd", [], "teacher generation (responses decoded by the teacher)"),
     ("gkd", ["--seq_kd", "true"], "the teacher service runs forward passes only"),
 ])

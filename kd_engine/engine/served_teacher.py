@@ -1,6 +1,6 @@
 """A student rank's stand-in for the teacher when a teacher group serves final hidden states (``--teacher_ranks``
 with a loss that needs the teacher's whole output distribution: kd with ``--divergence reverse_kl`` / ``jsd``, gkd
-with the student's own samples).
+with the student's own samples, minillm).
 
 The teacher group sends, once at start-up, its output layer's weight ``[V, H]``, and per call the hidden states that
 enter that layer ``[B, L, H]`` (in the teacher's dtype). ``ServedTeacher`` is an ``nn.Module`` whose forward asks the
@@ -9,6 +9,10 @@ service for them and applies the output layer itself, so the methods' code paths
 from it) and the naive one (``.logits``) both see exactly what a co-located teacher gives. At the size users run
 (a 70B Llama teacher: V 128256, H 8192) the layer is 2.1 GB of bf16 on each student rank, and an answer is H values
 per token (16 KB in bf16), 16 times fewer than dense logits.
+
+Rollouts (``models.sampling.mixed_sample``, minillm's teacher-mixed sampling): ``rollout_state`` gives a decoding
+state whose KV cache lives on the teacher group (``ServedRollout``): the prompt once, then one token per row per step,
+each answered with the hidden state of the newest position.
 """
 from __future__ import annotations
 
@@ -32,9 +36,9 @@ class ServedTeacher(torch.nn.Module):
     """The teacher as the methods call it: ``forward(**inputs).logits`` from served hidden states and the teacher's
     output layer held here (frozen)."""
 
-    def __init__(self, client, weight: torch.Tensor):
+    def __init__(self, client, weight: torch.Tensor, config=None):
         super().__init__()
-        self.client = client
+        self.client, self.config = client, config  # the teacher's config (is_encoder_decoder, decoder start)
         self.head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         self.head.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.eval()
@@ -43,8 +47,31 @@ class ServedTeacher(torch.nn.Module):
         return self.head
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                use_cache=None, **other):
+                position_ids=None, logits_to_keep: int = 0, use_cache=None, **other):
         if other:
-            raise RuntimeError(f"the teacher service takes input ids and attention masks only, not {sorted(other)}")
-        hidden = self.client.hidden(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
-        return SimpleNamespace(logits=self.head(hidden.to(self.head.weight.device)))
+            raise RuntimeError(f"the teacher service takes ids, masks and positions only, not {sorted(other)}")
+        hidden = self.client.hidden(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                    position_ids, int(logits_to_keep or 0))
+        return SimpleNamespace(logits=self.logits(hidden))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.to(self.head.weight.device))
+
+    def rollout_state(self, input_ids, attention_mask):
+        return ServedRollout(self, input_ids, attention_mask)
+
+
+class ServedRollout:
+    """A causal teacher's decoding state for ``mixed_sample`` (``first()`` / ``step(tokens)`` -> next-token logits
+    ``[B, V]``), kept on the teacher group: the same positions and KV cache as a co-located teacher's."""
+
+    def __init__(self, teacher: ServedTeacher, input_ids, attention_mask):
+        if getattr(teacher.config, "is_encoder_decoder", False):
+            raise RuntimeError("served rollouts are for causal LMs (an encoder-decoder's session is not built)")
+        self.teacher, self.ids, self.mask = teacher, input_ids, attention_mask
+
+    def first(self) -> torch.Tensor:
+        return self.teacher.logits(self.teacher.client.rollout_start(self.ids, self.mask))[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.teacher.logits(self.teacher.client.rollout_step(tokens))[:, -1]

@@ -75,12 +75,15 @@ def serve(parsed, split) -> int:
     logger.warning("teacher rank %d ready: serving student ranks %s (%s)", split.global_rank, students, what)
     _keep_serving_on_stop_signals(cfg.stop_signals, split.global_rank)
     in_flight: deque = deque()
+    sessions: dict = {}  # student -> its rollout's decoding state (KV cache), until its next other request
     paused: set = set()  # students that announced an evaluation or a checkpoint write
     live, stopped, answered, busy = list(students), False, 0, 0.0
     while live:
         for src in list(live):
             kind, batch = svc.recv_request(split, src, src in paused)
             paused.discard(src)
+            if kind != svc.KIND_ROLL_STEP:
+                sessions.pop(src, None)
             if kind == svc.KIND_PAUSE:
                 paused.add(src)
                 continue
@@ -89,15 +92,18 @@ def serve(parsed, split) -> int:
                 stopped = stopped or kind == svc.KIND_STOPPED
                 continue
             faults.in_teacher(answered + 1, split.global_rank)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             t0 = time.perf_counter()
             with torch.inference_mode():
-                answer = _answer(kind, model, batch, task, vocab, opts)
+                if kind in (svc.KIND_ROLL_START, svc.KIND_ROLL_STEP):
+                    answer = _rollout(kind, model, batch, sessions, src)
+                else:
+                    answer = _answer(kind, model, batch, task, vocab, opts)
             answered += 1
             busy += time.perf_counter() - t0
             if not leader:
                 continue
-            if kind == svc.KIND_HIDDEN:
+            if kind in (svc.KIND_HIDDEN, svc.KIND_ROLL_START, svc.KIND_ROLL_STEP):
                 in_flight.extend(svc.send_hidden(split, src, answer))
             else:
                 rows = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in answer.items()}
@@ -123,6 +129,21 @@ def _answer(kind: int, model, batch: dict, task: str, vocab: int, opts):
     logits = forward_logits(model, model, batch, task)
     return rows_from_logits(logits, batch, task, opts.teacher_top_k, opts.temperature, vocab,
                             opts.teacher_tail_samples, opts.teacher_seed)
+
+
+def _rollout(kind: int, model, batch: dict, sessions: dict, src: int):
+    """A student's rollout session: start it from the prompt, or extend it by one token; the newest position's
+    hidden state (``models.sampling``'s decoding state with its own KV cache, as a co-located teacher runs)."""
+    from ..models import lm_head
+    from ..models.sampling import _CausalState
+
+    if kind == svc.KIND_ROLL_START:
+        state = sessions[src] = _CausalState(model, batch["input_ids"], batch["attention_mask"], use_cache=True)
+        return lm_head.hidden_states(lambda: state.first(), model, "teacher")
+    state = sessions.get(src)
+    if state is None:
+        raise KDError(f"student global rank {src} sent a rollout step without a session (protocol error)")
+    return lm_head.hidden_states(lambda: state.step(batch["tokens"][:, 0]), model, "teacher")
 
 
 def _keep_serving_on_stop_signals(names, rank: int) -> None:

@@ -9,15 +9,21 @@ two ranks with one tag arrive in order):
 - start-up: each teacher group's first rank sends each of its students ``[status, n]`` and an ``n``-byte message;
   status 0 means the teacher loaded and checked (tokenizer, vocabulary), otherwise the message is the error and every
   student rank raises it before writing anything.
-- request (student -> every rank of its teacher group): ``[kind, B, L, Ld]`` (kind 1: rows wanted; 0: finished;
+- request (student -> every rank of its teacher group): ``[kind, B, L, Ld, 0, 0]`` (kind 1: rows wanted; 0: finished;
   2: stopped on a signal; 3: pause, an evaluation or a checkpoint write follows, so the teacher waits up to
   ``PAUSE_TIMEOUT_S`` instead of ``--dist_timeout`` for this student's next request), then ``input_ids [B, L]``,
-  ``attention_mask [B, L]``, ``labels [B, Ld]`` (int64).
-- hidden request (kind 4, ``served_outputs() == "hidden"``): ``[4, B, L, Ld]``, ``input_ids``, ``attention_mask``
-  ``[B, L]`` and, for an encoder-decoder (``Ld > 0``), ``decoder_input_ids``, ``decoder_attention_mask`` ``[B, Ld]``;
-  the answer is the hidden states entering the teacher's output layer ``[B, Ld or L, H]`` in the teacher's dtype,
+  ``attention_mask [B, L]``, ``labels [B, Ld]`` (int64). Headers are 6 int64 values; unused ones are 0.
+- hidden request (kind 4, ``served_outputs() == "hidden"``): ``[4, B, L, Ld, P, K]``, ``input_ids``,
+  ``attention_mask`` ``[B, L]``, for an encoder-decoder (``Ld > 0``) ``decoder_input_ids``,
+  ``decoder_attention_mask`` ``[B, Ld]``, with ``P = 1`` ``position_ids [B, L]``; the answer is the hidden states
+  entering the teacher's output layer ``[B, K or Ld or L, H]`` (``K``: ``logits_to_keep``) in the teacher's dtype,
   whose output layer ``[V, H]`` the group's first rank sent each student once after the start-up status
   (``[V, H, dtype]``, then the weight; ``served_teacher.ServedTeacher`` applies it).
+- rollout (kinds 5 and 6, causal LMs): ``[5, B, L, 0, 0, 0]`` with the left-padded prompt ``input_ids``,
+  ``attention_mask`` starts a decoding session with its own KV cache on the teacher ranks (one per student, dropped
+  at its next other request); ``[6, B, 1, 0, 0, 0]`` with ``tokens [B, 1]`` extends it by one position. Both are
+  answered with the newest position's hidden state ``[B, 1, H]``. Students run their rollouts in lockstep
+  (``synced_ranks``), so every student makes the same number of requests, which round-robin serving needs.
 - answer (the group's first rank -> the student): the rows of ``teachers.sparse_rows`` in the cache's row format:
   ``ids [N, k]`` int32, ``logp [N, k]``, ``log_tail [N]``, and with tail samples ``tail_ids [N, m]`` int32,
   ``tail_logp [N, m]`` (fp32), N = the batch's real target tokens, which the student counts itself, so it posts
@@ -41,9 +47,11 @@ logger = logging.getLogger("kd_engine")
 
 TAG_READY, TAG_READY_MSG, TAG_HEAD, TAG_HEAD_W, TAG_HEADER, TAG_HIDDEN = 100, 101, 102, 103, 110, 130
 TAG_PROBE = 190  # never received: a send that fails tells a student its teacher died
-TAG_INPUTS = (111, 112, 113, 114)  # input_ids, attention_mask, labels (rows) or decoder ids and mask (hidden)
+TAG_INPUTS = (111, 112, 113, 114, 115)  # input_ids, attention_mask, labels (rows) or decoder ids, decoder mask;
+# position ids
 TAG_ROWS = (120, 121, 122, 123, 124)  # ids, logp, log_tail, tail_ids, tail_logp
-KIND_STOP, KIND_ROWS, KIND_STOPPED, KIND_PAUSE, KIND_HIDDEN = 0, 1, 2, 3, 4
+KIND_STOP, KIND_ROWS, KIND_STOPPED, KIND_PAUSE, KIND_HIDDEN, KIND_ROLL_START, KIND_ROLL_STEP = 0, 1, 2, 3, 4, 5, 6
+HEADER = 6  # int64 values per request header
 PAUSE_TIMEOUT_S = 6 * 3600.0  # how long a teacher waits for a student's next request after it announced a pause
 
 
@@ -142,7 +150,7 @@ class TeacherClient:
         ids, labels = batch["input_ids"], batch["labels"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        header = torch.tensor([KIND_ROWS, ids.shape[0], ids.shape[1], labels.shape[1]], dtype=torch.int64)
+        header = torch.tensor([KIND_ROWS, ids.shape[0], ids.shape[1], labels.shape[1], 0, 0], dtype=torch.int64)
         wire = [t.to(torch.int64).contiguous() for t in (ids, mask, labels)]
         sends = []
         for dst in self.targets:
@@ -186,22 +194,39 @@ class TeacherClient:
         sampled = (p.rows[3].long(), p.rows[4]) if self.m else (None, None)
         return ids, logp, tail, *sampled
 
-    def hidden(self, ids, mask=None, dec_ids=None, dec_mask=None) -> torch.Tensor:
+    def hidden(self, ids, mask=None, dec_ids=None, dec_mask=None, pos=None, keep: int = 0) -> torch.Tensor:
         """The teacher's final hidden states of one batch (hidden mode), waited for (a blocking call)."""
+        ld = 0 if dec_ids is None else dec_ids.shape[1]
+        tagged = [(ids, TAG_INPUTS[0]), (torch.ones_like(ids) if mask is None else mask, TAG_INPUTS[1])]
+        if ld:
+            tagged += [(dec_ids, TAG_INPUTS[2]), (torch.ones_like(dec_ids) if dec_mask is None else dec_mask,
+                                                  TAG_INPUTS[3])]
+        if pos is not None:
+            tagged.append((pos, TAG_INPUTS[4]))
+        header = [KIND_HIDDEN, ids.shape[0], ids.shape[1], ld, int(pos is not None), keep]
+        return self._ask(header, tagged, keep or ld or ids.shape[1])
+
+    def rollout_start(self, ids, mask) -> torch.Tensor:
+        """A decoding session on the teacher group from a left-padded prompt: the last position's hidden state."""
+        return self._ask([KIND_ROLL_START, ids.shape[0], ids.shape[1], 0, 0, 0],
+                         [(ids, TAG_INPUTS[0]), (mask, TAG_INPUTS[1])], 1)
+
+    def rollout_step(self, tokens) -> torch.Tensor:
+        """One more token per row of the session: the new position's hidden state."""
+        return self._ask([KIND_ROLL_STEP, tokens.shape[0], 1, 0, 0, 0], [(tokens.reshape(-1, 1), TAG_INPUTS[0])], 1)
+
+    def _ask(self, header: list, tagged: list, n: int) -> torch.Tensor:
+        """Send one request to the teacher group and wait for its hidden-state answer ``[B, n, H]``."""
         from .served_teacher import wire
 
         bridge = self.split.bridge
-        ld = 0 if dec_ids is None else dec_ids.shape[1]
-        tensors = [ids, torch.ones_like(ids) if mask is None else mask]
-        if ld:
-            tensors += [dec_ids, torch.ones_like(dec_ids) if dec_mask is None else dec_mask]
-        tensors = [t.to("cpu", torch.int64).contiguous() for t in tensors]
-        header = torch.tensor([KIND_HIDDEN, ids.shape[0], ids.shape[1], ld], dtype=torch.int64)
+        head = torch.tensor(header, dtype=torch.int64)
+        tensors = [(t.to("cpu", torch.int64).contiguous(), tag) for t, tag in tagged]
         sends = []
         for dst in self.targets:
-            sends.append((bridge.send([header], dst, TAG_HEADER), dst))
-            sends += [(bridge.send([t], dst, tag), dst) for t, tag in zip(tensors, TAG_INPUTS)]
-        out = torch.empty((ids.shape[0], ld or ids.shape[1], self.hidden_size), dtype=self.hidden_dtype)
+            sends.append((bridge.send([head], dst, TAG_HEADER), dst))
+            sends += [(bridge.send([t], dst, tag), dst) for t, tag in tensors]
+        out = torch.empty((header[1], n, self.hidden_size), dtype=self.hidden_dtype)
         _wait(bridge.recv([wire(out)], self.leader, TAG_HIDDEN), "the teacher service: teacher", self.leader,
               self.split.timeout_s)
         for work, dst in sends:
@@ -210,7 +235,7 @@ class TeacherClient:
 
     def pause(self) -> None:
         """Before an evaluation or a checkpoint write: the next request may come later than --dist_timeout."""
-        header = torch.tensor([KIND_PAUSE, 0, 0, 0], dtype=torch.int64)
+        header = torch.tensor([KIND_PAUSE, 0, 0, 0, 0, 0], dtype=torch.int64)
         self.paused.append(header)
         self.paused += [self.split.bridge.send([header], dst, TAG_HEADER) for dst in self.targets]
 
@@ -224,7 +249,7 @@ class TeacherClient:
             if not torch.is_tensor(w):
                 _wait(w, "finishing: teacher", self.leader, self.split.timeout_s)
         self.paused.clear()
-        header = torch.tensor([KIND_STOPPED if stopped else KIND_STOP, 0, 0, 0], dtype=torch.int64)
+        header = torch.tensor([KIND_STOPPED if stopped else KIND_STOP, 0, 0, 0, 0, 0], dtype=torch.int64)
         for dst in self.targets:
             _wait(self.split.bridge.send([header], dst, TAG_HEADER), "finishing: teacher", dst, self.split.timeout_s)
 
@@ -280,22 +305,33 @@ def send_hidden(split, dst: int, hidden: torch.Tensor) -> list[Any]:
 
 def recv_request(split, src: int, paused: bool = False) -> tuple[int, Optional[dict]]:
     """``(kind, batch)`` from student ``src``: batch None for a finish, stop or pause message."""
-    header = torch.zeros(4, dtype=torch.int64)
+    header = torch.zeros(HEADER, dtype=torch.int64)
     _wait(split.bridge.recv([header], src, TAG_HEADER), "serving: student", src,
           max(PAUSE_TIMEOUT_S, split.timeout_s) if paused else split.timeout_s)
-    kind, b, length, ld = (int(v) for v in header)
+    kind, b, length, ld, has_pos, keep = (int(v) for v in header)
+    ids, mask = ("input_ids", (b, length), TAG_INPUTS[0]), ("attention_mask", (b, length), TAG_INPUTS[1])
     if kind == KIND_ROWS:
-        names, shapes = ("input_ids", "attention_mask", "labels"), ((b, length), (b, length), (b, ld))
+        wanted = [ids, mask, ("labels", (b, ld), TAG_INPUTS[2])]
     elif kind == KIND_HIDDEN:
-        names = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")[:4 if ld else 2]
-        shapes = ((b, length), (b, length), (b, ld), (b, ld))
+        wanted = [ids, mask]
+        if ld:
+            wanted += [("decoder_input_ids", (b, ld), TAG_INPUTS[2]), ("decoder_attention_mask", (b, ld),
+                                                                       TAG_INPUTS[3])]
+        if has_pos:
+            wanted.append(("position_ids", (b, length), TAG_INPUTS[4]))
+    elif kind == KIND_ROLL_START:
+        wanted = [ids, mask]
+    elif kind == KIND_ROLL_STEP:
+        wanted = [("tokens", (b, 1), TAG_INPUTS[0])]
     else:
         return kind, None
-    bufs = [torch.empty(shape, dtype=torch.int64) for shape in shapes[:len(names)]]
-    works = [split.bridge.recv([t], src, tag) for t, tag in zip(bufs, TAG_INPUTS)]
+    bufs = {name: torch.empty(shape, dtype=torch.int64) for name, shape, _ in wanted}
+    works = [split.bridge.recv([bufs[name]], src, tag) for name, _, tag in wanted]
     for w in works:
         _wait(w, "serving: student", src, split.timeout_s)
-    return kind, dict(zip(names, bufs))
+    if kind == KIND_HIDDEN and keep:
+        bufs["logits_to_keep"] = keep
+    return kind, bufs
 
 
 def send_rows(split, dst: int, rows: dict, tail_samples: int) -> list[Any]:
@@ -334,7 +370,10 @@ def connect(trainer) -> Optional[TeacherClient]:
     if mode == "hidden":  # the methods call this stand-in as their teacher (engine/served_teacher.py)
         from .served_teacher import ServedTeacher
 
-        trainer.teacher = trainer.teacher_model = ServedTeacher(client, client.recv_head().to(trainer.device))
+        from ..models.loading import load_config
+
+        config = load_config(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        trainer.teacher = trainer.teacher_model = ServedTeacher(client, client.recv_head().to(trainer.device), config)
 
     def waited(seconds: float) -> None:
         trainer.teacher_seconds += seconds

@@ -353,7 +353,6 @@ class Trainer:
                 self.evaluate()
             if cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0 and self.global_step < self.total_steps:
                 self._save()
-        teacher_service.finish(self)
         return self._finish()
 
     def _log_window(self, window: dict, sums: dict) -> None:
@@ -379,6 +378,7 @@ class Trainer:
         cfg = self.cfg
         self._save()  # before evaluating: the checkpoint holds the training state as the last step left it
         metrics = self.evaluate()
+        teacher_service.finish(self)  # after the final evaluation, which may still ask a teacher group
         self.final_metrics = metrics
         if cfg.export:
             card = {

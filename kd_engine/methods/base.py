@@ -133,8 +133,6 @@ class Method:
 
 
 SERVICE_GAPS = {  # what each method needs of its teacher that served rows and hidden states do not carry
-    "minillm": "the teacher inside the student's sampling loop (its mixed sampling draws from the teacher at every "
-               "generated token: one request per token, not built) and teacher generation",
     "seqkd": "teacher generation (responses decoded by the teacher)",
     "minilmv2": "the teacher's attention relations (Q/K/V of a layer)",
     "sft": "no teacher at all (supervised fine-tuning)",
@@ -163,7 +161,7 @@ def check_capabilities(train, method_cls: type[Method]) -> None:
         raise ConfigError(f"--teacher_ranks: method '{name}' needs more of the teacher than the service sends (sparse "
                           f"top-k rows, or final hidden states, of the student's batches): "
                           f"{SERVICE_GAPS.get(name, 'dense logits, hidden states, attention or generation')}; the "
-                          f"teacher service serves kd and gkd")
+                          f"teacher service serves kd, gkd and minillm")
     if train.teacher_ranks > 0 and not train.student.name_or_path:
         raise ConfigError("--teacher_ranks: the student ranks never hold the teacher, so a student cannot be built "
                           "from it there; build it once (python -m kd_engine.shrink) and pass --student")

@@ -55,9 +55,12 @@ class MiniLLM(GenerativeMixin, Method):
 
     Options = MiniLLMOptions
     supports_messages = True
+    supports_teacher_service = True  # --teacher_ranks: rollouts decode on the teacher group, hidden states score
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)
+        if cfg.teacher_ranks > 0:
+            self.needs_teacher = False  # the teacher group holds it (engine/served_teacher.py stands in for it)
         self.task = None
         self.round = 0
         self.mb_pos = 0
@@ -65,6 +68,9 @@ class MiniLLM(GenerativeMixin, Method):
         self.round_stats: dict[str, float] = {}
         self.pt = None
         self.pt_state = None
+
+    def served_outputs(self):
+        return "hidden" if self.cfg.teacher_ranks > 0 else None
 
     # ---- building -----------------------------------------------------------------------------------------
     def load_teacher(self, ctx):

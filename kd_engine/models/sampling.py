@@ -14,6 +14,9 @@ column per step. Encoder-decoder models: each model runs its own encoder once pe
 its model's ``decoder_start_token_id`` exactly once and then reads one sampled token per step with its own
 ``EncoderDecoderCache``; the teacher never sees the student's encoder outputs.
 
+A model with a ``rollout_state(input_ids, attention_mask)`` method (the served teacher of ``--teacher_ranks``)
+brings its own decoding state, with the same ``first()`` / ``step(tokens)`` contract.
+
 ``use_cache=False`` is the reference implementation (full prefix recomputed each step, the encoder included) used
 by the equality tests and the rollout benchmark; it must draw exactly the same tokens for the same generator.
 Models are put in eval() for the rollout (dropout off, as the reference code) and restored afterwards.
@@ -299,9 +302,13 @@ def mixed_sample(
     toks, lqs, lps, ws, infs = [], [], [], [], []
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     alive_masks = []
+    def state_of(model):  # a served teacher (engine/served_teacher.py) keeps its KV cache on the teacher group
+        make = getattr(model, "rollout_state", None)
+        return make(input_ids, attention_mask) if make else State(model, input_ids, attention_mask, use_cache)
+
     with eval_mode(student, teacher):
-        s_state = State(student, input_ids, attention_mask, use_cache)
-        t_state = State(teacher, input_ids, attention_mask, use_cache) if teacher is not None else None
+        s_state = state_of(student)
+        t_state = state_of(teacher) if teacher is not None else None
         s_logits = s_state.first()
         t_logits = t_state.first() if t_state is not None else None
         V = _check_vocab(s_logits, t_logits, vocab_size)
