@@ -260,14 +260,14 @@ def lost_rank_message(exc: BaseException, rank: int, world_size: int) -> str:
     if getattr(exc, "names_the_peer", False):
         return f"rank {rank + offset}: {exc}"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    if os.environ.get("KD_ROLE") == "student":
-        from .engine.teacher_service import lost_teacher
+    if os.environ.get("KD_ROLE") == "student":  # --teacher_ranks: probe which process is gone (a student first)
+        from .engine.teacher_service import gone_ranks
 
-        teacher = lost_teacher()
-        if teacher is not None:
-            return (f"rank {rank + offset}: teacher global rank {teacher} died (its connection reset; the student "
-                    f"group's collective failed with it: {first[:200]}); every rank stops; resume from the last "
-                    f"checkpoint with --resume")
+        gone = [f"{'student' if r >= offset else 'teacher'} global rank {r}" for r in gone_ranks()]
+        if gone:  # several: one died, the others exited on noticing it (their own errors say which died)
+            return (f"rank {rank + offset}: {' and '.join(gone)} {'is' if len(gone) == 1 else 'are'} gone (connection "
+                    f"closed; this rank's collective failed with it: {first[:200]}); every rank stops; resume from the "
+                    f"last checkpoint with --resume")
     who = f"rank {1 - rank + offset}" if world_size == 2 else "another rank"
     group = f" of the {os.environ['KD_ROLE']} group" if os.environ.get("KD_ROLE") else ""
     return (f"rank {rank + offset} lost contact with {who}{group} during a collective ({first}); every rank stops; "

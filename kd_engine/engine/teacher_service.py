@@ -46,7 +46,7 @@ import torch
 logger = logging.getLogger("kd_engine")
 
 TAG_READY, TAG_READY_MSG, TAG_HEAD, TAG_HEAD_W, TAG_HEADER, TAG_HIDDEN = 100, 101, 102, 103, 110, 130
-TAG_PROBE = 190  # never received: a send that fails tells a student its teacher died
+TAG_PROBE = 190  # never received: a send that fails at once (not by timing out) finds a process that is gone
 TAG_INPUTS = (111, 112, 113, 114, 115)  # input_ids, attention_mask, labels (rows) or decoder ids, decoder mask;
 # position ids
 TAG_ROWS = (120, 121, 122, 123, 124)  # ids, logp, log_tail, tail_ids, tail_logp
@@ -254,24 +254,35 @@ class TeacherClient:
             _wait(self.split.bridge.send([header], dst, TAG_HEADER), "finishing: teacher", dst, self.split.timeout_s)
 
 
-def lost_teacher() -> Optional[int]:
-    """After a student rank's collective failed: the global rank of a teacher that no longer takes messages (its
-    connection reset: it died), else None. A teacher's death can surface first in the students' own all-reduce
-    (gloo resets the survivors' connections), and the error should name the rank that died."""
+def gone_ranks() -> list[int]:
+    """After a student rank's collective failed: the global ranks (teacher or student) whose process is gone. A
+    teacher's death can surface first in the students' own all-reduce (gloo resets the survivors' connections), and
+    the error should name the rank that died. Probes go over the bridge on a tag nobody receives: a live rank's send
+    times out (gloo sends wait for a matching receive), a dead one's fails at once. At most 2 s in all."""
     import datetime
+    import time
 
     from .world_split import current
 
     split = current()
     if split is None or split.role != "student":
-        return None
-    probe = torch.zeros(1, dtype=torch.int64)
-    for t in range(split.teacher_ranks):
+        return []
+    probe, works, gone = torch.zeros(1, dtype=torch.int64), [], []
+    for r in range(split.global_world):
+        if r == split.global_rank:
+            continue
         try:
-            split.bridge.send([probe], t, TAG_PROBE).wait(datetime.timedelta(seconds=2))
-        except RuntimeError:
-            return t
-    return None
+            works.append((r, split.bridge.send([probe], r, TAG_PROBE)))
+        except RuntimeError:  # the connection is already known to be closed or reset
+            gone.append(r)
+    deadline = time.monotonic() + 2.0
+    for r, work in works:
+        try:
+            work.wait(datetime.timedelta(seconds=max(0.01, deadline - time.monotonic())))
+        except RuntimeError as exc:
+            if "timed out" not in str(exc).lower():  # closed or reset: that process is gone
+                gone.append(r)
+    return sorted(gone)
 
 
 def send_ready(split, students: list[int], error: Optional[str]) -> None:
