@@ -1,7 +1,6 @@
 """A rank that dies (SIGKILL) or hangs (SIGSTOP) in a 2-rank run: the other rank exits within a bounded time with
 one error line naming the lost rank, instead of waiting forever (--dist_timeout)."""
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -43,10 +42,7 @@ def test_lost_rank_ends_the_run_within_the_timeout(assets, tmp_path, signame):
         _, err = procs[0].communicate(timeout=240)
         waited = time.monotonic() - t0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+        tiny.kill_survivors(procs)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert procs[0].returncode == 1 and len(errors) == 1, err[-3000:]
     assert "rank 0 lost contact with rank 1" in errors[0] and "--resume" in errors[0]

@@ -5,7 +5,6 @@ process group. Compared with a 2-rank run from an offline cache built with the s
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -210,10 +209,7 @@ def test_a_lost_rank_ends_every_rank_within_the_timeout(assets, tmp_path, who, s
                 errs[rank] = p.communicate(timeout=240)[1]
         waited = time.monotonic() - t0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+        tiny.kill_survivors(procs)
     assert waited < 150 and not os.path.exists(tmp_path / "o" / "final")
     named = []
     for rank, err in errs.items():

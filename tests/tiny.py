@@ -229,3 +229,13 @@ def make_llama_for(path: str, tokenizer, layers: int = 2, hidden: int = 32, seed
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+def kill_survivors(procs) -> None:
+    """SIGKILL every process of a multi-process test that is still running (a failed assertion leaves none)."""
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
