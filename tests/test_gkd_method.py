@@ -157,7 +157,8 @@ def test_gkd_bad_inputs_are_clear_errors(assets, tmp_path):
     for extra, msg in [(["--beta", "1.5"], "beta must be in"), (["--lmbda", "-0.1"], "lmbda must be in"),
                        (["--gen_top_k", "0", "--gen_top_p", "0"], "keeps no token"),
                        (["--seqkd_top_p", "0"], "keeps no token"), (["--max_new_tokens", "0"], "max_new_tokens"),
-                       (["--train_file", str(assets / "pairs.jsonl")], "target_column")]:
+                       (["--train_file", str(assets / "pairs.jsonl")], "target_column"),
+                       (["--eval_split", "0.2"], "does not support --eval_split")]:  # refused, never ignored
         with pytest.raises(ConfigError, match=msg):
             build_config(base + extra)
     # lmbda 1 (always on-policy) or seq_kd: prompts alone are enough

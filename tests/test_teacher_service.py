@@ -116,7 +116,8 @@ def test_served_hidden_states_train_like_a_co_located_teacher(assets, tmp_path, 
     extra = ["--divergence", "reverse_kl", "--kd_loss_impl", "naive"] if method == "kd" else [
         "--method", "gkd", "--lmbda", "1", "--max_new_tokens", "4", "--train_file", str(pairs), "--text_column",
         "prompt", "--target_column", "response"]
-    base = (*extra, "--deepspeed", ds, "--teacher", str(assets / "teacher"))
+    held_out = ["--eval_file", str(pairs), "--max_eval_samples", "4"] if "gkd" in method else ["--eval_split", "0.25"]
+    base = (*extra, "--deepspeed", ds, "--teacher", str(assets / "teacher"), *held_out)
     group = ["--teacher_ranks", "2", "--teacher_tp", "2"] if method == "gkd-tp2" else ["--teacher_ranks", "1"]
     served = _ok(_launch(3, _train(assets, tmp_path / "served", *base, *group, steps=3)))
     assert "final hidden states" in served.stderr
@@ -125,6 +126,10 @@ def test_served_hidden_states_train_like_a_co_located_teacher(assets, tmp_path, 
     assert len(a) == len(b) == 3 and a[0][0] > 0
     for (ka, ca), (kb, cb) in zip(a, b):
         assert abs(ka - kb) <= 1e-5 and abs(ca - cb) <= 1e-5
+    ea, eb = ([r for r in map(json.loads, open(out / "train_log.jsonl")) if r["split"] == "eval"][-1]
+              for out in (tmp_path / "served", tmp_path / "local"))
+    assert ea.keys() == eb.keys() and any("teacher" in k or "agree" in k for k in ea), ea  # teacher metrics served
+    assert all(abs(ea[k] - eb[k]) <= 1e-5 * max(1.0, abs(eb[k])) for k in ea if isinstance(ea[k], float)), (ea, eb)
 
 
 def test_minillm_rollouts_on_a_served_teacher_train_like_a_co_located_teacher(assets, tmp_path):

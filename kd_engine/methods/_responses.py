@@ -138,6 +138,9 @@ class ResponseMethod(GenerativeMixin, LogitKD):
     supports_packing = False  # gkd samples a response per row; seqkd packs each micro-batch (below)
     supports_messages = True
     supports_teacher_service = False  # seqkd: teacher generation (base.SERVICE_GAPS); gkd: served hidden states
+    # reference responses come from --eval_file only (a held-out share of prompt rows, which on-policy runs read
+    # without their responses, is not built): --eval_split is refused rather than ignored
+    data_options = ("eval_file", "max_train_samples", "max_eval_samples")
 
     def uses_teacher_responses(self) -> bool:
         return self.opts.needs_teacher_responses()

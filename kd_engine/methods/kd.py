@@ -223,7 +223,7 @@ class LogitKD(Method):
             return self._chunked_eval(ctx, batch)
         inputs = self._inputs(ctx.student.module, batch)
         s_logits = ctx.student(**inputs).logits
-        t_logits = ctx.teacher_forward(**inputs).logits if self.needs_teacher else None
+        t_logits = ctx.teacher_forward(**inputs).logits if ctx.teacher_module is not None else None
         labels = batch["labels"]
         s, lab = aligned_logits(self._task(), s_logits, labels)
         t = aligned_logits(self._task(), t_logits, labels)[0] if t_logits is not None else None
@@ -235,7 +235,7 @@ class LogitKD(Method):
         inputs = self._inputs(student, batch)
         s_h = lm_head.hidden_states(ctx.student, student, "student", **inputs)
         t_h = t_w = None
-        if self.needs_teacher:
+        if ctx.teacher_module is not None:  # co-located, or served hidden states (not a cache or served rows)
             t_h = lm_head.hidden_states(ctx.teacher_forward, ctx.teacher_module, "teacher", **inputs)
             t_w = lm_head.output_layer(ctx.teacher_module, "teacher").weight
         s_w = lm_head.output_layer(student, "student").weight
