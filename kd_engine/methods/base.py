@@ -65,11 +65,12 @@ class Method:
     # --teacher_ranks N: the method's loss needs only the teacher's sparse rows (top-k + tail, the offline cache's
     # format) of the student's own batches, which a teacher group serves (engine/teacher_service.py)
     supports_teacher_service: ClassVar[bool] = False
+    served_kind: ClassVar[str] = "rows"  # what served_outputs() gives by default
 
     def served_outputs(self) -> Optional[str]:
         """With --teacher_ranks, what the teacher group answers: "rows" (sparse, the offline cache's format) or
         "hidden" (the hidden states entering its output layer, engine/served_teacher.py); None without one."""
-        return "rows" if self.cfg.teacher_ranks > 0 else None
+        return self.served_kind if self.cfg.teacher_ranks > 0 else None
 
     def __init__(self, cfg, opts):
         self.cfg = cfg

@@ -63,11 +63,7 @@ class GKD(SeededDraws, ResponseMethod):
     """Generalized KD: JSD(beta) on student samples (share lmbda) and on dataset or teacher responses."""
 
     Options = GKDOptions
-    supports_teacher_service = True  # --teacher_ranks: served hidden states score the student's samples
-
-    def served_outputs(self):
-        """Always the teacher's hidden states: JSD over the whole vocabulary, and samples made step by step."""
-        return "hidden" if self.cfg.teacher_ranks > 0 else None
+    supports_teacher_service = True  # --teacher_ranks: served hidden states (divergence jsd, see LogitKD)
 
     def __init__(self, cfg, opts):
         super().__init__(cfg, opts)

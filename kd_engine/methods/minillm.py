@@ -69,8 +69,7 @@ class MiniLLM(GenerativeMixin, Method):
         self.pt = None
         self.pt_state = None
 
-    def served_outputs(self):
-        return "hidden" if self.cfg.teacher_ranks > 0 else None
+    served_kind = "hidden"  # --teacher_ranks: rollout sessions and hidden states
 
     # ---- building -----------------------------------------------------------------------------------------
     def load_teacher(self, ctx):
