@@ -23,6 +23,7 @@ import torch
 
 from ..errors import KDError
 from ..models.modes import eval_mode
+from .batching import overhead_tokens_for, pad_batch, sorted_batches
 from .labeling import label_corpus  # noqa: F401  (re-exported: the labeling entry point)
 from .zero_shot_inputs import (check_class_names, check_template, class_prompts, load_class_names,  # noqa: F401
                                read_texts, resolve_nli_ids)
@@ -74,11 +75,11 @@ def group_mean(x: torch.Tensor, group: Sequence[int], k: int) -> torch.Tensor:
 @torch.inference_mode()
 def batched_logits(model: Any, ids: list, types: Optional[list], pad_id: int, side: str, batch_size: int):
     """Logits (float32, N x C, rows in input order) of a sequence classifier over token id rows, in batches of
-    similar length padded to their own longest row."""
+    similar length padded to their own longest row (cuts planned by :func:`.batching.sorted_batches`)."""
     device = _device(model)
     out: Optional[torch.Tensor] = None
     with eval_mode(_hf_module(model)):
-        for idx in sorted_batches([len(x) for x in ids], batch_size):
+        for idx in sorted_batches([len(x) for x in ids], batch_size, overhead_tokens_for(device)):
             rows = idx.tolist()
             input_ids, mask = pad_batch([ids[r] for r in rows], pad_id, side)
             inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
@@ -129,31 +130,6 @@ def _default_max_length(tokenizer: Any, config: Any) -> int:
         m = 512
     pos = getattr(config, "max_position_embeddings", None)
     return int(min(m, pos) if pos else m)
-
-
-def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[torch.Tensor]:
-    """Index batches of ``batch_size`` rows, longest first, so each batch pads to nearly its own length.
-
-    Stable sort: equal lengths keep their input order (deterministic).
-    """
-    if batch_size < 1:
-        raise KDError(f"batch size must be >= 1, got {batch_size}")
-    order = torch.argsort(torch.as_tensor(list(lengths), dtype=torch.long), descending=True, stable=True)
-    return list(torch.split(order, batch_size))
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic padding of token id lists to the batch's longest: (ids, attention_mask)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):  # building the tensor from ragged Python lists
-        if not s:
-            continue
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, sl] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -363,7 +339,7 @@ class EmbeddingTeacher:
         side = getattr(self.tokenizer, "padding_side", "right")
         out: Optional[torch.Tensor] = None
         with eval_mode(_hf_module(self.model)):
-            for idx in sorted_batches([len(x) for x in ids], batch_size):
+            for idx in sorted_batches([len(x) for x in ids], batch_size, overhead_tokens_for(device)):
                 input_ids, mask = pad_batch([ids[r] for r in idx.tolist()], self.pad_id, side)
                 inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
                 if "token_type_ids" in getattr(self.tokenizer, "model_input_names", []):
