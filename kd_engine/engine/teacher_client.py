@@ -1,6 +1,7 @@
 """A student rank's side of the teacher service (``--teacher_ranks``; protocol: ``teacher_service``): row requests
 sent ahead from a copy of the sampler and their answers looked up as ``TeacherCache.lookup`` does, blocking
-hidden-state and rollout requests, pauses, and the final drain."""
+hidden-state and rollout requests, pauses, and the final drain; and the trainer's hooks (connect, start, pause, finish,
+describe)."""
 from __future__ import annotations
 
 from collections import deque
@@ -180,3 +181,81 @@ class TeacherClient:
         header = torch.tensor([KIND_STOPPED if stopped else KIND_STOP, 0, 0, 0, 0, 0], dtype=torch.int64)
         for dst in self.targets:
             _wait(self.split.bridge.send([header], dst, TAG_HEADER), "finishing: teacher", dst, self.split.timeout_s)
+
+
+# ---- the trainer's hooks (student ranks) ------------------------------------------------------------------------
+
+
+def connect(trainer):
+    """On a student rank of a job with a teacher group: the client, once every student's teacher group reported
+    ready (before the run's first write: a teacher that cannot load, or a vocabulary mismatch it finds, stops every
+    rank with its error). None in a job without a teacher group."""
+    import torch.distributed as dist
+
+    from ..errors import KDError
+    from .world_split import current
+
+    split = current()
+    if split is None:
+        return None
+    opts, cfg = trainer.opts, trainer.cfg
+    task, mode = trainer.method._task(), trainer.method.served_outputs()
+    client = TeacherClient(split, cfg.teacher_tp, task, getattr(opts, "teacher_top_k", 0),
+                           getattr(opts, "teacher_tail_samples", 0), cfg.teacher_prefetch, mode)
+    error = client.wait_ready()
+    status = torch.tensor([0 if error is None else 1])
+    dist.all_reduce(status)  # every student rank stops when any one's teacher group failed
+    if error is not None:
+        raise KDError(error)
+    if int(status):
+        raise KDError("a teacher group reported an error at start-up (printed by the student ranks it serves)")
+    if mode == "hidden":  # the methods call this stand-in as their teacher (engine/served_teacher.py)
+        from .served_teacher import ServedTeacher
+
+        from ..models.loading import load_config
+
+        config = load_config(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        trainer.teacher = trainer.teacher_model = ServedTeacher(client, client.recv_head().to(trainer.device), config)
+
+    def waited(seconds: float) -> None:
+        trainer.teacher_seconds += seconds
+
+    client.on_wait = waited
+    return client
+
+
+def start(trainer) -> None:
+    """Before the first training batch (after resume): requests are drawn from a copy of the sampler, so the
+    sampler's own position (what checkpoints record) moves only as batches are trained on."""
+    import copy
+
+    from ..data.sampler import infinite_batches
+
+    if trainer.served is not None:
+        trainer.served.start(infinite_batches(copy.deepcopy(trainer.sampler)),
+                             lambda idx: trainer.collate(trainer.data.train, idx))
+
+
+def finish(trainer, stopped: bool = False) -> None:
+    """After the last step (or a stop signal): the teacher group is told, once."""
+    client, trainer.served = trainer.served, None
+    if client is not None:
+        client.close(stopped=stopped)
+
+
+def describe(trainer) -> str:
+    """The teacher's placement for the start-up log line of a student rank."""
+    from .world_split import current
+
+    split, cfg = current(), trainer.cfg
+    if split is None:
+        return "none"
+    tp = f", tensor parallel in groups of {cfg.teacher_tp}" if cfg.teacher_tp > 1 else ""
+    what = (f"sparse rows, {cfg.teacher_prefetch} micro-batches ahead" if trainer.served.mode == "rows" else
+            "final hidden states, on demand")
+    return f"served by global ranks 0-{split.teacher_ranks - 1}{tp} ({what})"
+
+
+def pause(trainer) -> None:
+    if trainer.served is not None:
+        trainer.served.pause()

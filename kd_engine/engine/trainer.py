@@ -28,7 +28,7 @@ from ..errors import KDError
 from ..models.attention import apply_model_options
 from ..models.loading import check_teacher_tokenizer
 from ..models.modes import eval_mode, frozen_parameters
-from . import autoresume, checkpoint, faults, reshard, signals, teacher_service
+from . import autoresume, checkpoint, faults, reshard, signals, teacher_client
 from .context import Compute, Context
 from .export import count_params, export_student
 from .guard import NonFiniteGuard
@@ -52,7 +52,7 @@ class Trainer:
         self.student = self.tokenizer = None
         self.global_step = 0
         self.teacher_seconds = 0.0
-        self.served = None  # --teacher_ranks: the teacher service's client (engine/teacher_service.py)
+        self.served = None  # --teacher_ranks: the teacher service's client (engine/teacher_client.py)
         self.tokens_seen = self.samples_seen = 0
         self.final_metrics: dict[str, float] = {}
         self.guard = NonFiniteGuard(self.cfg.max_nonfinite_steps)
@@ -231,7 +231,7 @@ class Trainer:
             raise KDError("the student has no trainable parameters (everything frozen?)")
         # the first write, once models, data and configs passed: a rejected run changes nothing. Rank 0 takes the
         # folder's run lock first (two runs started into one folder: one trains, the other stops here)
-        self.served = teacher_service.connect(self)  # a teacher group's start-up error stops every rank here
+        self.served = teacher_client.connect(self)  # a teacher group's start-up error stops every rank here
         self.runlock = take_on_rank0(cfg.output_dir, self.rank, dist.broadcast_object)
         checkpoint.prepare_output_dir(cfg.output_dir, self.run_mode, self.method.name, to_dict(cfg), self.rank)
         dist.barrier()
@@ -249,7 +249,7 @@ class Trainer:
             logger.info("method %s | world size %d | ZeRO stage %d | %s | student %s params | teacher %s | "
                         "%d examples | %d steps of %d samples", self.method.name, self.world_size,
                         zero_stage(self.ds_config), self.student_dtype, f"{count_params(self.student.module):,}",
-                        teacher_service.describe(self) if teacher is None else f"{count_params(teacher):,} params"
+                        teacher_client.describe(self) if teacher is None else f"{count_params(teacher):,} params"
                         + placement(cfg, zero_stage(self.ds_config)),
                         len(self.data.train), self.total_steps, self.ds_config["train_batch_size"])
 
@@ -270,7 +270,7 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     def _save(self) -> None:
-        teacher_service.pause(self)  # a teacher group waits longer than --dist_timeout for what follows
+        teacher_client.pause(self)  # a teacher group waits longer than --dist_timeout for what follows
         self.guard.check_weights(self.engines.values(), self.cfg.output_dir, self.global_step)  # no NaN ever saved
         state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
                  "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "method_name": self.method.name,
@@ -280,7 +280,7 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        teacher_service.pause(self)
+        teacher_client.pause(self)
         if self.data.eval is None or len(self.data.eval) == 0:
             return {}
         n = len(self.data.eval)
@@ -312,7 +312,7 @@ class Trainer:
         try:
             return self._fit()
         except signals.Stopped:
-            teacher_service.finish(self, stopped=True)  # a teacher group stops too (and reports the stop)
+            teacher_client.finish(self, stopped=True)  # a teacher group stops too (and reports the stop)
             raise
         finally:
             if getattr(self, "runlock", None) is not None:
@@ -325,7 +325,7 @@ class Trainer:
         self._resume()
         cfg = self.cfg
         self._batch_iter = infinite_batches(self.sampler)
-        teacher_service.start(self)  # a teacher group's requests run ahead of the training batches
+        teacher_client.start(self)  # a teacher group's requests run ahead of the training batches
         self.monitor = Monitor(self.student, cfg.output_dir, self.rank, self.total_steps, self.global_step,
                                cfg.disable_tqdm)
         if cfg.eval_on_start and self.global_step == 0:
@@ -378,7 +378,7 @@ class Trainer:
         cfg = self.cfg
         self._save()  # before evaluating: the checkpoint holds the training state as the last step left it
         metrics = self.evaluate()
-        teacher_service.finish(self)  # after the final evaluation, which may still ask a teacher group
+        teacher_client.finish(self)  # after the final evaluation, which may still ask a teacher group
         self.final_metrics = metrics
         if cfg.export:
             card = {
