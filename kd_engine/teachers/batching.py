@@ -45,11 +45,12 @@ def sorted_batches(lengths: Sequence[int], batch_size: int, overhead_tokens: int
         raise KDError(f"overhead_tokens must be >= 0, got {overhead_tokens}")
     if len(lengths) == 0:
         return []
-    order = torch.argsort(torch.as_tensor(list(lengths), dtype=torch.long), descending=True, stable=True)
+    lens = torch.as_tensor(list(lengths), dtype=torch.long)
+    order = torch.argsort(lens, descending=True, stable=True)
     fixed = list(torch.split(order, batch_size))
     if overhead_tokens == 0 or len(order) <= 1:
         return fixed
-    sorted_len = np.asarray(list(lengths), dtype=np.int64)[order.numpy()]
+    sorted_len = lens[order].numpy()  # the lengths, read once
     real = max(int(sorted_len.sum()), 1)
     padded = sum(len(b) * int(sorted_len[i * batch_size]) for i, b in enumerate(fixed))
     if padded <= real * (1 + _PAD_SLACK):
