@@ -132,6 +132,26 @@ def test_served_hidden_states_train_like_a_co_located_teacher(assets, tmp_path, 
     assert all(abs(ea[k] - eb[k]) <= 1e-5 * max(1.0, abs(eb[k])) for k in ea if isinstance(ea[k], float)), (ea, eb)
 
 
+def _served_equals_co_located(argv, d, keys, steps=3):
+    """Run ``argv`` with 1 teacher rank + 2 students and with 2 ranks and the teacher co-located: the train log's
+    ``keys`` within 1e-5 at every step, and the same final evaluation."""
+    served = _ok(_launch(3, argv + ["--output_dir", str(d / "served"), "--teacher_ranks", "1"]))
+    assert "final hidden states" in served.stderr
+    _ok(_launch(2, argv + ["--output_dir", str(d / "local")]))
+
+    def log(out, split):
+        return [r for r in map(json.loads, open(out / "train_log.jsonl")) if r["split"] == split]
+
+    a, b = log(d / "served", "train"), log(d / "local", "train")
+    assert len(a) == len(b) == steps
+    for ra, rb in zip(a, b):
+        for key in keys:
+            assert abs(ra[key] - rb[key]) <= 1e-5, (key, ra, rb)
+    ea, eb = log(d / "served", "eval"), log(d / "local", "eval")
+    assert ea and len(ea) == len(eb)
+    assert all(abs(x - y) <= 1e-5 for k, x in ea[-1].items() if isinstance(x, float) for y in [eb[-1][k]])
+
+
 def test_minillm_rollouts_on_a_served_teacher_train_like_a_co_located_teacher(assets, tmp_path):
     """minillm: teacher-mixed sampling decodes on the teacher group (a KV-cached session per student, one request
     per generated token), rewards and the single-step and pretraining KD terms from served hidden states. 1 teacher
@@ -147,21 +167,46 @@ def test_minillm_rollouts_on_a_served_teacher_train_like_a_co_located_teacher(as
             "--learning_rate", "1e-3", "--logging_steps", "1", "--disable_tqdm", "true", "--target_column", "answer",
             "--eval_file", str(d / "prompts.jsonl"), "--max_eval_samples", "4", "--eval_steps", "3",
             "--deepspeed", str(assets / "z2.json")]
-    served = _ok(_launch(3, argv + ["--output_dir", str(d / "served"), "--teacher_ranks", "1"]))
-    assert "final hidden states" in served.stderr
-    _ok(_launch(2, argv + ["--output_dir", str(d / "local")]))
+    _served_equals_co_located(argv, d, ("loss", "pg", "reg", "pt", "reward"))
 
-    def log(out, split):
-        return [r for r in map(json.loads, open(out / "train_log.jsonl")) if r["split"] == split]
 
-    a, b = log(d / "served", "train"), log(d / "local", "train")
-    assert len(a) == len(b) == 3
-    for ra, rb in zip(a, b):
-        for key in ("loss", "pg", "reg", "pt", "reward"):
-            assert abs(ra[key] - rb[key]) <= 1e-5, (key, ra, rb)
-    ea, eb = log(d / "served", "eval"), log(d / "local", "eval")
-    assert ea and len(ea) == len(eb)
-    assert all(abs(x - y) <= 1e-5 for k, x in ea[-1].items() if isinstance(x, float) for y in [eb[-1][k]])
+def _t5_pair(d):
+    """A tiny random T5 teacher (2 layers) and student (1 layer) sharing a SentencePiece tokenizer trained here."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    tiny.write_lines(str(d / "spm.txt"), tiny.sentences(200, seed=5))
+    (d / "spm").mkdir()
+    spm.SentencePieceTrainer.train(input=str(d / "spm.txt"), model_prefix=str(d / "spm" / "spiece"), vocab_size=60,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    tok = T5Tokenizer.from_pretrained(str(d / "spm"), extra_ids=4)
+    for name, layers, seed in (("t5_teacher", 2, 0), ("t5_student", 1, 1)):
+        torch.manual_seed(seed)
+        cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_heads=4,
+                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        T5ForConditionalGeneration(cfg).save_pretrained(str(d / name))
+        tok.save_pretrained(str(d / name))
+    return d / "t5_teacher", d / "t5_student"
+
+
+def test_minillm_encoder_decoder_on_a_served_teacher_trains_like_a_co_located_teacher(tmp_path):
+    """minillm with a T5 teacher and student: the rollout session on the teacher group runs the encoder on the
+    prompts once and decodes from the decoder's start token with its own cache; rewards, the reg term and the
+    prefix-LM pt term from served hidden states (decoder ids sent). 1 teacher rank + 2 students (ZeRO-2) vs 2 ranks
+    with the teacher co-located: losses and rewards within 1e-5 at every step, and the same evaluation."""
+    d = tmp_path
+    teacher, student = _t5_pair(d)
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"text": s, "answer": s.split()[-1]}) + "\n"
+                                             for s in tiny.sentences(16, seed=3)))
+    tiny.write_lines(str(d / "pt.txt"), tiny.sentences(16, seed=4))
+    tiny.ds_config_file(d / "z2.json", stage=2)
+    argv = ["--method", "minillm", "--teacher", str(teacher), "--student", str(student), "--train_file",
+            str(d / "prompts.jsonl"), "--pt_file", str(d / "pt.txt"), "--pt_max_length", "24", "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--num_rollouts", "4", "--ppo_epochs", "2", "--max_new_tokens", "4",
+            "--max_prompt_length", "8", "--learning_rate", "1e-3", "--logging_steps", "1", "--disable_tqdm", "true",
+            "--target_column", "answer", "--eval_file", str(d / "prompts.jsonl"), "--max_eval_samples", "4",
+            "--eval_steps", "3", "--deepspeed", str(d / "z2.json")]
+    _served_equals_co_located(argv, d, ("loss", "pg", "reg", "pt", "reward", "response_len"))
 
 
 def test_resume_after_a_kill_is_bit_identical_to_an_uninterrupted_run(assets, tmp_path):
@@ -245,7 +290,6 @@ def test_bad_input_is_one_error_exit_2_and_nothing_written(assets, tmp_path, cap
 
 
 @pytest.mark.parametrize("method,extra,what", [
-    ("minillm", ["--task", "seq2seq_lm"], "served rollouts are built for causal LMs"),
     ("seqkd", [], "teacher generation (responses decoded by the teacher)"),
     ("gkd", ["--seq_kd", "true"], "the teacher service runs forward passes only"),
 ])

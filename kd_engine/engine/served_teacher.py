@@ -11,8 +11,8 @@ from it) and the naive one (``.logits``) both see exactly what a co-located teac
 per token (16 KB in bf16), 16 times fewer than dense logits.
 
 Rollouts (``models.sampling.mixed_sample``, minillm's teacher-mixed sampling): ``rollout_state`` gives a decoding
-state whose KV cache lives on the teacher group (``ServedRollout``): the prompt once, then one token per row per step,
-each answered with the hidden state of the newest position.
+state whose KV cache lives on the teacher group (``ServedRollout``): the prompt once (an encoder-decoder's encoder runs
+on it there, once), then one token per row per step, each answered with the hidden state of the newest position.
 """
 from __future__ import annotations
 
@@ -62,12 +62,11 @@ class ServedTeacher(torch.nn.Module):
 
 
 class ServedRollout:
-    """A causal teacher's decoding state for ``mixed_sample`` (``first()`` / ``step(tokens)`` -> next-token logits
-    ``[B, V]``), kept on the teacher group: the same positions and KV cache as a co-located teacher's."""
+    """The teacher's decoding state for ``mixed_sample`` (``first()`` / ``step(tokens)`` -> next-token logits
+    ``[B, V]``), kept on the teacher group: the same positions and KV cache as a co-located teacher's (causal LMs:
+    the left-padded prompt; encoder-decoders: the encoder output of the prompt and the decoder's cache)."""
 
     def __init__(self, teacher: ServedTeacher, input_ids, attention_mask):
-        if getattr(teacher.config, "is_encoder_decoder", False):
-            raise RuntimeError("served rollouts are for causal LMs (an encoder-decoder's session is not built)")
         self.teacher, self.ids, self.mask = teacher, input_ids, attention_mask
 
     def first(self) -> torch.Tensor:

@@ -136,7 +136,8 @@ class TeacherClient:
         return self._ask(header, tagged, keep or ld or ids.shape[1])
 
     def rollout_start(self, ids, mask) -> torch.Tensor:
-        """A decoding session on the teacher group from a left-padded prompt: the last position's hidden state."""
+        """A decoding session on the teacher group from the prompt (left-padded for a causal LM): the hidden state of
+        the position that predicts the first response token."""
         return self._ask([KIND_ROLL_START, ids.shape[0], ids.shape[1], 0, 0, 0],
                          [(ids, TAG_INPUTS[0]), (mask, TAG_INPUTS[1])], 1)
 

@@ -133,12 +133,14 @@ def _answer(kind: int, model, batch: dict, task: str, vocab: int, opts):
 
 def _rollout(kind: int, model, batch: dict, sessions: dict, src: int):
     """A student's rollout session: start it from the prompt, or extend it by one token; the newest position's
-    hidden state (``models.sampling``'s decoding state with its own KV cache, as a co-located teacher runs)."""
+    hidden state (``models.sampling``'s decoding state with its own KV cache, as a co-located teacher runs; an
+    encoder-decoder runs its encoder once per session and decodes from its own start token)."""
     from ..models import lm_head
-    from ..models.sampling import _CausalState
+    from ..models.sampling import _CausalState, _Seq2SeqState
 
     if kind == svc.KIND_ROLL_START:
-        state = sessions[src] = _CausalState(model, batch["input_ids"], batch["attention_mask"], use_cache=True)
+        State = _Seq2SeqState if getattr(model.config, "is_encoder_decoder", False) else _CausalState
+        state = sessions[src] = State(model, batch["input_ids"], batch["attention_mask"], use_cache=True)
         return lm_head.hidden_states(lambda: state.first(), model, "teacher")
     state = sessions.get(src)
     if state is None:

@@ -19,10 +19,11 @@ two ranks with one tag arrive in order):
   entering the teacher's output layer ``[B, K or Ld or L, H]`` (``K``: ``logits_to_keep``) in the teacher's dtype,
   whose output layer ``[V, H]`` the group's first rank sent each student once after the start-up status
   (``[V, H, dtype]``, then the weight; ``served_teacher.ServedTeacher`` applies it).
-- rollout (kinds 5 and 6, causal LMs): ``[5, B, L, 0, 0, 0]`` with the left-padded prompt ``input_ids``,
-  ``attention_mask`` starts a decoding session with its own KV cache on the teacher ranks (one per student, dropped
-  at its next other request); ``[6, B, 1, 0, 0, 0]`` with ``tokens [B, 1]`` extends it by one position. Both are
-  answered with the newest position's hidden state ``[B, 1, H]``. Students run their rollouts in lockstep
+- rollout (kinds 5 and 6): ``[5, B, L, 0, 0, 0]`` with the prompt ``input_ids``, ``attention_mask`` (left-padded
+  for a causal LM; an encoder-decoder's encoder runs on it once) starts a decoding session with its own KV cache on
+  the teacher ranks (one per student, dropped at its next other request); ``[6, B, 1, 0, 0, 0]`` with
+  ``tokens [B, 1]`` extends it by one position. Both are answered with the newest position's hidden state
+  ``[B, 1, H]``. Students run their rollouts in lockstep
   (``synced_ranks``), so every student makes the same number of requests, which round-robin serving needs.
 - answer (the group's first rank -> the student): the rows of ``teachers.sparse_rows`` in the cache's row format:
   ``ids [N, k]`` int32, ``logp [N, k]``, ``log_tail [N]``, and with tail samples ``tail_ids [N, m]`` int32,

@@ -22,8 +22,8 @@ from ..batch_geometry import resolve_batch_geometry
 from ..config import ParsedConfig, to_dict
 from ..data.collate import to_device
 from ..data.sampler import ResumableBatchSampler, infinite_batches
-from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, skip_single_rank_allreduce, load_ds_config, resolve_ds_config, teacher_ds_config, training_dtype, \
-    zero_stage
+from ..ds_config import DEFAULT_DS_CONFIG, client_lr_scheduler, load_ds_config, resolve_ds_config, \
+    skip_single_rank_allreduce, teacher_ds_config, training_dtype, zero_stage
 from ..errors import KDError
 from ..models.attention import apply_model_options
 from ..models.loading import check_teacher_tokenizer

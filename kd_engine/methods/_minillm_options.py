@@ -39,16 +39,10 @@ class MiniLLMOptions:
     answer_max_tokens: int = 8  # eval: greedy answer length for answer accuracy / teacher agreement
 
     def check_against(self, cfg) -> None:
-        """--teacher_ranks: a causal teacher (rollout sessions keep a decoder-only KV cache on the teacher group)."""
-        if cfg.teacher_ranks <= 0:
-            return
-        from ..models.build import resolve_task
-
-        if not cfg.teacher:
+        """--teacher_ranks: the teacher ranks load --teacher (rollout sessions keep its KV cache, and an
+        encoder-decoder's encoder output, on the teacher group)."""
+        if cfg.teacher_ranks > 0 and not cfg.teacher:
             raise ConfigError("--teacher_ranks needs --teacher (the model the teacher ranks load)")
-        if resolve_task(self.task, cfg) != "causal_lm":
-            raise ConfigError("--teacher_ranks with minillm: served rollouts are built for causal LMs; an "
-                              "encoder-decoder teacher (its encoder state in a rollout session) is not: co-locate it")
 
     def validate(self) -> None:
         if not 0.0 <= self.teacher_mixed_alpha <= 1.0:
