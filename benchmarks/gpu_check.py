@@ -96,6 +96,30 @@ def check_fused(vocab: int, hidden: int, rows: int) -> dict:
     return out
 
 
+def check_sparse_rows(vocab: int, rows: int) -> dict:
+    """The cache's / teacher service's rows on the device, tail samples included (seeded per example on the rows'
+    device): an example's rows and draws do not depend on its batchmates."""
+    import torch
+
+    from kd_engine.teachers.sparse_rows import rows_from_logits
+
+    dev, g = _device(), torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, vocab, (3, rows), generator=g)
+    logits = (torch.randn(3, rows, vocab, generator=g) * 3).to(dev)
+
+    def rows_of(pick):
+        batch = {"input_ids": ids[pick].to(dev), "labels": ids[pick].to(dev)}
+        return rows_from_logits(logits[pick], batch, "causal_lm", 32, 1.0, vocab, 8, 0)
+
+    both, alone = rows_of([0, 1]), rows_of([1])
+    n = rows - 1
+    same = all(torch.equal(both[k][n:].cpu(), alone[k].cpu()) for k in ("ids", "tail_ids")) and torch.allclose(
+        both["tail_logp"][n:].cpu(), alone["tail_logp"].cpu())
+    outside = not (both["tail_ids"].unsqueeze(-1) == both["ids"].unsqueeze(1)).any().item()
+    return {"status": "pass" if same and outside else "fail", "batchmate_invariant": same,
+            "tail_outside_top_k": outside, "device": str(dev)}
+
+
 def write_corpus(path: str, n: int) -> str:
     rng = random.Random(0)
     with open(path, "w") as f:
@@ -225,6 +249,7 @@ def main() -> int:
 
     mcfg = AutoConfig.from_pretrained(args.model_dir)
     checks["fused_equals_naive"] = check_fused(mcfg.vocab_size, mcfg.hidden_size, 256 if args.smoke else 2048)
+    checks["sparse_rows_tail_samples"] = check_sparse_rows(mcfg.vocab_size, 64)
     with tempfile.TemporaryDirectory() as tmp:
         teacher = os.path.join(tmp, "teacher")
         report["teacher_params"] = make_teacher(args.model_dir, teacher)

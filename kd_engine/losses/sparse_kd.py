@@ -94,7 +94,7 @@ def sample_tail(log_p: torch.Tensor, top_ids: torch.Tensor, m: int, generator: t
     (k = vocab, or all tail mass underflowed) gets its top-1 token, which the loss weighs by p_tail = 0."""
     if log_p.shape[0] == 0:
         return top_ids.new_zeros((0, m)), log_p.new_zeros((0, m))
-    w = log_p.exp().scatter(1, top_ids, 0.0).double()
+    w = log_p.exp().scatter_(1, top_ids, 0.0).double()  # in place: exp made a fresh tensor
     empty = w.sum(-1) <= 0
     if empty.any():
         w[empty] = 0.0

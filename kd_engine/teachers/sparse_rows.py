@@ -50,7 +50,8 @@ def rows_from_logits(logits: torch.Tensor, batch: dict, task: str, top_k: int, t
     if tail_samples:
         t_ids, t_logp, row0 = [], [], 0
         for key, n in zip(keys, counts):
-            g = torch.Generator().manual_seed(store.sample_seed(key, seed))
+            # on the rows' device (a CUDA multinomial refuses a CPU generator); draws depend on the example only
+            g = torch.Generator(device=log_p.device).manual_seed(store.sample_seed(key, seed))
             sl = slice(row0, row0 + n)
             a, b = sample_tail(log_p[sl], ids[sl], tail_samples, g)
             t_ids.append(a.to(torch.int32))
