@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA check list (benchmarks/gpu_check.py): fused KD loss == naive on the GPU, a bf16 ZeRO-3 student + ZeRO-3
 # teacher KD step through the real engine (tokens/s, MFU, peak memory), DeepSpeed's FusedAdam chosen, gradient
-# checkpointing on/off, a minillm rollout; one JSON line last (also $OUT/gpu_check.json when OUT is set).
+# checkpointing on/off, a minillm rollout, sparse rows with tail samples on the device; one JSON line last (also
+# $OUT/gpu_check.json when OUT is set).
 #
 # On the CPU machine first:  bash scripts/gpu_wheels.sh     (wheels the GPU image lacks + SmolLM2's config/tokenizer)
 # Then on a GPU machine:     bash scripts/gpu_check.sh      (carry .gpu_wheels; <= 8 minutes on one H200)

@@ -19,7 +19,8 @@ def test_gpu_check_smoke_runs_every_check(tmp_path):
     assert report == json.loads(out.read_text())
     checks = report["checks"]
     assert set(checks) == {"fused_equals_naive", "kd_step_zero3_bf16", "fused_adam", "gradient_checkpointing",
-                           "minillm_rollout"}
+                           "minillm_rollout", "sparse_rows_tail_samples"}
+    assert checks["sparse_rows_tail_samples"]["batchmate_invariant"]
     assert report["all_pass"] and checks["fused_adam"]["status"] == "skip"  # no CUDA here
     assert checks["gradient_checkpointing"]["max_loss_diff"] < 1e-5
     assert len(checks["kd_step_zero3_bf16"]["losses"]) == 3
